@@ -1,0 +1,81 @@
+"""Grouped GEMM over expert-aligned row blocks; one body serves gate_up and down.
+
+Grid = max_blocks * cdiv(N, BLOCK_N) programs, ordered in GROUP_M super-rows so that
+programs sharing a weight tile run together. Program (m, n) handles block m (expert
+e = block_expert[m]; rows r = sorted_slots[m*BLOCK_M : (m+1)*BLOCK_M], sentinel rows
+masked) and output columns n*BLOCK_N ... Blocks past num_blocks exit at once.
+
+    gate_up (FUSE_GATE_UP):  A row = x[slot // top_k]            (gathered, never copied)
+        out[slot, n] = silu(A . Wgu[e, n, :]) * (A . Wgu[e, N + n, :])
+        two accumulators fed by one A tile; only the product is written.
+    down (MUL_ROUTING_WEIGHT): A row = h[slot]
+        out[slot, n] = topk_weight[slot] * (A . Wd[e, n, :])
+
+Layouts: A [rows, K] (K contiguous), W [E, N or 2N, K] (K contiguous), out [T*K, N].
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    a_ptr, w_ptr, out_ptr, topk_weights_ptr,
+    sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
+    N, K, num_slots, a_rows_per_slot_div, max_blocks,
+    stride_a, stride_we, stride_wn, stride_out,
+    FUSE_GATE_UP: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    programs_per_group = GROUP_M * num_pid_n
+    first_m = (pid // programs_per_group) * GROUP_M
+    group_rows = min(max_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % programs_per_group) % group_rows
+    pid_n = (pid % programs_per_group) // group_rows
+    if pid_m >= tl.load(num_blocks_ptr):
+        return
+
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_slots_ptr + offs_m)
+    row_mask = slots < num_slots
+    a_rows = (slots // a_rows_per_slot_div).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = a_ptr + a_rows[:, None] * stride_a + offs_k[None, :]
+    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a_mask = row_mask[:, None]
+            w_mask = col_mask[None, :]
+        else:
+            k_mask = (k0 + offs_k) < K
+            a_mask = row_mask[:, None] & k_mask[None, :]
+            w_mask = col_mask[None, :] & k_mask[:, None]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision="ieee")
+        if FUSE_GATE_UP:
+            w_up = tl.load(w_ptrs + N * stride_wn, mask=w_mask, other=0.0)
+            if UPCAST:
+                w_up = w_up.to(tl.float32)
+            acc_up = tl.dot(a, w_up, acc_up, input_precision="ieee")
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    if FUSE_GATE_UP:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if MUL_ROUTING_WEIGHT:
+        acc = acc * tl.load(topk_weights_ptr + slots, mask=row_mask, other=0.0)[:, None]
+    out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_out + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

@@ -1,0 +1,116 @@
+"""Router kernel: logits, scoring, (grouped) top-k and weights in one launch.
+
+For a block of BLOCK_T tokens (grid = cdiv(T, BLOCK_T)):
+
+    logits[t, e] = sum_h x[t, h] * W[e, h]                      fp32 accumulate
+    softmax:  scores = softmax(logits rounded to x's dtype)      (Mixtral, Qwen)
+    sigmoid:  scores = sigmoid(logits); choice = scores + bias   (DeepSeek-V3)
+    groups:   keep the TOPK_GROUP groups with the largest sum of their top-2 choices
+    top-k:    ids = argmax of choice K times, ties to the lower expert index
+    weights:  scores at ids, renormalised (+1e-20 for sigmoid), times the scaling
+
+Layouts: x [T, H], W [E, H] (H contiguous), bias fp32 [E];
+topk_weights fp32 [T, K], topk_ids int32 [T, K]. The whole expert axis (E_PAD, a
+power of two >= 16) lives in registers, so selection never leaves the program.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _argmax_lowest(values, offsets, PAD: tl.constexpr):
+    """Per row, the lowest column index holding the row maximum (torch.topk's tie order)."""
+    best = tl.max(values, axis=1)
+    hit = values == best[:, None]
+    return tl.min(tl.where(hit, offsets[None, :], PAD), axis=1)
+
+
+@triton.jit
+def route_kernel(
+    x_ptr, w_ptr, bias_ptr, topk_weights_ptr, topk_ids_ptr,
+    num_tokens, hidden, routed_scaling_factor,
+    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
+    SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    E_PAD: tl.constexpr, K_PAD: tl.constexpr, G_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, E_PAD)
+    offs_h = tl.arange(0, BLOCK_H)
+    token_mask = offs_t < num_tokens
+    expert_mask = offs_e < NUM_EXPERTS
+
+    logits = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
+    x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * hidden + offs_h[None, :]
+    w_ptrs = w_ptr + offs_e[None, :] * hidden + offs_h[:, None]
+    for h0 in range(0, hidden, BLOCK_H):
+        h_mask = (h0 + offs_h) < hidden
+        x = tl.load(x_ptrs, mask=token_mask[:, None] & h_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=h_mask[:, None] & expert_mask[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        logits = tl.dot(x, w, logits, input_precision="ieee")
+        x_ptrs += BLOCK_H
+        w_ptrs += BLOCK_H
+
+    neg_inf = float("-inf")
+    if SIGMOID:
+        scores = tl.sigmoid(logits)
+        choice = scores
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_e, mask=expert_mask, other=0.0)
+            choice = scores + bias[None, :]
+    else:
+        # The models' router is a Linear in the hidden dtype: its logits are rounded.
+        logits = logits.to(x_ptr.dtype.element_ty).to(tl.float32)
+        logits = tl.where(expert_mask[None, :], logits, neg_inf)
+        exps = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        scores = exps / tl.sum(exps, axis=1)[:, None]
+        choice = scores
+    choice = tl.where(expert_mask[None, :], choice, neg_inf)
+
+    if N_GROUP > 1:
+        group_size: tl.constexpr = NUM_EXPERTS // N_GROUP
+        group_of_expert = offs_e // group_size
+        offs_g = tl.arange(0, G_PAD)
+        group_scores = tl.full([BLOCK_T, G_PAD], neg_inf, tl.float32)
+        for g in tl.static_range(N_GROUP):
+            in_group = tl.where(group_of_expert[None, :] == g, choice, neg_inf)
+            first = _argmax_lowest(in_group, offs_e, E_PAD)
+            score = tl.max(in_group, axis=1)
+            if group_size > 1:
+                rest = tl.where(offs_e[None, :] == first[:, None], neg_inf, in_group)
+                score += tl.max(rest, axis=1)
+            group_scores = tl.where(offs_g[None, :] == g, score[:, None], group_scores)
+        allowed = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int1)
+        for _ in tl.static_range(TOPK_GROUP):
+            best_group = _argmax_lowest(group_scores, offs_g, G_PAD)
+            group_scores = tl.where(offs_g[None, :] == best_group[:, None], neg_inf, group_scores)
+            allowed = allowed | (group_of_expert[None, :] == best_group[:, None])
+        choice = tl.where(allowed, choice, neg_inf)
+
+    offs_k = tl.arange(0, K_PAD)
+    topk_w = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
+    topk_i = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    for k in tl.static_range(TOP_K):
+        best = _argmax_lowest(choice, offs_e, E_PAD)
+        picked = offs_e[None, :] == best[:, None]
+        weight = tl.sum(tl.where(picked, scores, 0.0), axis=1)
+        choice = tl.where(picked, neg_inf, choice)
+        topk_w = tl.where(offs_k[None, :] == k, weight[:, None], topk_w)
+        topk_i = tl.where(offs_k[None, :] == k, best[:, None], topk_i)
+    if RENORMALIZE:
+        denominator = tl.sum(topk_w, axis=1)
+        if SIGMOID:
+            denominator += 1e-20  # DeepSeek-V3 guards the sum; the softmax models do not
+        topk_w = topk_w / denominator[:, None]
+    topk_w = topk_w * routed_scaling_factor
+
+    out_offs = offs_t[:, None].to(tl.int64) * TOP_K + offs_k[None, :]
+    out_mask = token_mask[:, None] & (offs_k[None, :] < TOP_K)
+    tl.store(topk_weights_ptr + out_offs, topk_w, mask=out_mask)
+    tl.store(topk_ids_ptr + out_offs, topk_i, mask=out_mask)

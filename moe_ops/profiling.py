@@ -1,0 +1,26 @@
+"""NVTX ranges ``tritonmoe/<stage>`` around each stage of an op body.
+
+Uses the ``nvtx`` package where installed (works with or without a GPU), else
+``torch.cuda.nvtx`` on CUDA builds, else nothing. A range costs next to nothing when no
+profiler is attached. Call only inside op bodies: traced code never sees it.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+try:
+    import nvtx as _nvtx
+except ImportError:  # the package is optional on GPU images that lack it
+    _nvtx = None
+
+
+def stage_range(stage: str):
+    """A context manager marking one pipeline stage for Nsight Systems / rocprof."""
+    name = f"tritonmoe/{stage}"
+    if _nvtx is not None:
+        return _nvtx.annotate(name, domain="tritonmoe")
+    if torch.cuda.is_available():
+        return torch.cuda.nvtx.range(name)
+    return contextlib.nullcontext()

@@ -1,0 +1,102 @@
+"""The plain PyTorch MoE forward that every kernel is tested against.
+
+A loop over experts with float32 accumulation. Routing follows the real models:
+softmax models (Mixtral, Qwen) take router logits rounded to the hidden dtype (their
+router is an ``nn.Linear`` in that dtype) and soft-max them in float32; DeepSeek-V3
+computes logits in float32, scores with a sigmoid, selects by score + bias among the
+best ``topk_group`` groups (group score = sum of its top-2) and weights by the
+unbiased score.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def route_reference(
+    hidden_states: torch.Tensor,
+    router_weight: torch.Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    n_group: int = 1,
+    topk_group: int = 1,
+    score_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(topk_weights fp32 [T,K], topk_ids int32 [T,K])``."""
+    logits = hidden_states.float() @ router_weight.float().t()
+    num_experts = router_weight.shape[0]
+    if scoring == "softmax":
+        scores = torch.softmax(logits.to(hidden_states.dtype).float(), dim=-1)
+        choice = scores
+    else:
+        scores = torch.sigmoid(logits)
+        choice = scores if score_bias is None else scores + score_bias.float()
+    if n_group > 1:
+        grouped = choice.view(-1, n_group, num_experts // n_group)
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        group_idx = group_scores.topk(topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+        expert_mask = group_mask.repeat_interleave(num_experts // n_group, dim=1)
+        choice = choice.masked_fill(~expert_mask, float("-inf"))
+    topk_ids = choice.topk(top_k, dim=-1).indices
+    topk_weights = scores.gather(1, topk_ids)
+    if renormalize:
+        eps = 1e-20 if scoring == "sigmoid" else 0.0
+        topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + eps)
+    topk_weights = topk_weights * routed_scaling_factor
+    return topk_weights.float(), topk_ids.to(torch.int32)
+
+
+def fused_experts_reference(
+    hidden_states: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+) -> torch.Tensor:
+    """sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t,k]."""
+    num_tokens, hidden = hidden_states.shape
+    inter = w_down.shape[2]
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=hidden_states.device)
+    x = hidden_states.float()
+    for expert in range(w_gate_up.shape[0]):
+        token_idx, k_idx = torch.where(topk_ids == expert)
+        if token_idx.numel() == 0:
+            continue
+        gate_up = x[token_idx] @ w_gate_up[expert].float().t()
+        h = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        # The kernels hand h to the down projection in the weights' dtype.
+        h = h.to(w_down.dtype).float()
+        y = (h @ w_down[expert].float().t()) * topk_weights[token_idx, k_idx, None].float()
+        out.index_add_(0, token_idx, y)
+    return out.to(hidden_states.dtype)
+
+
+def moe_reference(
+    hidden_states: torch.Tensor,
+    router_weight: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    renormalize: bool = True,
+    n_group: int = 1,
+    topk_group: int = 1,
+    score_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+) -> torch.Tensor:
+    """Routing followed by the expert loop: the truth for ``tritonmoe::fused_moe``."""
+    topk_weights, topk_ids = route_reference(
+        hidden_states, router_weight, top_k, scoring, renormalize,
+        n_group, topk_group, score_bias, routed_scaling_factor,
+    )
+    return fused_experts_reference(hidden_states, topk_weights, topk_ids, w_gate_up, w_down)
+
+
+def swiglu_mlp_reference(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """A dense SwiGLU MLP (a shared expert): w_gate_up [2I, H], w_down [H, I]."""
+    inter = w_down.shape[1]
+    gate_up = x.float() @ w_gate_up.float().t()
+    h = torch.nn.functional.silu(gate_up[..., :inter]) * gate_up[..., inter:]
+    return (h @ w_down.float().t()).to(x.dtype)

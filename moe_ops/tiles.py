@@ -1,0 +1,108 @@
+"""Tile choice for the grouped GEMMs: one lookup, tuned tables first, a heuristic after.
+
+Tables are JSON files in ``moe_ops/tile_tables/`` written by ``tools/tune.py``, one per
+GPU name::
+
+    {"gpu": "NVIDIA H100 80GB HBM3", "entries": [
+        {"stage": "gate_up", "E": 8, "H": 4096, "I": 14336, "dtype": "bfloat16",
+         "T": 32, "config": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
+                             "GROUP_M": 1, "num_warps": 4, "num_stages": 4}}, ...]}
+
+A lookup takes the entry of the same (stage, E, H, I, dtype) whose T bucket is nearest
+in log scale; anything not in a table falls back to ``heuristic_tile``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+TABLE_DIR = Path(__file__).parent / "tile_tables"
+STAGES = ("gate_up", "down")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block sizes and launch settings of one grouped-GEMM launch."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels through its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def heuristic_tile(stage: str, num_experts: int, hidden: int, inter: int,
+                   num_tokens: int, top_k: int, dtype: torch.dtype) -> TileConfig:
+    """Block sizes that work on any device; used where no tuned entry exists.
+
+    BLOCK_M follows the rows an expert gets on average, so decode does not pad a
+    64-row tile for one token; BLOCK_N shrinks at small T so that enough programs
+    stream the weights.
+    """
+    rows_per_expert = max(1, num_tokens * top_k // num_experts)
+    if interpreter_active():
+        # The interpreter's cost is per program: few, large programs.
+        block_m = min(64, max(16, _next_pow2(rows_per_expert)))
+        return TileConfig(block_m, 64, 64, 1, 4, 1)
+    block_m = min(128, max(16, _next_pow2(rows_per_expert)))
+    if block_m <= 32:
+        return TileConfig(block_m, 64, 128, 1, 4, 4)
+    if block_m == 64:
+        return TileConfig(64, 128, 64, 8, 4, 4)
+    return TileConfig(128, 128 if stage == "down" else 64, 64, 8, 8, 3)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@functools.lru_cache(maxsize=None)
+def _load_table(gpu_name: str) -> dict:
+    """Entries of the table for this GPU, keyed by (stage, E, H, I, dtype) -> [(T, cfg)]."""
+    index: dict = {}
+    for path in sorted(TABLE_DIR.glob("*.json")):
+        table = json.loads(path.read_text())
+        if table.get("gpu") != gpu_name:
+            continue
+        for entry in table["entries"]:
+            key = (entry["stage"], entry["E"], entry["H"], entry["I"], entry["dtype"])
+            index.setdefault(key, []).append((entry["T"], TileConfig(**entry["config"])))
+    return index
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def get_tile_config(stage: str, num_experts: int, hidden: int, inter: int, num_tokens: int,
+                    top_k: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
+    """The tile for one grouped-GEMM launch: the tuned entry nearest in T, else the heuristic."""
+    if not interpreter_active():
+        candidates = _load_table(_device_name(device)).get(
+            (stage, num_experts, hidden, inter, _dtype_name(dtype)))
+        if candidates:
+            log_t = math.log2(max(1, num_tokens))
+            _, config = min(candidates, key=lambda tc: abs(math.log2(tc[0]) - log_t))
+            return config
+    return heuristic_tile(stage, num_experts, hidden, inter, num_tokens, top_k, dtype)

@@ -1,0 +1,158 @@
+"""Argument checks of every tritonmoe op, in one place.
+
+Shape, dtype, device and option checks read metadata only: they are free and run in
+both the real and the fake implementations, so ``torch.compile`` reports bad input
+at trace time. The one check that reads data (every ``topk_id`` in range) runs in
+eager mode only, outside CUDA-graph capture, and can be switched off with
+``set_topk_ids_check(False)``. Errors name the argument and what was expected.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ID_DTYPES = (torch.int32, torch.int64)
+SCORINGS = ("softmax", "sigmoid")
+
+_check_topk_ids = True
+
+
+def set_topk_ids_check(enabled: bool) -> None:
+    """Turn the data-reading range check of user-given ``topk_ids`` on or off."""
+    global _check_topk_ids
+    _check_topk_ids = bool(enabled)
+
+
+def _expect_rank(name: str, tensor: torch.Tensor, rank: int, layout: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(tensor).__name__}")
+    if tensor.dim() != rank:
+        raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(tensor.shape)}")
+
+
+def _expect_dim(name: str, tensor: torch.Tensor, dim: int, size, what: str) -> None:
+    if tensor.shape[dim] != size:
+        raise ValueError(
+            f"{name} has size {tensor.shape[dim]} in dim {dim}, expected {size} ({what}); "
+            f"shape {tuple(tensor.shape)}")
+
+
+def _expect_same_device(reference: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != reference.device:
+            raise ValueError(
+                f"{name} is on {tensor.device}, expected hidden_states' device {reference.device}")
+
+
+def _expect_contiguous(**tensors: torch.Tensor) -> None:
+    # A silent per-call copy of expert weights would cost more than the layer itself.
+    for name, tensor in tensors.items():
+        if not tensor.is_contiguous():
+            raise ValueError(
+                f"{name} must be contiguous (weights are read in place); "
+                f"call .contiguous() once when loading, got strides {tensor.stride()}")
+
+
+def _expect_float_dtype(hidden_states: torch.Tensor, **tensors: torch.Tensor) -> None:
+    if hidden_states.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"hidden_states must be float32, float16 or bfloat16, got {hidden_states.dtype}")
+    for name, tensor in tensors.items():
+        if tensor.dtype != hidden_states.dtype:
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype}, expected hidden_states' dtype "
+                f"{hidden_states.dtype} (hidden states and weights share one dtype)")
+
+
+def check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk_group,
+                     score_bias) -> None:
+    """Checks of ``tritonmoe::route``'s arguments."""
+    _expect_rank("hidden_states", hidden_states, 2, "[num_tokens, hidden]")
+    _expect_rank("router_weight", router_weight, 2, "[num_experts, hidden]")
+    _expect_float_dtype(hidden_states, router_weight=router_weight)
+    _expect_same_device(hidden_states, router_weight=router_weight, score_bias=score_bias)
+    _expect_dim("router_weight", router_weight, 1, hidden_states.shape[1], "hidden size")
+    _expect_contiguous(router_weight=router_weight)
+    num_experts = router_weight.shape[0]
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+    if n_group < 1 or num_experts % n_group != 0:
+        raise ValueError(f"n_group must be >= 1 and divide num_experts={num_experts}, got {n_group}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group must be in [1, n_group={n_group}], got {topk_group}")
+    if top_k > topk_group * (num_experts // n_group):
+        raise ValueError(
+            f"top_k={top_k} exceeds the experts of the topk_group={topk_group} kept groups "
+            f"({topk_group} x {num_experts // n_group})")
+    if score_bias is not None:
+        if scoring != "sigmoid":
+            raise ValueError("score_bias is only used with scoring='sigmoid' (DeepSeek-V3 routing)")
+        _expect_rank("score_bias", score_bias, 1, "[num_experts]")
+        _expect_dim("score_bias", score_bias, 0, num_experts, "num_experts")
+        if score_bias.dtype != torch.float32:
+            raise TypeError(f"score_bias must be float32, got {score_bias.dtype}")
+
+
+def check_expert_weights(hidden_states, w_gate_up, w_down) -> None:
+    """Checks of the expert weights against the hidden states (metadata only)."""
+    _expect_rank("hidden_states", hidden_states, 2, "[num_tokens, hidden]")
+    _expect_rank("w_gate_up", w_gate_up, 3, "[num_experts, 2 * intermediate, hidden]")
+    _expect_rank("w_down", w_down, 3, "[num_experts, hidden, intermediate]")
+    _expect_float_dtype(hidden_states, w_gate_up=w_gate_up, w_down=w_down)
+    _expect_same_device(hidden_states, w_gate_up=w_gate_up, w_down=w_down)
+    num_experts, hidden = w_gate_up.shape[0], hidden_states.shape[1]
+    _expect_dim("w_gate_up", w_gate_up, 2, hidden, "hidden size")
+    if w_gate_up.shape[1] % 2 != 0:
+        raise ValueError(f"w_gate_up dim 1 must be 2 * intermediate (gate rows then up rows), "
+                         f"got {w_gate_up.shape[1]}")
+    _expect_dim("w_down", w_down, 0, num_experts, "num_experts of w_gate_up")
+    _expect_dim("w_down", w_down, 1, hidden, "hidden size")
+    _expect_dim("w_down", w_down, 2, w_gate_up.shape[1] // 2, "intermediate size of w_gate_up")
+    _expect_contiguous(w_gate_up=w_gate_up, w_down=w_down)
+
+
+def check_experts_args(hidden_states, topk_weights, topk_ids, w_gate_up, w_down) -> None:
+    """Checks of ``tritonmoe::fused_experts``' arguments (metadata only)."""
+    check_expert_weights(hidden_states, w_gate_up, w_down)
+    _expect_rank("topk_weights", topk_weights, 2, "[num_tokens, top_k]")
+    _expect_rank("topk_ids", topk_ids, 2, "[num_tokens, top_k]")
+    _expect_same_device(hidden_states, topk_weights=topk_weights, topk_ids=topk_ids)
+    num_experts = w_gate_up.shape[0]
+    if topk_weights.dtype != torch.float32:
+        raise TypeError(f"topk_weights must be float32, got {topk_weights.dtype}")
+    if topk_ids.dtype not in ID_DTYPES:
+        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    _expect_dim("topk_weights", topk_weights, 0, hidden_states.shape[0], "num_tokens")
+    _expect_dim("topk_ids", topk_ids, 0, hidden_states.shape[0], "num_tokens")
+    _expect_dim("topk_ids", topk_ids, 1, topk_weights.shape[1], "top_k of topk_weights")
+    top_k = topk_ids.shape[1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k (dim 1 of topk_ids) must be in [1, num_experts={num_experts}], "
+                         f"got {top_k}")
+
+
+def check_topk_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
+    """Data check: every id in [0, num_experts). Eager only; skipped while capturing."""
+    if not _check_topk_ids or topk_ids.numel() == 0:
+        return
+    if topk_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    bad = (topk_ids < 0) | (topk_ids >= num_experts)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"topk_ids must lie in [0, num_experts={num_experts}); topk_ids{list(first)} = "
+            f"{int(topk_ids[first])} (switch this check off with "
+            f"moe_ops.set_topk_ids_check(False); out-of-range ids are then dropped)")
+
+
+def check_moe_args(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring, n_group,
+                   topk_group, score_bias) -> None:
+    """Checks of ``tritonmoe::fused_moe``: the router's and the experts' together."""
+    check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk_group, score_bias)
+    check_expert_weights(hidden_states, w_gate_up, w_down)
+    if router_weight.shape[0] != w_gate_up.shape[0]:
+        raise ValueError(f"router_weight has {router_weight.shape[0]} experts, w_gate_up has "
+                         f"{w_gate_up.shape[0]}; expected the same num_experts")
