@@ -49,7 +49,7 @@ def route_impl(hidden_states, router_weight, top_k, scoring, renormalize, n_grou
             N_GROUP=n_group, TOPK_GROUP=topk_group,
             E_PAD=_pow2_at_least(num_experts, 16), K_PAD=_pow2_at_least(top_k),
             G_PAD=_pow2_at_least(n_group), BLOCK_T=block_t, BLOCK_H=block_h,
-            UPCAST=interpret, num_warps=8 if block_t == 64 else 4,
+            INTERPRETER=interpret, num_warps=8 if block_t == 64 else 4,
         )
     return topk_weights, topk_ids
 
@@ -88,7 +88,7 @@ def _grouped_gemm(stage, a, w, out, topk_weights, align_out, num_slots, rows_per
             FUSE_GATE_UP=stage == "gate_up", MUL_ROUTING_WEIGHT=stage == "down",
             BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K,
             GROUP_M=tile.GROUP_M, EVEN_K=k % tile.BLOCK_K == 0,
-            UPCAST=interpreter_active(),
+            INTERPRETER=interpreter_active(),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
@@ -128,5 +128,6 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
         combine_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))](
             y, topk_ids, out, num_tokens, hidden,
             NUM_EXPERTS=num_experts, TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h,
+            INTERPRETER=interpreter_active(),
         )
     return out

@@ -6,10 +6,17 @@ router is an ``nn.Linear`` in that dtype) and soft-max them in float32; DeepSeek
 computes logits in float32, scores with a sigmoid, selects by score + bias among the
 best ``topk_group`` groups (group score = sum of its top-2) and weights by the
 unbiased score.
+Ties break toward the lower expert index (a stable sort; ``torch.topk`` itself does
+not promise an order among equal values).
 """
 from __future__ import annotations
 
 import torch
+
+
+def _topk_indices(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values per row; equal values keep the lower index first."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def route_reference(
@@ -35,11 +42,11 @@ def route_reference(
     if n_group > 1:
         grouped = choice.view(-1, n_group, num_experts // n_group)
         group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
-        group_idx = group_scores.topk(topk_group, dim=-1).indices
+        group_idx = _topk_indices(group_scores, topk_group)
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
         expert_mask = group_mask.repeat_interleave(num_experts // n_group, dim=1)
         choice = choice.masked_fill(~expert_mask, float("-inf"))
-    topk_ids = choice.topk(top_k, dim=-1).indices
+    topk_ids = _topk_indices(choice, top_k)
     topk_weights = scores.gather(1, topk_ids)
     if renormalize:
         eps = 1e-20 if scoring == "sigmoid" else 0.0

@@ -7,12 +7,14 @@ computed and count as zero. No atomics: the sum is bitwise reproducible.
 import triton
 import triton.language as tl
 
+from .casting import cast_rne
+
 
 @triton.jit
 def combine_kernel(
     y_ptr, topk_ids_ptr, out_ptr, num_tokens, hidden,
     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -27,4 +29,4 @@ def combine_kernel(
                     mask=mask & routed[:, None], other=0.0)
         acc += y.to(tl.float32)
     tl.store(out_ptr + offs_t[:, None].to(tl.int64) * hidden + offs_h[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+             cast_rne(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)

@@ -11,10 +11,16 @@ masked) and output columns n*BLOCK_N ... Blocks past num_blocks exit at once.
     down (MUL_ROUTING_WEIGHT): A row = h[slot]
         out[slot, n] = topk_weight[slot] * (A . Wd[e, n, :])
 
+In INTERPRETER mode (the Triton CPU interpreter) loads are upcast to float32 and bf16
+stores rounded to nearest, because the interpreter gets 16-bit floats wrong. float32
+operands multiply in IEEE float32 (never tf32).
+
 Layouts: A [rows, K] (K contiguous), W [E, N or 2N, K] (K contiguous), out [T*K, N].
 """
 import triton
 import triton.language as tl
+
+from .casting import cast_rne
 
 
 @triton.jit
@@ -26,7 +32,7 @@ def grouped_gemm_kernel(
     FUSE_GATE_UP: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -61,13 +67,13 @@ def grouped_gemm_kernel(
             w_mask = col_mask[None, :] & k_mask[:, None]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        if UPCAST:
+        if INTERPRETER:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision="ieee")
         if FUSE_GATE_UP:
             w_up = tl.load(w_ptrs + N * stride_wn, mask=w_mask, other=0.0)
-            if UPCAST:
+            if INTERPRETER:
                 w_up = w_up.to(tl.float32)
             acc_up = tl.dot(a, w_up, acc_up, input_precision="ieee")
         a_ptrs += BLOCK_K
@@ -78,4 +84,4 @@ def grouped_gemm_kernel(
     if MUL_ROUTING_WEIGHT:
         acc = acc * tl.load(topk_weights_ptr + slots, mask=row_mask, other=0.0)[:, None]
     out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_out + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(out_ptrs, cast_rne(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=row_mask[:, None] & col_mask[None, :])

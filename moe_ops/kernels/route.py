@@ -16,6 +16,8 @@ power of two >= 16) lives in registers, so selection never leaves the program.
 import triton
 import triton.language as tl
 
+from .casting import cast_rne
+
 
 @triton.jit
 def _argmax_lowest(values, offsets, PAD: tl.constexpr):
@@ -34,7 +36,7 @@ def route_kernel(
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
     E_PAD: tl.constexpr, K_PAD: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -50,7 +52,7 @@ def route_kernel(
         h_mask = (h0 + offs_h) < hidden
         x = tl.load(x_ptrs, mask=token_mask[:, None] & h_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=h_mask[:, None] & expert_mask[None, :], other=0.0)
-        if UPCAST:
+        if INTERPRETER:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         logits = tl.dot(x, w, logits, input_precision="ieee")
@@ -66,7 +68,7 @@ def route_kernel(
             choice = scores + bias[None, :]
     else:
         # The models' router is a Linear in the hidden dtype: its logits are rounded.
-        logits = logits.to(x_ptr.dtype.element_ty).to(tl.float32)
+        logits = cast_rne(logits, x_ptr.dtype.element_ty, INTERPRETER).to(tl.float32)
         logits = tl.where(expert_mask[None, :], logits, neg_inf)
         exps = tl.exp(logits - tl.max(logits, axis=1)[:, None])
         scores = exps / tl.sum(exps, axis=1)[:, None]

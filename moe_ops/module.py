@@ -1,0 +1,142 @@
+"""``FusedMoE``: one MoE layer (router, routed experts, optional shared expert) as a module.
+
+The routed part is one call of ``torch.ops.tritonmoe.fused_moe``; the shared expert is a
+dense SwiGLU MLP in plain torch, added on top::
+
+    out = fused_moe(x)                                  # Mixtral, Qwen3-MoE
+    out = fused_moe(x) + shared_mlp(x)                  # DeepSeek-V3
+    out = fused_moe(x) + sigmoid(x . w_sg) * shared_mlp(x)   # Qwen2-MoE
+
+Weights are held in the op layout (``w_gate_up [E, 2I, H]``: gate rows then up rows;
+``w_down [E, H, I]``; router ``[E, H]``), which is also the layout of transformers 5.x
+``experts.gate_up_proj`` / ``experts.down_proj``, so ``from_hf`` copies tensors as they are.
+
+DeepSeek-V3's shared expert has the routed experts' size and could run as one more
+always-selected expert (weight 1) inside the routed launch; that fusion is not done
+and has not been measured: the shared MLP runs as two dense matmuls beside the op.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops as _ops  # noqa: F401  (registers torch.ops.tritonmoe.*)
+from .configs import MoEConfig, get_config
+
+
+class FusedMoE(nn.Module):
+    """A MoE layer whose routed experts run in ``tritonmoe::fused_moe``.
+
+    Parameters (E experts, hidden H, intermediate I, shared intermediate Is):
+    ``router_weight [E, H]``, ``w_gate_up [E, 2I, H]``, ``w_down [E, H, I]``; with
+    ``config.score_bias`` a float32 buffer ``score_bias [E]``; with a shared expert
+    ``shared_gate_up [2Is, H]`` (gate rows then up rows) and ``shared_down [H, Is]``;
+    with ``config.shared_gated`` also ``shared_gate [1, H]``. Absent ones are ``None``.
+    Construction leaves the weights uninitialised; use ``from_config`` or ``from_hf``.
+    """
+
+    def __init__(self, config: MoEConfig, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.config = config
+        num_experts, hidden = config.num_experts, config.hidden_size
+        inter, shared_inter = config.intermediate_size, config.shared_intermediate_size
+        make = dict(dtype=dtype, device=device)
+
+        self.router_weight = nn.Parameter(torch.empty(num_experts, hidden, **make))
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, **make))
+        self.w_down = nn.Parameter(torch.empty(num_experts, hidden, inter, **make))
+        # The models keep the score-correction bias in float32 whatever the weights' dtype.
+        bias = (torch.zeros(num_experts, dtype=torch.float32, device=device)
+                if config.score_bias else None)
+        self.register_buffer("score_bias", bias)
+
+        has_shared = config.shared_experts > 0
+        if has_shared and shared_inter <= 0:
+            raise ValueError(f"{config.name}: shared_experts={config.shared_experts} needs "
+                             f"shared_intermediate_size > 0, got {shared_inter}")
+        if config.shared_gated and not has_shared:
+            raise ValueError(f"{config.name}: shared_gated=True without a shared expert")
+        self.shared_gate_up = (nn.Parameter(torch.empty(2 * shared_inter, hidden, **make))
+                               if has_shared else None)
+        self.shared_down = (nn.Parameter(torch.empty(hidden, shared_inter, **make))
+                            if has_shared else None)
+        self.shared_gate = (nn.Parameter(torch.empty(1, hidden, **make))
+                            if config.shared_gated else None)
+
+    @classmethod
+    def from_config(cls, name_or_config: str | MoEConfig, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> "FusedMoE":
+        """A randomly initialised layer of a named model config (``moe_ops.configs``).
+
+        Weights are normal with std 1/sqrt(fan_in), so unit-variance input gives router
+        logits and outputs of order one; DeepSeek's score bias is drawn nonzero so that
+        it changes which experts are selected, as a trained one does.
+        """
+        module = cls(get_config(name_or_config), dtype=dtype, device=device)
+        module.reset_parameters()
+        return module
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw every weight from N(0, 1/fan_in) (the bias from N(0, 0.1^2))."""
+        for weight in (self.router_weight, self.w_gate_up, self.w_down, self.shared_gate_up,
+                       self.shared_down, self.shared_gate):
+            if weight is not None:
+                weight.normal_(0.0, 1.0 / math.sqrt(weight.shape[-1]))
+        if self.score_bias is not None:
+            self.score_bias.normal_(0.0, 0.1)
+
+    @classmethod
+    def from_hf(cls, block: nn.Module, copy: bool = True) -> "FusedMoE":
+        """Convert a transformers 5.x MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3).
+
+        Raises ``TypeError`` for another block type and ``ValueError`` for an option the
+        ops cannot reproduce. With ``copy=False`` the new module shares the block's
+        (contiguous) weight storage instead of cloning it, which is what
+        ``patch_hf_model`` does to avoid holding every expert twice.
+        """
+        from .hf_patch import convert_block  # transformers is imported only when needed
+
+        return convert_block(block, copy=copy)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [..., H]: routed experts plus the (gated) shared expert."""
+        config = self.config
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        out = torch.ops.tritonmoe.fused_moe(
+            x, self.router_weight, self.w_gate_up, self.w_down, config.top_k,
+            config.scoring, config.renormalize, config.n_group, config.topk_group,
+            self.score_bias, config.routed_scaling_factor,
+        )
+        if self.shared_gate_up is not None:
+            shared = self._shared_mlp(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(F.linear(x, self.shared_gate)) * shared
+            out = out + shared
+        return out.reshape(shape)
+
+    def _shared_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.shared_gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.shared_down)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        text = (f"{c.name}: experts={c.num_experts}, top_k={c.top_k}, hidden={c.hidden_size}, "
+                f"intermediate={c.intermediate_size}, scoring={c.scoring}")
+        if c.n_group > 1:
+            text += f", groups={c.topk_group}/{c.n_group}"
+        if c.shared_experts:
+            text += (f", shared={c.shared_intermediate_size}"
+                     f"{' (gated)' if c.shared_gated else ''}")
+        return text
+
+
+def renamed(config: MoEConfig, name: str) -> MoEConfig:
+    """``config`` under another name (used for configs read off a transformers block)."""
+    return replace(config, name=name)
