@@ -3,14 +3,11 @@
 Without CUDA, TRITON_INTERPRET=1 is set before anything imports Triton.
 """
 import os
-import sys
 
 import pytest
 
-if "torch" not in sys.modules:
-    import torch  # noqa: E402  (CUDA availability decides the interpreter)
-else:
-    import torch
+import torch
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -29,3 +26,16 @@ def _fresh_seed():
     torch.manual_seed(seed)
     print(f"seed={seed}")
     yield
+
+
+@pytest.fixture
+def poison_allocations():
+    """Make torch.empty fill floats with NaN (ints with their max): unwritten rows fail."""
+    import torch.utils.deterministic as deterministic
+
+    previous = (torch.are_deterministic_algorithms_enabled(), deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous[0])
+    deterministic.fill_uninitialized_memory = previous[1]

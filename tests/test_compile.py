@@ -1,0 +1,70 @@
+"""torch.compile(fullgraph=True) captures the ops without a graph break, static or dynamic."""
+import pytest
+import torch
+
+import moe_ops  # noqa: F401
+from moe_ops.configs import shrink
+from moe_ops.reference import moe_reference
+
+from helpers import assert_close_l2
+from test_ops import make_layer
+
+CONFIG = shrink("deepseek-v3")
+
+
+def moe_block(x, router, w_gate_up, w_down, bias):
+    """A user's function: a residual around the fused MoE op."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.ops.tritonmoe.fused_moe(flat, router, w_gate_up, w_down, score_bias=bias,
+                                        **CONFIG.routing_kwargs())
+    return x + out.view_as(x)
+
+
+def split_block(x, router, w_gate_up, w_down, bias):
+    """The same through route + fused_experts."""
+    weights, ids = torch.ops.tritonmoe.route(x, router, score_bias=bias, **CONFIG.routing_kwargs())
+    return torch.ops.tritonmoe.fused_experts(x, weights, ids, w_gate_up, w_down)
+
+
+@pytest.fixture
+def layer(device):
+    return make_layer(CONFIG, torch.float32, device)
+
+
+def test_explain_shows_no_graph_break(layer, device):
+    x = torch.randn(2, 5, CONFIG.hidden_size, device=device)
+    explanation = torch._dynamo.explain(moe_block)(x, *layer)
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("fn", [moe_block, split_block])
+def test_static_compile_matches_eager(fn, layer, device):
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    x = torch.randn(9, CONFIG.hidden_size, device=device)
+    assert_close_l2(compiled(x, *layer), fn(x, *layer), 1e-6)
+
+
+def test_dynamic_compile_over_token_counts_without_recompiling(layer, device):
+    torch._dynamo.reset()
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(moe_block, fullgraph=True, dynamic=True, backend=counting_backend)
+    for num_tokens in (3, 8, 17, 30):
+        x = torch.randn(num_tokens, CONFIG.hidden_size, device=device)
+        ref = x + moe_reference(x, *layer[:3], score_bias=layer[3], **CONFIG.routing_kwargs())
+        assert_close_l2(compiled(x, *layer), ref, 1e-4)
+    assert len(compiles) == 1
+
+
+def test_dynamic_compile_inductor(layer, device):
+    torch._dynamo.reset()
+    compiled = torch.compile(moe_block, fullgraph=True, dynamic=True)
+    for num_tokens in (4, 11):
+        x = torch.randn(num_tokens, CONFIG.hidden_size, device=device)
+        assert_close_l2(compiled(x, *layer), moe_block(x, *layer), 1e-6)

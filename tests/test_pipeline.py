@@ -1,0 +1,92 @@
+"""The pipeline on a GPU: five launches, CUDA-graph capture and replay, no host sync."""
+import pytest
+import torch
+
+import moe_ops  # noqa: F401
+from moe_ops.configs import get_config, shrink
+from moe_ops.pipeline import max_blocks_for
+
+from conftest import ON_GPU
+from helpers import assert_close_l2
+from test_ops import make_layer
+
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled kernels)")
+
+
+def config_for_device():
+    return get_config("qwen3-30b-a3b") if ON_GPU else shrink("qwen3-30b-a3b")
+
+
+def call(layer, x, config):
+    return torch.ops.tritonmoe.fused_moe(x, *layer[:3], score_bias=layer[3],
+                                         **config.routing_kwargs())
+
+
+@pytest.mark.parametrize("num_slots,num_experts,block_m", [(1, 256, 16), (16, 8, 16), (100, 8, 64)])
+def test_max_blocks_covers_the_worst_routing(num_slots, num_experts, block_m):
+    # Worst case: as many experts as possible with one row each, the rest on one expert.
+    busy = min(num_experts, num_slots)
+    counts = [1] * (busy - 1) + [num_slots - (busy - 1)]
+    needed = sum(-(-c // block_m) for c in counts)
+    assert max_blocks_for(num_slots, num_experts, block_m) >= needed
+
+
+@gpu_only
+@pytest.mark.parametrize("num_tokens", [1, 64, 1000])
+def test_fused_moe_launches_at_most_five_kernels(num_tokens, device):
+    config = config_for_device()
+    layer = make_layer(config, torch.bfloat16, device)
+    x = torch.randn(num_tokens, config.hidden_size, device=device, dtype=torch.bfloat16)
+    call(layer, x, config)  # compile outside the count
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call(layer, x, config)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert 0 < len(kernels) <= 5, [e.name for e in kernels]
+
+
+@gpu_only
+def test_cuda_graph_replay_matches_eager(device):
+    config = shrink("deepseek-v3", 512, 256)
+    layer = make_layer(config, torch.bfloat16, device)
+    static_x = torch.randn(48, config.hidden_size, device=device, dtype=torch.bfloat16)
+    eager = call(layer, static_x, config)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call(layer, static_x, config)  # warm up on the side stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = call(layer, static_x, config)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager)
+    # New data through the same graph: routing changes, the captured buffers adapt.
+    fresh = torch.randn_like(static_x)
+    static_x.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_l2(static_out, call(layer, fresh, config), 0.0)
+
+
+@gpu_only
+def test_no_host_synchronisation(device):
+    config = config_for_device()
+    layer = make_layer(config, torch.bfloat16, device)
+    x = torch.randn(77, config.hidden_size, device=device, dtype=torch.bfloat16)
+    call(layer, x, config)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call(layer, x, config)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu_only
+def test_two_runs_are_bitwise_equal(device):
+    config = config_for_device()
+    layer = make_layer(config, torch.bfloat16, device)
+    x = torch.randn(513, config.hidden_size, device=device, dtype=torch.bfloat16)
+    assert torch.equal(call(layer, x, config), call(layer, x, config))

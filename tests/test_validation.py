@@ -1,0 +1,146 @@
+"""Bad input gets a clear error naming the argument: one test per case."""
+import pytest
+import torch
+
+import moe_ops  # noqa: F401
+
+E, H, I, T, K = 8, 64, 48, 5, 2
+
+
+@pytest.fixture
+def args(device):
+    """Valid fused_moe arguments; each test breaks exactly one thing."""
+    return dict(
+        hidden_states=torch.randn(T, H, device=device),
+        router_weight=torch.randn(E, H, device=device),
+        w_gate_up=torch.randn(E, 2 * I, H, device=device),
+        w_down=torch.randn(E, H, I, device=device),
+        top_k=K,
+    )
+
+
+def fused_moe(**kwargs):
+    return torch.ops.tritonmoe.fused_moe(**kwargs)
+
+
+def fused_experts(args, topk_weights=None, topk_ids=None):
+    device = args["hidden_states"].device
+    if topk_weights is None:
+        topk_weights = torch.rand(T, K, device=device)
+    if topk_ids is None:
+        topk_ids = torch.randint(0, E, (T, K), device=device, dtype=torch.int32)
+    return torch.ops.tritonmoe.fused_experts(
+        args["hidden_states"], topk_weights, topk_ids, args["w_gate_up"], args["w_down"])
+
+
+def test_valid_arguments_pass(args):
+    assert fused_moe(**args).shape == (T, H)
+
+
+def test_hidden_states_wrong_rank(args):
+    args["hidden_states"] = args["hidden_states"][None]
+    with pytest.raises(ValueError, match=r"hidden_states must be 2-D"):
+        fused_moe(**args)
+
+
+def test_router_hidden_size_mismatch(args):
+    args["router_weight"] = args["router_weight"][:, :32].contiguous()
+    with pytest.raises(ValueError, match=r"router_weight .* expected 64 \(hidden size\)"):
+        fused_moe(**args)
+
+
+def test_w_down_shape_mismatch(args):
+    args["w_down"] = args["w_down"][:, :, :40].contiguous()
+    with pytest.raises(ValueError, match=r"w_down has size 40 in dim 2, expected 48 \(intermediate size"):
+        fused_moe(**args)
+
+
+def test_expert_count_mismatch_between_router_and_weights(args):
+    args["router_weight"] = torch.cat([args["router_weight"]] * 2)
+    with pytest.raises(ValueError, match=r"router_weight has 16 experts, w_gate_up has 8"):
+        fused_moe(**args)
+
+
+@pytest.mark.parametrize("top_k", [0, -1, E + 1])
+def test_top_k_out_of_range(args, top_k):
+    args["top_k"] = top_k
+    with pytest.raises(ValueError, match=r"top_k must be an int in \[1, num_experts=8\]"):
+        fused_moe(**args)
+
+
+def test_n_group_not_dividing_experts(args):
+    with pytest.raises(ValueError, match=r"n_group must be >= 1 and divide num_experts=8"):
+        fused_moe(**args, scoring="sigmoid", n_group=3, topk_group=1)
+
+
+def test_topk_group_above_n_group(args):
+    with pytest.raises(ValueError, match=r"topk_group must be in \[1, n_group=4\]"):
+        fused_moe(**args, scoring="sigmoid", n_group=4, topk_group=5)
+
+
+def test_top_k_above_experts_of_kept_groups(args):
+    args["top_k"] = 3  # one kept group of 2 experts cannot supply 3
+    with pytest.raises(ValueError, match=r"top_k=3 exceeds the experts"):
+        fused_moe(**args, scoring="sigmoid", n_group=4, topk_group=1)
+
+
+def test_unknown_scoring(args):
+    with pytest.raises(ValueError, match=r"scoring must be one of \('softmax', 'sigmoid'\)"):
+        fused_moe(**args, scoring="relu")
+
+
+def test_mixed_dtypes(args):
+    args["w_down"] = args["w_down"].half()
+    with pytest.raises(TypeError, match=r"w_down has dtype torch.float16, expected"):
+        fused_moe(**args)
+
+
+def test_unsupported_dtype(args):
+    args["hidden_states"] = args["hidden_states"].double()
+    with pytest.raises(TypeError, match=r"hidden_states must be float32, float16 or bfloat16"):
+        fused_moe(**args)
+
+
+def test_score_bias_wrong_dtype(args):
+    bias = torch.zeros(E, dtype=torch.float16, device=args["hidden_states"].device)
+    with pytest.raises(TypeError, match=r"score_bias must be float32"):
+        fused_moe(**args, scoring="sigmoid", score_bias=bias)
+
+
+def test_mixed_devices(args):
+    args["w_gate_up"] = args["w_gate_up"].to("meta")
+    with pytest.raises(ValueError, match=r"w_gate_up is on meta, expected hidden_states' device"):
+        fused_moe(**args)
+
+
+def test_non_contiguous_weights_refused(args):
+    args["w_gate_up"] = args["w_gate_up"].transpose(1, 2).contiguous().transpose(1, 2)
+    with pytest.raises(ValueError, match=r"w_gate_up must be contiguous"):
+        fused_moe(**args)
+
+
+def test_topk_ids_not_integer(args):
+    ids = torch.zeros(T, K, device=args["hidden_states"].device)
+    with pytest.raises(TypeError, match=r"topk_ids must be int32 or int64"):
+        fused_experts(args, topk_ids=ids)
+
+
+def test_topk_weights_not_float32(args):
+    weights = torch.rand(T, K, device=args["hidden_states"].device).half()
+    with pytest.raises(TypeError, match=r"topk_weights must be float32"):
+        fused_experts(args, topk_weights=weights)
+
+
+@pytest.mark.parametrize("bad_id", [E, -1])
+def test_topk_ids_out_of_range(args, bad_id):
+    ids = torch.randint(0, E, (T, K), device=args["hidden_states"].device, dtype=torch.int32)
+    ids[2, 1] = bad_id
+    with pytest.raises(ValueError, match=rf"topk_ids must lie in \[0, num_experts=8\); "
+                                         rf"topk_ids\[2, 1\] = {bad_id}"):
+        fused_experts(args, topk_ids=ids)
+
+
+def test_topk_shape_mismatch(args):
+    ids = torch.randint(0, E, (T + 1, K), device=args["hidden_states"].device, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"topk_ids .* expected 5 \(num_tokens\)"):
+        fused_experts(args, topk_ids=ids)
