@@ -36,7 +36,9 @@ def route_impl(hidden_states, router_weight, top_k, scoring, renormalize, n_grou
         return topk_weights, topk_ids
     interpret = interpreter_active()
     block_t = 64 if (num_tokens > 512 or interpret) else 16
-    block_h = 64 if interpret else 128
+    e_pad = _pow2_at_least(num_experts, 16)
+    # Keep one pipeline stage of router weights near 32 KB of shared memory.
+    block_h = 64 if interpret else min(128, max(16, 32768 // (e_pad * router_weight.element_size())))
     with stage_range("route"):
         route_kernel[(triton.cdiv(num_tokens, block_t),)](
             hidden_states, router_weight,
@@ -47,7 +49,7 @@ def route_impl(hidden_states, router_weight, top_k, scoring, renormalize, n_grou
             SIGMOID=scoring == "sigmoid", RENORMALIZE=bool(renormalize),
             HAS_BIAS=score_bias is not None,
             N_GROUP=n_group, TOPK_GROUP=topk_group,
-            E_PAD=_pow2_at_least(num_experts, 16), K_PAD=_pow2_at_least(top_k),
+            E_PAD=e_pad, K_PAD=_pow2_at_least(top_k),
             G_PAD=_pow2_at_least(n_group), BLOCK_T=block_t, BLOCK_H=block_h,
             INTERPRETER=interpret, num_warps=8 if block_t == 64 else 4,
         )

@@ -64,11 +64,18 @@ def heuristic_tile(stage: str, num_experts: int, hidden: int, inter: int,
         block_m = min(64, max(16, _next_pow2(rows_per_expert)))
         return TileConfig(block_m, 64, 64, 1, 4, 1)
     block_m = min(128, max(16, _next_pow2(rows_per_expert)))
+    elem = torch.empty((), dtype=dtype).element_size()
     if block_m <= 32:
-        return TileConfig(block_m, 64, 128, 1, 4, 4)
-    if block_m == 64:
-        return TileConfig(64, 128, 64, 8, 4, 4)
-    return TileConfig(128, 128 if stage == "down" else 64, 64, 8, 8, 3)
+        block_n, block_k, group_m, warps = 64, 128 // (elem // 2), 1, 4
+    elif block_m == 64:
+        block_n, block_k, group_m, warps = 128, 64, 8, 4
+    else:
+        block_n, block_k, group_m, warps = (128 if stage == "down" else 64), 64, 8, 8
+    # As many pipeline stages as fit in ~160 KB of shared memory, 2 to 4.
+    b_tiles = 2 if stage == "gate_up" else 1
+    stage_bytes = (block_m * block_k + b_tiles * block_k * block_n) * elem
+    stages = max(2, min(4, (160 * 1024) // stage_bytes))
+    return TileConfig(block_m, block_n, block_k, group_m, warps, stages)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -95,9 +102,13 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
+@functools.lru_cache(maxsize=4096)
 def get_tile_config(stage: str, num_experts: int, hidden: int, inter: int, num_tokens: int,
                     top_k: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
-    """The tile for one grouped-GEMM launch: the tuned entry nearest in T, else the heuristic."""
+    """The tile for one grouped-GEMM launch: the tuned entry nearest in T, else the heuristic.
+
+    Cached: the lookup sits on the hot path of every call.
+    """
     if not interpreter_active():
         candidates = _load_table(_device_name(device)).get(
             (stage, num_experts, hidden, inter, _dtype_name(dtype)))
