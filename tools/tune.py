@@ -1,0 +1,348 @@
+"""Search tile configurations of the grouped GEMMs and write the table the op reads.
+
+For each (model, T bucket) this times ``moe_ops.pipeline.fused_experts_impl`` with
+explicit tiles, uniform routing, L2 flushed between calls (``triton.testing.do_bench``,
+median), in two phases:
+
+    1. gate_up: candidates from BLOCK_M x BLOCK_N x BLOCK_K x GROUP_M x warps x stages,
+       pruned (BLOCK_M <= max(16, next_pow2(2*T*K/E)), shared memory, GROUP_M only
+       when an expert spans several row blocks, warps by tile area), sampled down to
+       --max-configs with the heuristic always in; down fixed at the heuristic.
+    2. down, given the chosen gate_up BLOCK_M (both stages walk one alignment).
+
+Each candidate's output is compared with the heuristic tiles' output (relative L2
+<= 1e-2) before it is timed; a candidate that fails to compile or launch (out of shared
+memory) or disagrees is recorded and skipped. The winners go to --out in the
+``moe_ops/tiles.py`` format (entries merged into an existing table of the same GPU,
+written after every cell); every candidate's time goes to ``<out stem>.tunelog.jsonl``.
+The search stops at --budget-s and keeps what it has.
+
+    python -m tools.tune --models mixtral-8x7b --tokens 1 8 32 128 --budget-s 540
+    python -m tools.tune --models deepseek-v3 qwen3-30b-a3b --out moe_ops/tile_tables/nvidia-h100-80gb-hbm3.json
+
+Without CUDA it runs shrunk configs through the Triton interpreter with a few
+candidates: a check of the code path, not a tuning.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+if not ON_GPU:  # must precede the first import of triton
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402
+
+from moe_ops.configs import MoEConfig, get_config, shrink  # noqa: E402
+from moe_ops.pipeline import fused_experts_impl  # noqa: E402
+from moe_ops.reference import fused_experts_reference  # noqa: E402
+from moe_ops.tiles import TABLE_DIR, TileConfig, heuristic_tile  # noqa: E402
+
+DEFAULT_MODELS = ["mixtral-8x7b", "deepseek-v3", "qwen2-57b-a14b", "qwen3-30b-a3b"]
+DEFAULT_TOKENS = [1, 8, 32, 128, 512, 2048, 8192]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SMEM_LIMIT = 200 * 1024  # bytes; H100/H200 allow 227 KiB per block, keep headroom
+AGREE_TOL = 1e-2
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _next_pow2(n: float) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1.0, n))))
+
+
+# ------------------------------------------------------------------ search space
+
+def block_m_choices(num_tokens: int, top_k: int, num_experts: int) -> list[int]:
+    """BLOCK_M <= max(16, next_pow2(2*T*K/E)), and no smaller than a quarter of that cap."""
+    cap = min(128, max(16, _next_pow2(2 * num_tokens * top_k / num_experts)))
+    return [bm for bm in (16, 32, 64, 128) if cap // 4 <= bm <= cap]
+
+
+def candidate_tiles(stage: str, num_tokens: int, top_k: int, num_experts: int,
+                    elem_bytes: int, block_ms: list[int]) -> list[TileConfig]:
+    """The pruned cross product for one stage (gate_up loads two weight tiles per step)."""
+    rows_per_expert = num_tokens * top_k / num_experts
+    weight_tiles = 2 if stage == "gate_up" else 1
+    out = []
+    for bm in block_ms:
+        for bn in (32, 64, 128, 256):
+            if bn == 256 and bm < 64:
+                continue  # small T: keep programs many, so enough of them stream the weights
+            for bk in (64, 128):
+                for group_m in (1, 8):
+                    if group_m == 8 and rows_per_expert < 2 * bm:
+                        continue  # one row block per expert: nothing to group
+                    for warps in (4, 8):
+                        area = bm * bn
+                        if (warps == 8 and area < 64 * 128) or (warps == 4 and area > 128 * 128):
+                            continue
+                        for stages in (3, 4, 5):
+                            smem = stages * (bm * bk + weight_tiles * bn * bk) * elem_bytes
+                            if smem > SMEM_LIMIT:
+                                continue
+                            out.append(TileConfig(bm, bn, bk, group_m, warps, stages))
+    return out
+
+
+def sample(candidates: list[TileConfig], keep: TileConfig, limit: int, seed: int) -> list[TileConfig]:
+    """``keep`` first, then a seeded shuffle of the rest, ``limit`` in all."""
+    rest = [c for c in candidates if c != keep]
+    random.Random(seed).shuffle(rest)
+    return [keep] + rest[: max(0, limit - 1)]
+
+
+# ----------------------------------------------------------------------- timing
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not (torch.isfinite(out).all() and torch.isfinite(ref).all()):
+        return math.inf
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def time_ms(fn, warmup_ms: float, rep_ms: float) -> float:
+    if ON_GPU:
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.deadline = time.time() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def spent(self) -> bool:
+        return time.time() >= self.deadline
+
+
+def search(stage: str, candidates: list[TileConfig], run, reference: torch.Tensor,
+           args, budget: Budget, tag: str) -> tuple[TileConfig | None, float, list[dict], bool]:
+    """Time each candidate that agrees with ``reference``; (best, best ms, log, complete)."""
+    results, best, best_ms = [], None, math.inf
+    for n, tile in enumerate(candidates):
+        if budget.spent():
+            log(f"{tag} {stage}: budget spent after {n}/{len(candidates)} candidates")
+            return best, best_ms, results, False
+        record = {"stage": stage, "config": tile.as_dict()}
+        try:
+            err = rel_l2(run(tile), reference)
+            record["rel_l2"] = err
+            if not err <= AGREE_TOL:
+                record["status"] = "wrong"
+                log(f"{tag} {stage} {_fmt(tile)}  WRONG (rel L2 {err:.1e} vs heuristic)")
+            else:
+                ms = time_ms(lambda: run(tile), args.warmup_ms, args.rep_ms)
+                record.update(status="ok", ms=ms)
+                mark = ""
+                if ms < best_ms:
+                    best, best_ms, mark = tile, ms, "  *"
+                log(f"{tag} {stage} {_fmt(tile)}  {ms:.4f} ms{mark}")
+        except Exception as exc:  # out of shared memory, PTXAS failure, bad launch
+            record.update(status="failed", error=f"{type(exc).__name__}: {str(exc)[:200]}")
+            log(f"{tag} {stage} {_fmt(tile)}  FAILED {type(exc).__name__}")
+        results.append(record)
+    return best, best_ms, results, True
+
+
+def _fmt(t: TileConfig) -> str:
+    return (f"M{t.BLOCK_M:<3d} N{t.BLOCK_N:<3d} K{t.BLOCK_K:<3d} G{t.GROUP_M} "
+            f"w{t.num_warps} s{t.num_stages}")
+
+
+# ------------------------------------------------------------------------ table
+
+def load_table(path: Path, gpu: str) -> dict:
+    """Existing entries of ``path`` keyed by (stage, E, H, I, dtype, T), if it is this GPU's."""
+    if not path.exists():
+        return {}
+    table = json.loads(path.read_text())
+    if table.get("gpu") != gpu:
+        raise SystemExit(f"{path} holds a table for {table.get('gpu')!r}, not {gpu!r}: "
+                         f"pass another --out")
+    return {(e["stage"], e["E"], e["H"], e["I"], e["dtype"], e["T"]): e for e in table["entries"]}
+
+
+def write_table(path: Path, gpu: str, entries: dict) -> None:
+    """The ``moe_ops/tiles.py`` format, entries sorted for stable diffs."""
+    ordered = [entries[k] for k in sorted(entries, key=lambda k: (k[1], k[2], k[3], k[4], k[5], k[0]))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"gpu": gpu, "entries": ordered}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def entry(stage: str, cfg: MoEConfig, dtype: torch.dtype, num_tokens: int, tile: TileConfig) -> dict:
+    return {"stage": stage, "E": cfg.num_experts, "H": cfg.hidden_size,
+            "I": cfg.intermediate_size, "dtype": str(dtype).replace("torch.", ""),
+            "T": num_tokens, "config": tile.as_dict()}
+
+
+# ------------------------------------------------------------------------- main
+
+def tune_cell(cfg, num_tokens, weights, dtype, device, args, budget, gen):
+    """Both phases at one (model, T); returns (gate_up tile, down tile, log record)."""
+    e, k = cfg.num_experts, cfg.top_k
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    w_gate_up, w_down = weights
+    x = torch.randn(num_tokens, h, device=device, generator=gen).to(dtype)
+    topk_ids = torch.rand(num_tokens, e, device=device, generator=gen).topk(k, dim=1).indices
+    topk_ids = topk_ids.to(torch.int32).contiguous()
+    topk_weights = torch.softmax(torch.randn(num_tokens, k, device=device, generator=gen), dim=1)
+    tag = f"[{cfg.name} T={num_tokens}]"
+
+    heur_gu = heuristic_tile("gate_up", e, h, i, num_tokens, k, dtype)
+    heur_down = heuristic_tile("down", e, h, i, num_tokens, k, dtype)
+
+    def run(gate_up_tile, down_tile):
+        return fused_experts_impl(x, topk_weights, topk_ids, w_gate_up, w_down,
+                                  gate_up_tile=gate_up_tile, down_tile=down_tile)
+
+    baseline = run(heur_gu, heur_down)
+    if num_tokens <= args.check_max_t:
+        err = rel_l2(baseline, fused_experts_reference(x, topk_weights, topk_ids, w_gate_up, w_down))
+        log(f"{tag} heuristic tiles vs reference: rel L2 {err:.2e}")
+        if not err <= 2e-2:
+            raise SystemExit(f"{tag} the heuristic tiles disagree with the reference "
+                             f"(rel L2 {err:.2e}): fix the kernels before tuning")
+    heur_ms = time_ms(lambda: run(heur_gu, heur_down), args.warmup_ms, args.rep_ms)
+    log(f"{tag} heuristic {_fmt(heur_gu)} / {_fmt(heur_down)}: {heur_ms:.4f} ms")
+
+    elem = x.element_size()
+    gu_space = candidate_tiles("gate_up", num_tokens, k, e, elem, block_m_choices(num_tokens, k, e))
+    gu_cands = sample(gu_space, heur_gu, args.max_configs, args.seed)
+    log(f"{tag} gate_up: {len(gu_cands)} of {len(gu_space)} pruned candidates")
+    best_gu, gu_ms, gu_log, gu_done = search(
+        "gate_up", gu_cands, lambda t: run(t, replace(heur_down, BLOCK_M=t.BLOCK_M)),
+        baseline, args, budget, tag)
+    record = {"model": cfg.name, "T": num_tokens, "heuristic_ms": heur_ms,
+              "candidates": gu_log, "complete": False}
+    if best_gu is None or not gu_done:
+        return None, None, record
+
+    down_space = candidate_tiles("down", num_tokens, k, e, elem, [best_gu.BLOCK_M])
+    down_keep = replace(heur_down, BLOCK_M=best_gu.BLOCK_M)
+    down_cands = sample(down_space, down_keep, args.max_down_configs, args.seed)
+    log(f"{tag} down (BLOCK_M={best_gu.BLOCK_M}): {len(down_cands)} of {len(down_space)} candidates")
+    best_down, down_ms, down_log, down_done = search(
+        "down", down_cands, lambda t: run(best_gu, t), baseline, args, budget, tag)
+    record["candidates"] += down_log
+    if best_down is None or not down_done:
+        return best_gu, None, record
+    record.update(complete=True, tuned_ms=down_ms, gate_up=best_gu.as_dict(), down=best_down.as_dict())
+    log(f"{tag} chose gate_up {_fmt(best_gu)}, down {_fmt(best_down)}: {down_ms:.4f} ms "
+        f"(heuristic {heur_ms:.4f} ms, {heur_ms / down_ms:.2f}x)")
+    return best_gu, best_down, record
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=None)
+    p.add_argument("--tokens", nargs="+", type=int, default=None,
+                   help=f"T buckets (default {DEFAULT_TOKENS}; CPU 1 5)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--out", default=None,
+                   help="table path (default moe_ops/tile_tables/<gpu slug>.json)")
+    p.add_argument("--budget-s", type=float, default=540,
+                   help="stop searching after this many seconds and write what is done")
+    p.add_argument("--max-configs", type=int, default=None,
+                   help="gate_up candidates per cell (default 24; CPU 2)")
+    p.add_argument("--max-down-configs", type=int, default=None,
+                   help="down candidates per cell (default 16; CPU 2)")
+    p.add_argument("--warmup-ms", type=float, default=10)
+    p.add_argument("--rep-ms", type=float, default=50)
+    p.add_argument("--check-max-t", type=int, default=128,
+                   help="check the heuristic tiles against the reference up to this T")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.models = args.models or (DEFAULT_MODELS if ON_GPU else ["mixtral-8x7b"])
+    args.tokens = args.tokens or (DEFAULT_TOKENS if ON_GPU else [1, 5])
+    args.max_configs = args.max_configs or (24 if ON_GPU else 2)
+    args.max_down_configs = args.max_down_configs or (16 if ON_GPU else 2)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    budget = Budget(args.budget_s)
+    dtype = DTYPES[args.dtype]
+    device = torch.device("cuda" if ON_GPU else "cpu")
+    gpu = torch.cuda.get_device_name() if ON_GPU else "cpu"
+    out = Path(args.out) if args.out else TABLE_DIR / f"{slug(gpu)}.json"
+    log_path = out.with_name(out.stem + ".tunelog.jsonl")
+    if not ON_GPU:
+        log("NO CUDA: shrunk configs through the Triton interpreter, a few candidates: "
+            "this checks the code path; the timings are NOT performance and the table is "
+            "not for use.")
+    entries = load_table(out, gpu)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log(f"tuning on {gpu}; table {out} ({len(entries)} entries already); budget {args.budget_s:.0f} s")
+    torch.set_grad_enabled(False)
+    done = 0
+    for name in args.models:
+        if budget.spent():
+            break
+        cfg = get_config(name) if ON_GPU else shrink(name)
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        weights = (torch.randn(e, 2 * i, h, device=device, dtype=dtype, generator=gen).mul_(h**-0.5),
+                   torch.randn(e, h, i, device=device, dtype=dtype, generator=gen).mul_(i**-0.5))
+        for t in args.tokens:
+            if budget.spent():
+                log(f"budget spent: stopping before {cfg.name} T={t}")
+                break
+            best_gu, best_down, record = tune_cell(cfg, t, weights, dtype, device, args, budget, gen)
+            record.update(gpu=gpu, dtype=args.dtype, torch=torch.__version__,
+                          triton=triton.__version__,
+                          date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            dtype_name = args.dtype
+            if best_gu is not None:
+                entries[("gate_up", e, h, i, dtype_name, t)] = entry("gate_up", cfg, dtype, t, best_gu)
+            if best_down is not None:
+                entries[("down", e, h, i, dtype_name, t)] = entry("down", cfg, dtype, t, best_down)
+                done += 1
+            if best_gu is not None:
+                write_table(out, gpu, entries)
+            if ON_GPU:
+                torch.cuda.empty_cache()
+        del weights
+        gc.collect()
+        if ON_GPU:
+            torch.cuda.empty_cache()
+    log(f"{done} cells tuned; {len(entries)} entries in {out}; candidate log {log_path}; "
+        f"{args.budget_s - budget.left():.0f} s")
+
+
+if __name__ == "__main__":
+    main()
