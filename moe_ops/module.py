@@ -18,8 +18,6 @@ and has not been measured: the shared MLP runs as two dense matmuls beside the o
 from __future__ import annotations
 
 import math
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +35,11 @@ class FusedMoE(nn.Module):
     ``shared_gate_up [2Is, H]`` (gate rows then up rows) and ``shared_down [H, Is]``;
     with ``config.shared_gated`` also ``shared_gate [1, H]``. Absent ones are ``None``.
     Construction leaves the weights uninitialised; use ``from_config`` or ``from_hf``.
+
+    Forward only: the ``tritonmoe`` ops register no backward, so the weights are created
+    with ``requires_grad=False`` (otherwise ``torch.compile`` would try to trace a backward
+    through the op and fail). Inputs that require grad are fine in eager mode and under
+    ``torch.no_grad()``, which is how ``generate`` runs.
     """
 
     def __init__(self, config: MoEConfig, dtype: torch.dtype = torch.float32,
@@ -45,11 +48,11 @@ class FusedMoE(nn.Module):
         self.config = config
         num_experts, hidden = config.num_experts, config.hidden_size
         inter, shared_inter = config.intermediate_size, config.shared_intermediate_size
-        make = dict(dtype=dtype, device=device)
+        make = _frozen_weight_factory(dtype, device)
 
-        self.router_weight = nn.Parameter(torch.empty(num_experts, hidden, **make))
-        self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden, **make))
-        self.w_down = nn.Parameter(torch.empty(num_experts, hidden, inter, **make))
+        self.router_weight = make(num_experts, hidden)
+        self.w_gate_up = make(num_experts, 2 * inter, hidden)
+        self.w_down = make(num_experts, hidden, inter)
         # The models keep the score-correction bias in float32 whatever the weights' dtype.
         bias = (torch.zeros(num_experts, dtype=torch.float32, device=device)
                 if config.score_bias else None)
@@ -61,12 +64,9 @@ class FusedMoE(nn.Module):
                              f"shared_intermediate_size > 0, got {shared_inter}")
         if config.shared_gated and not has_shared:
             raise ValueError(f"{config.name}: shared_gated=True without a shared expert")
-        self.shared_gate_up = (nn.Parameter(torch.empty(2 * shared_inter, hidden, **make))
-                               if has_shared else None)
-        self.shared_down = (nn.Parameter(torch.empty(hidden, shared_inter, **make))
-                            if has_shared else None)
-        self.shared_gate = (nn.Parameter(torch.empty(1, hidden, **make))
-                            if config.shared_gated else None)
+        self.shared_gate_up = make(2 * shared_inter, hidden) if has_shared else None
+        self.shared_down = make(hidden, shared_inter) if has_shared else None
+        self.shared_gate = make(1, hidden) if config.shared_gated else None
 
     @classmethod
     def from_config(cls, name_or_config: str | MoEConfig, dtype: torch.dtype = torch.float32,
@@ -100,7 +100,7 @@ class FusedMoE(nn.Module):
         (contiguous) weight storage instead of cloning it, which is what
         ``patch_hf_model`` does to avoid holding every expert twice.
         """
-        from .hf_patch import convert_block  # transformers is imported only when needed
+        from .hf_patch import convert_block  # hf_patch imports this module
 
         return convert_block(block, copy=copy)
 
@@ -109,10 +109,12 @@ class FusedMoE(nn.Module):
         config = self.config
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
+        # module.to(dtype) casts every float buffer; the op takes the bias in float32.
+        score_bias = None if self.score_bias is None else self.score_bias.float()
         out = torch.ops.tritonmoe.fused_moe(
             x, self.router_weight, self.w_gate_up, self.w_down, config.top_k,
             config.scoring, config.renormalize, config.n_group, config.topk_group,
-            self.score_bias, config.routed_scaling_factor,
+            score_bias, config.routed_scaling_factor,
         )
         if self.shared_gate_up is not None:
             shared = self._shared_mlp(x)
@@ -137,6 +139,7 @@ class FusedMoE(nn.Module):
         return text
 
 
-def renamed(config: MoEConfig, name: str) -> MoEConfig:
-    """``config`` under another name (used for configs read off a transformers block)."""
-    return replace(config, name=name)
+def _frozen_weight_factory(dtype, device):
+    def make(*shape: int) -> nn.Parameter:
+        return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+    return make
