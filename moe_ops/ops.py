@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .pipeline import fused_experts_impl, route_impl
+from .pipeline import fused_experts_impl, fused_moe_impl, route_impl
 from .validation import (check_experts_args, check_moe_args, check_route_args,
                          check_topk_ids_in_range)
 
@@ -77,11 +77,9 @@ def fused_moe(
     """route + fused_experts in five launches; our router's ids are trusted (no data check)."""
     check_moe_args(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring, n_group,
                     topk_group, score_bias)
-    hidden_states = hidden_states.contiguous()
-    topk_weights, topk_ids = route_impl(hidden_states, router_weight, top_k, scoring,
-                                        renormalize, n_group, topk_group, score_bias,
-                                        routed_scaling_factor)
-    return fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down)
+    return fused_moe_impl(hidden_states.contiguous(), router_weight, w_gate_up, w_down, top_k,
+                          scoring, renormalize, n_group, topk_group, score_bias,
+                          routed_scaling_factor)
 
 
 @fused_moe.register_fake

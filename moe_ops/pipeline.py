@@ -7,12 +7,12 @@ the ops in ``moe_ops.ops``; these functions trust them.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 
-from .kernels.align import align_kernel
+from .kernels.align import align_kernel, rank_kernel
 from .kernels.combine import combine_kernel
 from .kernels.grouped_gemm import grouped_gemm_kernel
 from .kernels.route import route_kernel
@@ -24,36 +24,78 @@ def _pow2_at_least(n: int, floor: int = 1) -> int:
     return max(floor, triton.next_power_of_2(n))
 
 
+@dataclass(frozen=True)
+class TokenBlockRanks:
+    """Step 1 of the alignment: per-token-block expert counts and per-slot ranks."""
+
+    block_counts: torch.Tensor  # int32 [cdiv(T, block_t), E]
+    ranks: torch.Tensor  # int32 [T*K]
+    block_t: int
+
+
+def _rank_block_t(num_tokens: int, num_experts: int, top_k: int) -> int:
+    """Tokens per program of the ranking step: its one-hot tile (rows x experts) stays
+    near 32K elements; at least 16 rows for the router's dot."""
+    if interpreter_active():
+        return 64
+    budget = 32768 // (_pow2_at_least(top_k) * _pow2_at_least(num_experts, 16))
+    return 16 if num_tokens <= 512 else max(16, min(64, _pow2_at_least(budget)))
+
+
+def _empty_ranks(num_tokens, num_experts, top_k, device) -> TokenBlockRanks:
+    block_t = _rank_block_t(num_tokens, num_experts, top_k)
+    return TokenBlockRanks(
+        torch.empty(triton.cdiv(num_tokens, block_t), num_experts, dtype=torch.int32, device=device),
+        torch.empty(num_tokens * top_k, dtype=torch.int32, device=device),
+        block_t)
+
+
 def route_impl(hidden_states, router_weight, top_k, scoring, renormalize, n_group,
-               topk_group, score_bias, routed_scaling_factor):
-    """Launch the router kernel; returns (topk_weights fp32 [T,K], topk_ids int32 [T,K])."""
+               topk_group, score_bias, routed_scaling_factor, with_ranks=False):
+    """Launch the router kernel: (topk_weights fp32 [T,K], topk_ids int32 [T,K]), plus the
+    first alignment step (``TokenBlockRanks``) when with_ranks."""
     num_tokens, hidden = hidden_states.shape
     num_experts = router_weight.shape[0]
     device = hidden_states.device
     topk_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
     topk_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
-    if num_tokens == 0:
-        return topk_weights, topk_ids
-    interpret = interpreter_active()
-    block_t = 64 if (num_tokens > 512 or interpret) else 16
-    e_pad = _pow2_at_least(num_experts, 16)
-    # Keep one pipeline stage of router weights near 32 KB of shared memory.
-    block_h = 64 if interpret else min(128, max(16, 32768 // (e_pad * router_weight.element_size())))
-    with stage_range("route"):
-        route_kernel[(triton.cdiv(num_tokens, block_t),)](
-            hidden_states, router_weight,
-            score_bias if score_bias is not None else topk_weights,  # unread without bias
-            topk_weights, topk_ids,
-            num_tokens, hidden, float(routed_scaling_factor),
-            NUM_EXPERTS=num_experts, TOP_K=top_k,
-            SIGMOID=scoring == "sigmoid", RENORMALIZE=bool(renormalize),
-            HAS_BIAS=score_bias is not None,
-            N_GROUP=n_group, TOPK_GROUP=topk_group,
-            E_PAD=e_pad, K_PAD=_pow2_at_least(top_k),
-            G_PAD=_pow2_at_least(n_group), BLOCK_T=block_t, BLOCK_H=block_h,
-            INTERPRETER=interpret, num_warps=8 if block_t == 64 else 4,
+    ranks = _empty_ranks(num_tokens, num_experts, top_k, device) if with_ranks else None
+    if num_tokens > 0:
+        interpret = interpreter_active()
+        block_t = ranks.block_t if with_ranks else _rank_block_t(num_tokens, num_experts, top_k)
+        e_pad = _pow2_at_least(num_experts, 16)
+        # Keep one pipeline stage of router weights near 32 KB of shared memory.
+        block_h = 64 if interpret else min(128, max(16, 32768 // (e_pad * router_weight.element_size())))
+        with stage_range("route"):
+            route_kernel[(triton.cdiv(num_tokens, block_t),)](
+                hidden_states, router_weight,
+                score_bias if score_bias is not None else topk_weights,  # unread without bias
+                topk_weights, topk_ids,
+                ranks.block_counts if with_ranks else topk_ids,  # unread without ranks
+                ranks.ranks if with_ranks else topk_ids,
+                num_tokens, hidden, float(routed_scaling_factor),
+                NUM_EXPERTS=num_experts, TOP_K=top_k,
+                SIGMOID=scoring == "sigmoid", RENORMALIZE=bool(renormalize),
+                HAS_BIAS=score_bias is not None,
+                N_GROUP=n_group, TOPK_GROUP=topk_group,
+                E_PAD=e_pad, K_PAD=_pow2_at_least(top_k),
+                G_PAD=_pow2_at_least(n_group), BLOCK_T=block_t, BLOCK_H=block_h,
+                WRITE_RANKS=with_ranks, INTERPRETER=interpret,
+                num_warps=8 if block_t >= 32 else 4,
+            )
+    return (topk_weights, topk_ids, ranks) if with_ranks else (topk_weights, topk_ids)
+
+
+def _rank(topk_ids, num_experts) -> TokenBlockRanks:
+    num_tokens, top_k = topk_ids.shape
+    ranks = _empty_ranks(num_tokens, num_experts, top_k, topk_ids.device)
+    with stage_range("rank"):
+        rank_kernel[(triton.cdiv(num_tokens, ranks.block_t),)](
+            topk_ids, ranks.block_counts, ranks.ranks, num_tokens,
+            NUM_EXPERTS=num_experts, TOP_K=top_k, E_PAD=_pow2_at_least(num_experts, 16),
+            K_PAD=_pow2_at_least(top_k), BLOCK_T=ranks.block_t, num_warps=4,
         )
-    return topk_weights, topk_ids
+    return ranks
 
 
 def max_blocks_for(num_slots: int, num_experts: int, block_m: int) -> int:
@@ -61,7 +103,7 @@ def max_blocks_for(num_slots: int, num_experts: int, block_m: int) -> int:
     return (num_slots + min(num_experts, num_slots) * (block_m - 1)) // block_m
 
 
-def _align(topk_ids, num_experts, block_m):
+def _align(topk_ids, ranks: TokenBlockRanks, num_experts, block_m):
     num_slots = topk_ids.numel()
     max_blocks = max_blocks_for(num_slots, num_experts, block_m)
     device = topk_ids.device
@@ -71,9 +113,11 @@ def _align(topk_ids, num_experts, block_m):
     e_pad = _pow2_at_least(num_experts, 16)
     with stage_range("align"):
         align_kernel[(1,)](
-            topk_ids, sorted_slots, block_expert, num_blocks, num_slots, max_blocks,
-            NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK_M=block_m,
-            CHUNK=max(16, min(1024, 8192 // e_pad)), num_warps=8,
+            topk_ids, ranks.block_counts, ranks.ranks, sorted_slots, block_expert, num_blocks,
+            num_slots, ranks.block_counts.shape[0], max_blocks,
+            NUM_EXPERTS=num_experts, TOP_K=topk_ids.shape[1], RANK_BLOCK_T=ranks.block_t,
+            E_PAD=e_pad, BLOCK_M=block_m, TB_CHUNK=max(1, 4096 // e_pad),
+            BLOCK_CHUNK=max(16, 4096 // e_pad), CHUNK=1024, num_warps=8,
         )
     return sorted_slots, block_expert, num_blocks, max_blocks
 
@@ -97,10 +141,14 @@ def _grouped_gemm(stage, a, w, out, topk_weights, align_out, num_slots, rows_per
 
 def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
                        gate_up_tile: TileConfig | None = None,
-                       down_tile: TileConfig | None = None):
-    """align -> gate_up -> down -> combine. Tiles default to the lookup in ``moe_ops.tiles``.
+                       down_tile: TileConfig | None = None,
+                       ranks: TokenBlockRanks | None = None):
+    """(rank) -> align -> gate_up -> down -> combine.
 
-    The down tile's BLOCK_M is replaced by gate_up's: both walk one alignment.
+    ``ranks`` comes from the router (``route_impl(with_ranks=True)``); without it the
+    rank kernel computes it from topk_ids. Tiles default to the lookup in
+    ``moe_ops.tiles``; the down tile's BLOCK_M is replaced by gate_up's: both walk one
+    alignment.
     """
     num_tokens, hidden = hidden_states.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
@@ -118,7 +166,9 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
     down_tile = replace(down_tile, BLOCK_M=gate_up_tile.BLOCK_M)
 
     num_slots = num_tokens * top_k
-    align_out = _align(topk_ids, num_experts, gate_up_tile.BLOCK_M)
+    if ranks is None:
+        ranks = _rank(topk_ids, num_experts)
+    align_out = _align(topk_ids, ranks, num_experts, gate_up_tile.BLOCK_M)
     h = torch.empty(num_slots, inter, dtype=dtype, device=device)
     _grouped_gemm("gate_up", hidden_states, w_gate_up, h, topk_weights, align_out,
                   num_slots, top_k, inter, hidden, gate_up_tile)
@@ -133,3 +183,13 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
             INTERPRETER=interpreter_active(),
         )
     return out
+
+
+def fused_moe_impl(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring,
+                   renormalize, n_group, topk_group, score_bias, routed_scaling_factor):
+    """route (with the first alignment step) -> align -> gate_up -> down -> combine."""
+    topk_weights, topk_ids, ranks = route_impl(
+        hidden_states, router_weight, top_k, scoring, renormalize, n_group, topk_group,
+        score_bias, routed_scaling_factor, with_ranks=True)
+    return fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
+                              ranks=ranks)

@@ -63,7 +63,9 @@ def heuristic_tile(stage: str, num_experts: int, hidden: int, inter: int,
         # The interpreter's cost is per program: few, large programs.
         block_m = min(64, max(16, _next_pow2(rows_per_expert)))
         return TileConfig(block_m, 64, 64, 1, 4, 1)
-    block_m = min(128, max(16, _next_pow2(rows_per_expert)))
+    # Room for 1.5x the mean rows: an expert spilling into a second block reads its
+    # weights twice.
+    block_m = min(128, max(16, _next_pow2(rows_per_expert * 3 // 2)))
     elem = torch.empty((), dtype=dtype).element_size()
     if block_m <= 32:
         block_n, block_k, group_m, warps = 64, 128 // (elem // 2), 1, 4

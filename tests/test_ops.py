@@ -187,3 +187,16 @@ def _opcheck_samples(device):
 def test_opcheck(op_name, device):
     args = _opcheck_samples(device)[op_name]
     torch.library.opcheck(getattr(torch.ops.tritonmoe, op_name).default, args)
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v3"])
+def test_many_token_blocks(name, device):
+    # Enough tokens for several programs of the router/rank step on every device.
+    config = shrink(name, hidden_size=32, intermediate_size=16)
+    layer = make_layer(config, torch.float32, device)
+    x = torch.randn(700, config.hidden_size, device=device)
+    ref = moe_reference(x, *layer[:3], score_bias=layer[3], **config.routing_kwargs())
+    assert_close_l2(run_fused_moe(x, *layer, config), ref, 1e-4)
+    weights, ids = route_reference(x, layer[0], score_bias=layer[3], **config.routing_kwargs())
+    out = torch.ops.tritonmoe.fused_experts(x, weights, ids, layer[1], layer[2])
+    assert_close_l2(out, ref, 1e-4)

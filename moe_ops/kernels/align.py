@@ -1,37 +1,80 @@
-"""Align kernel: group the T*K routed slots by expert into BLOCK_M-row blocks.
+"""Alignment: group the T*K routed slots (slot s = t*K + k) by expert into BLOCK_M-row blocks.
 
-One program (grid = (1,)) reads topk_ids [T*K] (slot s = t*K + k) and writes
+Two steps, so that the single-program step does O(T*K + token_blocks*E) work:
 
-    sorted_slots [max_blocks * BLOCK_M] int32: the slots of expert 0, padded to a
-        multiple of BLOCK_M with the sentinel T*K, then expert 1, ... (stable order);
-    block_expert [max_blocks] int32: the expert of each block, -1 past the last;
-    num_blocks [1] int32: how many blocks are in use.
+1. ``block_ranks`` (inside the router kernel, or ``rank_kernel`` for user-given ids),
+   one program per RANK_BLOCK_T tokens: the block's per-expert counts
+   ``block_counts[tb, e]`` and each slot's rank among the block's slots of its expert.
+2. ``align_kernel``, one program: expert totals, block-padded row offsets, and
+       sorted_slots [max_blocks * BLOCK_M] int32: expert 0's slots padded to a multiple
+           of BLOCK_M with the sentinel T*K, then expert 1's, ...
+       block_expert [max_blocks] int32: each block's expert, -1 past the last;
+       num_blocks [1] int32: the blocks in use,
+   placing slot s at row_start[e] + (slots of e in earlier token blocks) + rank[s].
 
-max_blocks is the worst case over all routings, computed from shapes alone, so no
-buffer size depends on data. Ids outside [0, E) are dropped (never gathered), so a bad
-id can not make a later kernel read or write out of bounds.
+max_blocks is the worst case over all routings, computed from shapes alone. Ids outside
+[0, E) are dropped (never gathered), so a bad id can not make a later kernel read or
+write out of bounds.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def align_kernel(
-    topk_ids_ptr, sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
-    num_slots, max_blocks,
-    NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    CHUNK: tl.constexpr,
-):
+def block_ranks(ids, valid, slots, block_counts_ptr, ranks_ptr,
+                NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """Store one token block's per-expert counts and each valid slot's rank within them.
+
+    ids, valid, slots: same-shaped tiles of ROWS elements in all (expert id, whether to
+    count it, slot index); block_counts_ptr points at this block's row of E counts.
+    """
+    ids = tl.reshape(ids, [ROWS])
+    valid = tl.reshape(valid, [ROWS])
+    slots = tl.reshape(slots, [ROWS])
     offs_e = tl.arange(0, E_PAD)
+    onehot = ((ids[:, None] == offs_e[None, :]) & valid[:, None]).to(tl.int32)
+    rank = tl.sum(onehot * (tl.cumsum(onehot, axis=0) - onehot), axis=1)
+    tl.store(ranks_ptr + slots, rank, mask=valid)
+    tl.store(block_counts_ptr + offs_e, tl.sum(onehot, axis=0), mask=offs_e < NUM_EXPERTS)
+
+
+@triton.jit
+def rank_kernel(topk_ids_ptr, block_counts_ptr, ranks_ptr, num_tokens,
+                NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr,
+                K_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Step 1 for user-given topk_ids [T, K]; grid = cdiv(T, BLOCK_T)."""
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, K_PAD)
+    slots = offs_t[:, None] * TOP_K + offs_k[None, :]
+    in_range = (offs_t[:, None] < num_tokens) & (offs_k[None, :] < TOP_K)
+    ids = tl.load(topk_ids_ptr + slots, mask=in_range, other=-1)
+    valid = in_range & (ids >= 0) & (ids < NUM_EXPERTS)
+    block_ranks(ids, valid, slots, block_counts_ptr + pid * NUM_EXPERTS, ranks_ptr,
+                NUM_EXPERTS, E_PAD, BLOCK_T * K_PAD)
+
+
+@triton.jit
+def align_kernel(
+    topk_ids_ptr, block_counts_ptr, ranks_ptr,
+    sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
+    num_slots, num_token_blocks, max_blocks,
+    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RANK_BLOCK_T: tl.constexpr,
+    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TB_CHUNK: tl.constexpr,
+    BLOCK_CHUNK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Step 2; grid = (1,). Rewrites block_counts in place into each block's first row."""
+    offs_e = tl.arange(0, E_PAD)
+    offs_tb = tl.arange(0, TB_CHUNK)
     offs_c = tl.arange(0, CHUNK)
     expert_mask = offs_e < NUM_EXPERTS
 
-    # Pass 1: tokens per expert.
     counts = tl.zeros([E_PAD], dtype=tl.int32)
-    for start in range(0, num_slots, CHUNK):
-        ids = tl.load(topk_ids_ptr + start + offs_c, mask=start + offs_c < num_slots, other=-1)
-        onehot = (ids[:, None] == offs_e[None, :]) & expert_mask[None, :]
-        counts += tl.sum(onehot.to(tl.int32), axis=0)
+    for tb0 in range(0, num_token_blocks, TB_CHUNK):
+        rows = tb0 + offs_tb
+        ptrs = block_counts_ptr + rows[:, None] * NUM_EXPERTS + offs_e[None, :]
+        mask = (rows[:, None] < num_token_blocks) & expert_mask[None, :]
+        counts += tl.sum(tl.load(ptrs, mask=mask, other=0), axis=0)
 
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     row_start = tl.cumsum(padded, axis=0) - padded
@@ -39,9 +82,19 @@ def align_kernel(
     block_end = block_start + padded // BLOCK_M
     tl.store(num_blocks_ptr, tl.sum(padded, axis=0) // BLOCK_M)
 
-    # The expert of every block; -1 for the blocks no expert needs.
-    for b0 in range(0, max_blocks, CHUNK):
-        blocks = b0 + offs_c
+    # block_counts[tb, e] <- row_start[e] + slots of e in token blocks before tb.
+    seen = row_start
+    for tb0 in range(0, num_token_blocks, TB_CHUNK):
+        rows = tb0 + offs_tb
+        ptrs = block_counts_ptr + rows[:, None] * NUM_EXPERTS + offs_e[None, :]
+        mask = (rows[:, None] < num_token_blocks) & expert_mask[None, :]
+        chunk = tl.load(ptrs, mask=mask, other=0)
+        tl.store(ptrs, tl.cumsum(chunk, axis=0) - chunk + seen[None, :], mask=mask)
+        seen += tl.sum(chunk, axis=0)
+
+    offs_b = tl.arange(0, BLOCK_CHUNK)
+    for b0 in range(0, max_blocks, BLOCK_CHUNK):
+        blocks = b0 + offs_b
         owner = (blocks[:, None] >= block_start[None, :]) & (blocks[:, None] < block_end[None, :])
         expert = tl.max(tl.where(owner, offs_e[None, :], -1), axis=1)
         tl.store(block_expert_ptr + blocks, expert, mask=blocks < max_blocks)
@@ -53,14 +106,11 @@ def align_kernel(
                  mask=rows < max_blocks * BLOCK_M)
     tl.debug_barrier()
 
-    # Pass 2: each slot goes to its expert's start + its rank among earlier slots.
-    seen = tl.zeros([E_PAD], dtype=tl.int32)
-    for start in range(0, num_slots, CHUNK):
-        slots = start + offs_c
+    for s0 in range(0, num_slots, CHUNK):
+        slots = s0 + offs_c
         ids = tl.load(topk_ids_ptr + slots, mask=slots < num_slots, other=-1)
-        onehot = ((ids[:, None] == offs_e[None, :]) & expert_mask[None, :]).to(tl.int32)
-        rank = tl.cumsum(onehot, axis=0) - onehot + (row_start + seen)[None, :]
-        row = tl.sum(onehot * rank, axis=1)
-        valid = tl.sum(onehot, axis=1) > 0
-        tl.store(sorted_slots_ptr + row, slots, mask=valid)
-        seen += tl.sum(onehot, axis=0)
+        valid = (slots < num_slots) & (ids >= 0) & (ids < NUM_EXPERTS)
+        token_block = slots // TOP_K // RANK_BLOCK_T
+        first_row = tl.load(block_counts_ptr + token_block * NUM_EXPERTS + ids, mask=valid, other=0)
+        rank = tl.load(ranks_ptr + slots, mask=valid, other=0)
+        tl.store(sorted_slots_ptr + first_row + rank, slots, mask=valid)

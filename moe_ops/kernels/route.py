@@ -10,12 +10,14 @@ For a block of BLOCK_T tokens (grid = cdiv(T, BLOCK_T)):
     weights:  scores at ids, renormalised (+1e-20 for sigmoid), times the scaling
 
 Layouts: x [T, H], W [E, H] (H contiguous), bias fp32 [E];
-topk_weights fp32 [T, K], topk_ids int32 [T, K]. The whole expert axis (E_PAD, a
+topk_weights fp32 [T, K], topk_ids int32 [T, K]. With WRITE_RANKS it also does the
+first step of the alignment (``align.block_ranks``) for its block of tokens. The whole expert axis (E_PAD, a
 power of two >= 16) lives in registers, so selection never leaves the program.
 """
 import triton
 import triton.language as tl
 
+from .align import block_ranks
 from .casting import cast_rne
 
 
@@ -29,13 +31,13 @@ def _argmax_lowest(values, offsets, PAD: tl.constexpr):
 
 @triton.jit
 def route_kernel(
-    x_ptr, w_ptr, bias_ptr, topk_weights_ptr, topk_ids_ptr,
+    x_ptr, w_ptr, bias_ptr, topk_weights_ptr, topk_ids_ptr, block_counts_ptr, ranks_ptr,
     num_tokens, hidden, routed_scaling_factor,
     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
     SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
     E_PAD: tl.constexpr, K_PAD: tl.constexpr, G_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_RANKS: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -116,3 +118,6 @@ def route_kernel(
     out_mask = token_mask[:, None] & (offs_k[None, :] < TOP_K)
     tl.store(topk_weights_ptr + out_offs, topk_w, mask=out_mask)
     tl.store(topk_ids_ptr + out_offs, topk_i, mask=out_mask)
+    if WRITE_RANKS:  # step 1 of the alignment, while the ids are in registers
+        block_ranks(topk_i, out_mask, out_offs, block_counts_ptr + pid * NUM_EXPERTS, ranks_ptr,
+                    NUM_EXPERTS, E_PAD, BLOCK_T * K_PAD)
