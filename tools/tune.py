@@ -1,8 +1,8 @@
 """Search tile configurations of the grouped GEMMs and write the table the op reads.
 
 For each (model, T bucket) this times ``moe_ops.pipeline.fused_experts_impl`` with
-explicit tiles, uniform routing, L2 flushed between calls (``triton.testing.do_bench``,
-median), in two phases:
+explicit tiles, uniform routing, replayed from a CUDA graph with L2 flushed between
+calls (``triton.testing.do_bench``, median), in two phases:
 
     1. gate_up: candidates from BLOCK_M x BLOCK_N x BLOCK_K x GROUP_M x warps x stages,
        pruned (BLOCK_M <= max(16, next_pow2(2*T*K/E)), shared memory, GROUP_M only
@@ -126,11 +126,28 @@ def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def time_ms(fn, warmup_ms: float, rep_ms: float) -> float:
-    if ON_GPU:
-        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+    """Median ms of ``fn`` replayed from a CUDA graph (CPU: one wall-clock call).
+
+    Replay, not eager calls: an eager forward spends a few hundred microseconds in
+    Python, which at small T would hide the kernels whose tiles are being compared.
+    """
+    if not ON_GPU:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compile and allocate outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms,
+                                       return_mode="median")
+    finally:
+        del graph
 
 
 class Budget:

@@ -1,0 +1,72 @@
+"""Tile lookup, and correctness of every tile configuration the shipped tables can select."""
+import json
+
+import pytest
+import torch
+
+import moe_ops  # noqa: F401
+from moe_ops.pipeline import fused_experts_impl
+from moe_ops.reference import fused_experts_reference
+from moe_ops.tiles import TABLE_DIR, TileConfig, get_tile_config, heuristic_tile
+
+from conftest import ON_GPU
+from helpers import assert_close_l2
+from test_ops import expert_inputs
+
+TABLES = {path.name: json.loads(path.read_text()) for path in sorted(TABLE_DIR.glob("*.json"))}
+
+
+def table_tiles():
+    """Distinct (stage, E, top_k-free tile) choices over all shipped tables."""
+    seen = set()
+    for table in TABLES.values():
+        for entry in table["entries"]:
+            seen.add((entry["stage"], entry["E"], TileConfig(**entry["config"])))
+    return sorted(seen, key=repr)
+
+
+ALL_TILES = table_tiles()
+# The interpreter ignores warps and stages and is slow: a sample of block shapes on CPU.
+TILES = ALL_TILES if ON_GPU else sorted(
+    {(s, e, TileConfig(t.BLOCK_M, t.BLOCK_N, t.BLOCK_K, t.GROUP_M)) for s, e, t in ALL_TILES
+     if e <= 8}, key=repr)[:4]
+
+
+def test_tables_are_well_formed():
+    assert TABLES, "no tile table shipped"
+    for name, table in TABLES.items():
+        assert isinstance(table["gpu"], str) and table["entries"], name
+        for entry in table["entries"]:
+            assert entry["stage"] in ("gate_up", "down") and entry["T"] >= 1
+            TileConfig(**entry["config"])
+
+
+@pytest.mark.parametrize("stage,num_experts,tile", TILES, ids=repr)
+def test_table_tile_is_correct(stage, num_experts, tile, device):
+    top_k = 2 if num_experts <= 8 else 8
+    hidden, inter = (512, 384) if ON_GPU else (64, 80)  # 80: a partial BLOCK_K/BLOCK_N
+    x, weights, w_gate_up, w_down = expert_inputs(
+        96, num_experts, top_k, hidden, inter, torch.bfloat16 if ON_GPU else torch.float32, device)
+    ids = torch.rand(96, num_experts, device=device).topk(top_k, dim=1).indices.to(torch.int32)
+    other = heuristic_tile("gate_up" if stage == "down" else "down", num_experts, hidden, inter,
+                           96, top_k, x.dtype)
+    tiles = {"gate_up_tile": tile, "down_tile": other} if stage == "gate_up" else \
+        {"gate_up_tile": TileConfig(tile.BLOCK_M, other.BLOCK_N, other.BLOCK_K), "down_tile": tile}
+    out = fused_experts_impl(x, weights, ids, w_gate_up, w_down, **tiles)
+    ref = fused_experts_reference(x, weights, ids, w_gate_up, w_down)
+    assert_close_l2(out, ref, 1e-2 if ON_GPU else 1e-4)
+
+
+def test_lookup_takes_nearest_bucket_and_falls_back_to_heuristic():
+    cpu = torch.device("cpu")
+    tile = get_tile_config("gate_up", 8, 4096, 14336, 100, 2, torch.bfloat16, cpu)
+    assert tile == heuristic_tile("gate_up", 8, 4096, 14336, 100, 2, torch.bfloat16)
+    if ON_GPU:
+        name = torch.cuda.get_device_name()
+        for table in TABLES.values():
+            if table["gpu"] == name:
+                entry = table["entries"][0]
+                found = get_tile_config(entry["stage"], entry["E"], entry["H"], entry["I"],
+                                        entry["T"], 2, getattr(torch, entry["dtype"]),
+                                        torch.device("cuda"))
+                assert found == TileConfig(**entry["config"])
