@@ -274,6 +274,8 @@ def tune_cell(cfg, num_tokens, weights, dtype, device, args, budget, gen):
     record["candidates"] += down_log
     if best_down is None or not down_done:
         return best_gu, None, record
+    if down_ms >= heur_ms:  # within noise of the heuristic: keep what the op would pick anyway
+        best_gu, best_down, down_ms = heur_gu, heur_down, heur_ms
     record.update(complete=True, tuned_ms=down_ms, gate_up=best_gu.as_dict(), down=best_down.as_dict())
     log(f"{tag} chose gate_up {_fmt(best_gu)}, down {_fmt(best_down)}: {down_ms:.4f} ms "
         f"(heuristic {heur_ms:.4f} ms, {heur_ms / down_ms:.2f}x)")

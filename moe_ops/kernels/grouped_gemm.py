@@ -7,7 +7,8 @@ masked) and output columns n*BLOCK_N ... Blocks past num_blocks exit at once.
 
     gate_up (FUSE_GATE_UP):  A row = x[slot // top_k]            (gathered, never copied)
         out[slot, n] = silu(A . Wgu[e, n, :]) * (A . Wgu[e, N + n, :])
-        two accumulators fed by one A tile; only the product is written.
+        gate and up rows interleaved into one B tile: a single dot of 2*BLOCK_N
+        columns per K step, split in registers; only the product is written.
     down (MUL_ROUTING_WEIGHT): A row = h[slot]
         out[slot, n] = topk_weight[slot] * (A . Wd[e, n, :])
 
@@ -49,14 +50,18 @@ def grouped_gemm_kernel(
     slots = tl.load(sorted_slots_ptr + offs_m)
     row_mask = slots < num_slots
     a_rows = (slots // a_rows_per_slot_div).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # gate_up interleaves gate and up weight rows, so one dot of 2*BLOCK_N columns feeds
+    # both: column 2j is gate row n_j, column 2j+1 is up row N + n_j.
+    W_COLS: tl.constexpr = 2 * BLOCK_N if FUSE_GATE_UP else BLOCK_N
+    offs_w = tl.arange(0, W_COLS)
+    offs_n = pid_n * BLOCK_N + offs_w // (W_COLS // BLOCK_N)
+    w_rows = offs_n + (offs_w % 2) * N if FUSE_GATE_UP else offs_n
     col_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
 
     a_ptrs = a_ptr + a_rows[:, None] * stride_a + offs_k[None, :]
-    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w_ptrs = w_ptr + expert * stride_we + w_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, W_COLS], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a_mask = row_mask[:, None]
@@ -71,16 +76,14 @@ def grouped_gemm_kernel(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision="ieee")
-        if FUSE_GATE_UP:
-            w_up = tl.load(w_ptrs + N * stride_wn, mask=w_mask, other=0.0)
-            if INTERPRETER:
-                w_up = w_up.to(tl.float32)
-            acc_up = tl.dot(a, w_up, acc_up, input_precision="ieee")
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
     if FUSE_GATE_UP:
-        acc = acc * tl.sigmoid(acc) * acc_up
+        gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+        acc = gate * tl.sigmoid(gate) * up
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = offs_n < N
     if MUL_ROUTING_WEIGHT:
         acc = acc * tl.load(topk_weights_ptr + slots, mask=row_mask, other=0.0)[:, None]
     out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_out + offs_n[None, :]
