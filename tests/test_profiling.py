@@ -1,0 +1,50 @@
+"""NVTX ranges: every stage of an op body is marked, with or without a profiler."""
+import contextlib
+
+import torch
+
+import moe_ops  # noqa: F401
+from moe_ops import profiling
+from moe_ops.configs import shrink
+
+from test_ops import make_layer
+
+
+class RecordingNvtx:
+    """Stands in for the nvtx package and records the ranges opened."""
+
+    def __init__(self):
+        self.names = []
+
+    def annotate(self, message, domain=None):
+        self.names.append((domain, message))
+        return contextlib.nullcontext()
+
+
+def test_stage_range_works_without_a_profiler():
+    with profiling.stage_range("route"):
+        pass
+
+
+def test_fused_moe_marks_its_five_stages(monkeypatch, device):
+    recorder = RecordingNvtx()
+    monkeypatch.setattr(profiling, "_nvtx", recorder)
+    config = shrink("qwen3-30b-a3b")
+    router, w_gate_up, w_down, _ = make_layer(config, torch.float32, device)
+    x = torch.randn(5, config.hidden_size, device=device)
+    torch.ops.tritonmoe.fused_moe(x, router, w_gate_up, w_down, **config.routing_kwargs())
+    assert recorder.names == [("tritonmoe", f"tritonmoe/{stage}")
+                              for stage in ("route", "align", "gate_up", "down", "combine")]
+
+
+def test_fused_experts_marks_the_rank_stage_too(monkeypatch, device):
+    recorder = RecordingNvtx()
+    monkeypatch.setattr(profiling, "_nvtx", recorder)
+    config = shrink("mixtral-8x7b")
+    router, w_gate_up, w_down, _ = make_layer(config, torch.float32, device)
+    x = torch.randn(3, config.hidden_size, device=device)
+    weights, ids = torch.ops.tritonmoe.route(x, router, 2)
+    recorder.names.clear()
+    torch.ops.tritonmoe.fused_experts(x, weights, ids, w_gate_up, w_down)
+    assert [name for _, name in recorder.names] == [
+        f"tritonmoe/{stage}" for stage in ("rank", "align", "gate_up", "down", "combine")]
