@@ -13,10 +13,10 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock  # noqa: E402
 
-from helpers import TOLERANCE, assert_close_l2  # noqa: E402
+from helpers import (TOLERANCE, assert_close_l2, drop_routing_near_ties,  # noqa: E402
+                     skip_bf16_on_cpu)
 from moe_ops.hf_patch import PatchedMoEBlock, patch_hf_model  # noqa: E402
 from moe_ops.module import FusedMoE  # noqa: E402
-from test_module import drop_routing_near_ties  # noqa: E402
 
 HIDDEN = 64
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
@@ -76,11 +76,6 @@ def make_block(name, device, dtype=torch.float32):
     if hasattr(block.gate, "e_score_correction_bias"):  # the models keep it in fp32
         block.gate.e_score_correction_bias = block.gate.e_score_correction_bias.float()
     return block
-
-
-def skip_bf16_on_cpu(dtype, device):
-    if dtype == torch.bfloat16 and device.type == "cpu":
-        pytest.skip("the Triton interpreter computes bf16 wrongly; bf16 runs on GPU")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,9 +1,8 @@
 """FusedMoE: every real model config (shrunk) against the reference, shapes, compile."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from helpers import TOLERANCE, assert_close_l2
+from helpers import TOLERANCE, assert_close_l2, drop_routing_near_ties, skip_bf16_on_cpu
 from moe_ops.configs import CONFIGS, shrink
 from moe_ops.module import FusedMoE
 from moe_ops.reference import moe_reference, swiglu_mlp_reference
@@ -23,24 +22,6 @@ def module_reference(moe: FusedMoE, x: torch.Tensor) -> torch.Tensor:
             shared = torch.sigmoid(flat.float() @ moe.shared_gate.float().t()) * shared
         out = (out.float() + shared).to(x.dtype)
     return out.reshape(x.shape)
-
-
-def drop_routing_near_ties(x, router_weight, top_k, margin=0.05):
-    """The tokens of x [..., H] (as [N, H]) whose k-th and (k+1)-th router logits differ
-    by more than ``margin``.
-
-    Softmax routers round logits to the hidden dtype; in bf16 ties at the top-k boundary
-    are common, and a GPU's torch.topk may break them differently from our kernel, so
-    bf16 parity is checked on tokens whose routing is unambiguous.
-    """
-    flat = x.reshape(-1, x.shape[-1])
-    logits = F.linear(flat, router_weight).float().sort(dim=-1, descending=True).values
-    return flat[logits[:, top_k - 1] - logits[:, top_k] > margin]
-
-
-def skip_bf16_on_cpu(dtype, device):
-    if dtype == torch.bfloat16 and device.type == "cpu":
-        pytest.skip("the Triton interpreter computes bf16 wrongly; bf16 runs on GPU")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -30,7 +30,6 @@ import datetime
 import gc
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -44,9 +43,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-if not ON_GPU:  # must precede the first import of triton
-    os.environ["TRITON_INTERPRET"] = "1"
+from tools.runtime import ON_GPU  # noqa: E402  (before triton: may switch the interpreter on)
 
 import triton  # noqa: E402
 
