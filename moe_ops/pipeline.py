@@ -62,7 +62,7 @@ def route_impl(hidden_states, router_weight, top_k, scoring, renormalize, n_grou
     ranks = _empty_ranks(num_tokens, num_experts, top_k, device) if with_ranks else None
     if num_tokens > 0:
         interpret = interpreter_active()
-        block_t = ranks.block_t if with_ranks else _rank_block_t(num_tokens, num_experts, top_k)
+        block_t = _rank_block_t(num_tokens, num_experts, top_k)  # the ranks' token blocks
         e_pad = _pow2_at_least(num_experts, 16)
         # Keep one pipeline stage of router weights near 32 KB of shared memory.
         block_h = 64 if interpret else min(128, max(16, 32768 // (e_pad * router_weight.element_size())))
