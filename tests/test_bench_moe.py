@@ -1,0 +1,27 @@
+"""The main job runs end to end and writes its stamped table, JSON and plot."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = {"gpu", "model", "T", "routing", "system", "ms", "pct_floor", "floor_ms", "launches"}
+
+
+def test_bench_writes_rows_for_every_system(tmp_path):
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_moe.py"), "--models",
+           "qwen3-30b-a3b", "--tokens", "3", "--systems", "fused_experts", "fused_moe",
+           "grouped_mm", "reference", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (json_path,) = tmp_path.glob("moe_*_uniform.json")
+    rows = json.loads(json_path.read_text())
+    assert {row["system"] for row in rows} == {"fused_experts", "fused_moe", "grouped_mm", "reference"}
+    for row in rows:
+        assert REQUIRED <= row.keys()
+        assert row["T"] == 3 and row["ms"] > 0 and row["floor_ms"] > 0
+        assert row["pct_floor"] == pytest.approx(row["floor_ms"] / row["ms"] * 100)
+    assert json_path.with_suffix(".md").read_text().startswith("# MoE forward benchmark")
+    assert json_path.with_suffix(".png").stat().st_size > 0
