@@ -27,6 +27,10 @@ def _prepare_experts_inputs(hidden_states, topk_weights, topk_ids):
             topk_ids.to(torch.int32).contiguous())
 
 
+def _contiguous_bias(score_bias):
+    return None if score_bias is None else score_bias.contiguous()
+
+
 @torch.library.custom_op("tritonmoe::route", mutates_args=())
 def route(
     hidden_states: Tensor, router_weight: Tensor, top_k: int, scoring: str = "softmax",
@@ -36,7 +40,7 @@ def route(
     """Router logits -> scores -> (grouped) top-k: fp32 weights [T,K], int32 ids [T,K]."""
     check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk_group, score_bias)
     return route_impl(hidden_states.contiguous(), router_weight, top_k, scoring, renormalize,
-                      n_group, topk_group, score_bias, routed_scaling_factor)
+                      n_group, topk_group, _contiguous_bias(score_bias), routed_scaling_factor)
 
 
 @route.register_fake
@@ -78,8 +82,8 @@ def fused_moe(
     check_moe_args(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring, n_group,
                     topk_group, score_bias)
     return fused_moe_impl(hidden_states.contiguous(), router_weight, w_gate_up, w_down, top_k,
-                          scoring, renormalize, n_group, topk_group, score_bias,
-                          routed_scaling_factor)
+                          scoring, renormalize, n_group, topk_group,
+                          _contiguous_bias(score_bias), routed_scaling_factor)
 
 
 @fused_moe.register_fake

@@ -200,3 +200,18 @@ def test_many_token_blocks(name, device):
     weights, ids = route_reference(x, layer[0], score_bias=layer[3], **config.routing_kwargs())
     out = torch.ops.tritonmoe.fused_experts(x, weights, ids, layer[1], layer[2])
     assert_close_l2(out, ref, 1e-4)
+
+
+def test_strided_score_bias_is_read_correctly(device):
+    config = shrink("deepseek-v3")
+    router, w_gate_up, w_down, bias = make_layer(config, torch.float32, device)
+    strided = torch.stack([bias * 10, torch.randn_like(bias)], dim=1)[:, 0]  # stride 2
+    assert not strided.is_contiguous()
+    x = torch.randn(13, config.hidden_size, device=device)
+    out = run_fused_moe(x, router, w_gate_up, w_down, strided, config)
+    ref = moe_reference(x, router, w_gate_up, w_down, score_bias=strided.contiguous(),
+                        **config.routing_kwargs())
+    assert_close_l2(out, ref, 1e-4)
+    _, ids = torch.ops.tritonmoe.route(x, router, score_bias=strided, **config.routing_kwargs())
+    _, ref_ids = route_reference(x, router, score_bias=strided.contiguous(), **config.routing_kwargs())
+    assert torch.equal(ids, ref_ids)
