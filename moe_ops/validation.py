@@ -80,6 +80,10 @@ def check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk
         raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
     if n_group < 1 or num_experts % n_group != 0:
         raise ValueError(f"n_group must be >= 1 and divide num_experts={num_experts}, got {n_group}")
+    if n_group > 1 and scoring != "sigmoid":
+        raise ValueError(
+            f"n_group={n_group} selects DeepSeek-V3's grouped routing (group score = sum of "
+            f"its top-2), which needs scoring='sigmoid'; got scoring={scoring!r}")
     if not 1 <= topk_group <= n_group:
         raise ValueError(f"topk_group must be in [1, n_group={n_group}], got {topk_group}")
     if top_k > topk_group * (num_experts // n_group):

@@ -84,6 +84,11 @@ def test_top_k_above_experts_of_kept_groups(args):
         fused_moe(**args, scoring="sigmoid", n_group=4, topk_group=1)
 
 
+def test_groups_need_sigmoid_scoring(args):
+    with pytest.raises(ValueError, match=r"n_group=4 selects DeepSeek-V3's grouped routing"):
+        fused_moe(**args, n_group=4, topk_group=2)
+
+
 def test_unknown_scoring(args):
     with pytest.raises(ValueError, match=r"scoring must be one of \('softmax', 'sigmoid'\)"):
         fused_moe(**args, scoring="relu")
