@@ -47,7 +47,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from tools.runtime import ON_GPU  # noqa: E402  (before triton: may switch the interpreter on)
+from tools.runtime import ON_GPU, capture_graph, rel_l2  # noqa: E402  (before triton: may switch the interpreter on)
 
 import triton  # noqa: E402
 
@@ -130,29 +130,6 @@ class Timer:
             return (f"median of per-call CUDA-event timings, triton.testing.do_bench "
                     f"(warmup {self.warmup_ms} ms, rep {self.rep_ms} ms), L2 flushed between calls")
         return f"median of {self.cpu_reps} time.perf_counter timings after 1 warm-up call (CPU)"
-
-
-def capture_graph(fn):
-    """Warm ``fn`` up on a side stream, capture one call; returns (graph, static output)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    torch.cuda.synchronize()
-    return graph, out
-
-
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    if not (torch.isfinite(out).all() and torch.isfinite(ref).all()):
-        return math.nan
-    denom = ref.norm().item()
-    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
 def count_launches(fn) -> tuple[int | None, list]:

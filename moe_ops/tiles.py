@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 TABLE_DIR = Path(__file__).parent / "tile_tables"
-STAGES = ("gate_up", "down")
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ def heuristic_tile(stage: str, num_experts: int, hidden: int, inter: int,
     # Room for 1.5x the mean rows: an expert spilling into a second block reads its
     # weights twice.
     block_m = min(128, max(16, _next_pow2(rows_per_expert * 3 // 2)))
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     if block_m <= 32:
         block_n, block_k, group_m, warps = 64, 128 // (elem // 2), 1, 4
     elif block_m == 64:

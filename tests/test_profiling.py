@@ -1,6 +1,7 @@
 """NVTX ranges: every stage of an op body is marked, with or without a profiler."""
 import contextlib
 
+import pytest
 import torch
 
 import moe_ops  # noqa: F401
@@ -21,14 +22,20 @@ class RecordingNvtx:
         return contextlib.nullcontext()
 
 
+@pytest.fixture
+def recorder(monkeypatch):
+    """Route stage_range through a RecordingNvtx for one test."""
+    recording = RecordingNvtx()
+    monkeypatch.setattr(profiling, "_nvtx", recording)
+    return recording
+
+
 def test_stage_range_works_without_a_profiler():
     with profiling.stage_range("route"):
         pass
 
 
-def test_fused_moe_marks_its_five_stages(monkeypatch, device):
-    recorder = RecordingNvtx()
-    monkeypatch.setattr(profiling, "_nvtx", recorder)
+def test_fused_moe_marks_its_five_stages(recorder, device):
     config = shrink("qwen3-30b-a3b")
     router, w_gate_up, w_down, _ = make_layer(config, torch.float32, device)
     x = torch.randn(5, config.hidden_size, device=device)
@@ -37,9 +44,7 @@ def test_fused_moe_marks_its_five_stages(monkeypatch, device):
                               for stage in ("route", "align", "gate_up", "down", "combine")]
 
 
-def test_fused_experts_marks_the_rank_stage_too(monkeypatch, device):
-    recorder = RecordingNvtx()
-    monkeypatch.setattr(profiling, "_nvtx", recorder)
+def test_fused_experts_marks_the_rank_stage_too(recorder, device):
     config = shrink("mixtral-8x7b")
     router, w_gate_up, w_down, _ = make_layer(config, torch.float32, device)
     x = torch.randn(3, config.hidden_size, device=device)

@@ -1,8 +1,9 @@
-"""Device selection shared by the command-line tools; import it before Triton.
+"""What the command-line tools (benchmark, tuner) share; import it before Triton.
 
 Without a usable CUDA device the Triton interpreter is switched on, which must happen
-before the first import of triton.
+before the first import of triton. Also: CUDA-graph capture and the relative error.
 """
+import math
 import os
 
 import torch
@@ -10,3 +11,27 @@ import torch
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def capture_graph(fn):
+    """Warm ``fn`` up on a side stream, capture one call; returns (graph, static output)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    torch.cuda.synchronize()
+    return graph, out
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN when either holds a NaN or an inf."""
+    out, ref = out.double(), ref.double()
+    if not (torch.isfinite(out).all() and torch.isfinite(ref).all()):
+        return math.nan
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)

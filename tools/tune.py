@@ -43,7 +43,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from tools.runtime import ON_GPU  # noqa: E402  (before triton: may switch the interpreter on)
+from tools.runtime import ON_GPU, capture_graph, rel_l2  # noqa: E402  (before triton: may switch the interpreter on)
 
 import triton  # noqa: E402
 
@@ -114,14 +114,6 @@ def sample(candidates: list[TileConfig], keep: TileConfig, limit: int, seed: int
 
 # ----------------------------------------------------------------------- timing
 
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    if not (torch.isfinite(out).all() and torch.isfinite(ref).all()):
-        return math.inf
-    denom = ref.norm().item()
-    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
-
-
 def time_ms(fn, warmup_ms: float, rep_ms: float) -> float:
     """Median ms of ``fn`` replayed from a CUDA graph (CPU: one wall-clock call).
 
@@ -132,14 +124,7 @@ def time_ms(fn, warmup_ms: float, rep_ms: float) -> float:
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # compile and allocate outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture_graph(fn)
     try:
         return triton.testing.do_bench(graph.replay, warmup=warmup_ms, rep=rep_ms,
                                        return_mode="median")
