@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .kernels.align import align_kernel, rank_kernel
 from .kernels.combine import combine_kernel
@@ -122,18 +123,29 @@ def _align(topk_ids, ranks: TokenBlockRanks, num_experts, block_m):
     return sorted_slots, block_expert, num_blocks, max_blocks
 
 
+def descriptor_ok(w: torch.Tensor) -> bool:
+    """Whether a tensor descriptor can address ``w``: last dim contiguous, the other
+    strides and the base 16-byte aligned (the TMA rules)."""
+    elem = w.element_size()
+    return (w.stride(-1) == 1 and w.data_ptr() % 16 == 0
+            and all(s * elem % 16 == 0 for s in w.stride()[:-1]))
+
+
 def _grouped_gemm(stage, a, w, out, topk_weights, align_out, num_slots, rows_per_slot_div,
                   n, k, tile: TileConfig):
     sorted_slots, block_expert, num_blocks, max_blocks = align_out
     grid = (max_blocks * triton.cdiv(n, tile.BLOCK_N),)
+    use_desc = tile.B_DESC and descriptor_ok(w)
+    w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()),
+                              [1, tile.BLOCK_N, tile.BLOCK_K]) if use_desc else None
     with stage_range(stage):
         grouped_gemm_kernel[grid](
-            a, w, out, topk_weights, sorted_slots, block_expert, num_blocks,
+            a, w, w_desc, out, topk_weights, sorted_slots, block_expert, num_blocks,
             n, k, num_slots, rows_per_slot_div, max_blocks,
             a.stride(0), w.stride(0), w.stride(1), out.stride(0),
             FUSE_GATE_UP=stage == "gate_up", MUL_ROUTING_WEIGHT=stage == "down",
             BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K,
-            GROUP_M=tile.GROUP_M, EVEN_K=k % tile.BLOCK_K == 0,
+            GROUP_M=tile.GROUP_M, EVEN_K=k % tile.BLOCK_K == 0, B_DESC=use_desc,
             INTERPRETER=interpreter_active(),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )

@@ -27,7 +27,11 @@ TABLE_DIR = Path(__file__).parent / "tile_tables"
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Block sizes and launch settings of one grouped-GEMM launch."""
+    """Block sizes and launch settings of one grouped-GEMM launch.
+
+    B_DESC reads the weight tiles through a tensor descriptor (TMA on Hopper) instead
+    of pointer loads, where the weights' layout allows one (``descriptor_ok``).
+    """
 
     BLOCK_M: int
     BLOCK_N: int
@@ -35,6 +39,7 @@ class TileConfig:
     GROUP_M: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    B_DESC: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -9,6 +9,11 @@ calls (``triton.testing.do_bench``, median), in two phases:
        when an expert spans several row blocks, warps by tile area), sampled down to
        --max-configs with the heuristic always in; down fixed at the heuristic.
     2. down, given the chosen gate_up BLOCK_M (both stages walk one alignment).
+    3. variants of the winners the sample does not cover, each kept only where it is
+       faster: weight tiles through a tensor descriptor (B_DESC, per stage), and
+       GROUP_M=8 (blocks of one hot expert share its weight tiles through L2) timed
+       under Zipf(--zipf-s) routing, kept if it is faster there and no more than 2%
+       slower under uniform routing.
 
 Each candidate's output is compared with the heuristic tiles' output (relative L2
 <= 1e-2) before it is timed; a candidate that fails to compile or launch (out of shared
@@ -174,7 +179,7 @@ def search(stage: str, candidates: list[TileConfig], run, reference: torch.Tenso
 
 def _fmt(t: TileConfig) -> str:
     return (f"M{t.BLOCK_M:<3d} N{t.BLOCK_N:<3d} K{t.BLOCK_K:<3d} G{t.GROUP_M} "
-            f"w{t.num_warps} s{t.num_stages}")
+            f"w{t.num_warps} s{t.num_stages}" + (" desc" if t.B_DESC else ""))
 
 
 # ------------------------------------------------------------------------ table
@@ -207,15 +212,79 @@ def entry(stage: str, cfg: MoEConfig, dtype: torch.dtype, num_tokens: int, tile:
 
 # ------------------------------------------------------------------------- main
 
+def make_routing(num_tokens: int, num_experts: int, top_k: int, zipf_s: float, device, gen):
+    """(topk_weights, topk_ids) of random logits N(0, 1) + log popularity, where the
+    popularity is uniform (zipf_s = 0) or Zipf(zipf_s) over a random ranking of experts."""
+    logits = torch.randn(num_tokens, num_experts, device=device, generator=gen)
+    if zipf_s > 0:
+        rank = torch.randperm(num_experts, device=device, generator=gen).float() + 1
+        logits -= zipf_s * rank.log()
+    topk_ids = logits.topk(top_k, dim=1).indices.to(torch.int32).contiguous()
+    topk_weights = torch.softmax(torch.randn(num_tokens, top_k, device=device, generator=gen), dim=1)
+    return topk_weights, topk_ids
+
+
+def time_variant(tag: str, label: str, gu: TileConfig, down: TileConfig, run, reference,
+                 args, log_records: list) -> float:
+    """ms of ``run(gu, down)`` if it agrees with ``reference``, else inf; logged either way."""
+    record = {"stage": "variant", "variant": label, "gate_up": gu.as_dict(), "down": down.as_dict()}
+    try:
+        err = rel_l2(run(gu, down), reference)
+        record["rel_l2"] = err
+        if not err <= AGREE_TOL:
+            record["status"] = "wrong"
+            log(f"{tag} variant {label}: WRONG (rel L2 {err:.1e})")
+            ms = math.inf
+        else:
+            ms = time_ms(lambda: run(gu, down), args.warmup_ms, args.rep_ms)
+            record.update(status="ok", ms=ms)
+            log(f"{tag} variant {label}: {ms:.4f} ms")
+    except Exception as exc:  # a descriptor the backend can not build, out of shared memory
+        record.update(status="failed", error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        log(f"{tag} variant {label}: FAILED {type(exc).__name__}")
+        ms = math.inf
+    log_records.append(record)
+    return ms
+
+
+def refine(tag, best_gu, best_down, best_ms, run, run_zipf, args, budget):
+    """Phase 3: the descriptor and skew variants of the winners; returns
+    (gate_up, down, ms, log). ``run``/``run_zipf`` map a pair of tiles to an output."""
+    records: list = []
+    reference = run(best_gu, best_down)
+    log(f"{tag} variants of the winners ({best_ms:.4f} ms):")
+    for stage in ("gate_up", "down"):
+        if budget.spent() or (best_gu if stage == "gate_up" else best_down).B_DESC:
+            continue
+        gu, down = ((replace(best_gu, B_DESC=True), best_down) if stage == "gate_up"
+                    else (best_gu, replace(best_down, B_DESC=True)))
+        ms = time_variant(tag, f"{stage} B_DESC", gu, down, run, reference, args, records)
+        if ms < best_ms:
+            best_gu, best_down, best_ms = gu, down, ms
+
+    if run_zipf is not None and 1 in (best_gu.GROUP_M, best_down.GROUP_M) and not budget.spent():
+        gu8, down8 = replace(best_gu, GROUP_M=8), replace(best_down, GROUP_M=8)
+        zipf_reference = run_zipf(best_gu, best_down)
+        zipf_ms = time_variant(tag, "Zipf, as chosen", best_gu, best_down, run_zipf,
+                               zipf_reference, args, records)
+        zipf8_ms = time_variant(tag, "Zipf, GROUP_M=8", gu8, down8, run_zipf,
+                                zipf_reference, args, records)
+        if zipf8_ms < zipf_ms:
+            uniform8_ms = time_variant(tag, "uniform, GROUP_M=8", gu8, down8, run, reference,
+                                       args, records)
+            if uniform8_ms <= 1.02 * best_ms:
+                best_gu, best_down, best_ms = gu8, down8, uniform8_ms
+    return best_gu, best_down, best_ms, records
+
+
 def tune_cell(cfg, num_tokens, weights, dtype, device, args, budget, gen):
-    """Both phases at one (model, T); returns (gate_up tile, down tile, log record)."""
+    """The three phases at one (model, T); returns (gate_up tile, down tile, log record)."""
     e, k = cfg.num_experts, cfg.top_k
     h, i = cfg.hidden_size, cfg.intermediate_size
     w_gate_up, w_down = weights
     x = torch.randn(num_tokens, h, device=device, generator=gen).to(dtype)
-    topk_ids = torch.rand(num_tokens, e, device=device, generator=gen).topk(k, dim=1).indices
-    topk_ids = topk_ids.to(torch.int32).contiguous()
-    topk_weights = torch.softmax(torch.randn(num_tokens, k, device=device, generator=gen), dim=1)
+    topk_weights, topk_ids = make_routing(num_tokens, e, k, 0.0, device, gen)
+    zipf_weights, zipf_ids = make_routing(num_tokens, e, k, args.zipf_s, device, gen)
     tag = f"[{cfg.name} T={num_tokens}]"
 
     heur_gu = heuristic_tile("gate_up", e, h, i, num_tokens, k, dtype)
@@ -223,6 +292,10 @@ def tune_cell(cfg, num_tokens, weights, dtype, device, args, budget, gen):
 
     def run(gate_up_tile, down_tile):
         return fused_experts_impl(x, topk_weights, topk_ids, w_gate_up, w_down,
+                                  gate_up_tile=gate_up_tile, down_tile=down_tile)
+
+    def run_zipf(gate_up_tile, down_tile):
+        return fused_experts_impl(x, zipf_weights, zipf_ids, w_gate_up, w_down,
                                   gate_up_tile=gate_up_tile, down_tile=down_tile)
 
     baseline = run(heur_gu, heur_down)
@@ -258,6 +331,9 @@ def tune_cell(cfg, num_tokens, weights, dtype, device, args, budget, gen):
         return best_gu, None, record
     if down_ms >= heur_ms:  # within noise of the heuristic: keep what the op would pick anyway
         best_gu, best_down, down_ms = heur_gu, heur_down, heur_ms
+    best_gu, best_down, down_ms, variant_log = refine(
+        tag, best_gu, best_down, down_ms, run, run_zipf if args.zipf_s > 0 else None, args, budget)
+    record["candidates"] += variant_log
     record.update(complete=True, tuned_ms=down_ms, gate_up=best_gu.as_dict(), down=best_down.as_dict())
     log(f"{tag} chose gate_up {_fmt(best_gu)}, down {_fmt(best_down)}: {down_ms:.4f} ms "
         f"(heuristic {heur_ms:.4f} ms, {heur_ms / down_ms:.2f}x)")
@@ -283,6 +359,8 @@ def parse_args(argv=None):
     p.add_argument("--rep-ms", type=float, default=50)
     p.add_argument("--check-max-t", type=int, default=128,
                    help="check the heuristic tiles against the reference up to this T")
+    p.add_argument("--zipf-s", type=float, default=1.2,
+                   help="skew of the routing GROUP_M=8 is timed under (0: skip that check)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.models = args.models or (DEFAULT_MODELS if ON_GPU else ["mixtral-8x7b"])
