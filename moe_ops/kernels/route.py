@@ -30,37 +30,18 @@ def _argmax_lowest(values, offsets, PAD: tl.constexpr):
 
 
 @triton.jit
-def route_kernel(
-    x_ptr, w_ptr, bias_ptr, topk_weights_ptr, topk_ids_ptr, block_counts_ptr, ranks_ptr,
-    num_tokens, hidden, routed_scaling_factor,
-    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
-    SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
-    E_PAD: tl.constexpr, K_PAD: tl.constexpr, G_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_RANKS: tl.constexpr,
-    INTERPRETER: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+def select_topk(logits, bias_ptr, routed_scaling_factor, LOGIT_DTYPE: tl.constexpr,
+                NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
+                SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                E_PAD: tl.constexpr, K_PAD: tl.constexpr, G_PAD: tl.constexpr,
+                INTERPRETER: tl.constexpr):
+    """Scoring and (grouped) top-k of fp32 logits [BLOCK_T, E_PAD]: (weights fp32, ids int32),
+    each [BLOCK_T, K_PAD]. Softmax rounds the logits to LOGIT_DTYPE first (the models'
+    router Linear runs in the hidden dtype)."""
+    BLOCK_T: tl.constexpr = logits.shape[0]
     offs_e = tl.arange(0, E_PAD)
-    offs_h = tl.arange(0, BLOCK_H)
-    token_mask = offs_t < num_tokens
     expert_mask = offs_e < NUM_EXPERTS
-
-    logits = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
-    x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * hidden + offs_h[None, :]
-    w_ptrs = w_ptr + offs_e[None, :] * hidden + offs_h[:, None]
-    for h0 in range(0, hidden, BLOCK_H):
-        h_mask = (h0 + offs_h) < hidden
-        x = tl.load(x_ptrs, mask=token_mask[:, None] & h_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=h_mask[:, None] & expert_mask[None, :], other=0.0)
-        if INTERPRETER:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        logits = tl.dot(x, w, logits, input_precision="ieee")
-        x_ptrs += BLOCK_H
-        w_ptrs += BLOCK_H
-
     neg_inf = float("-inf")
     if SIGMOID:
         scores = tl.sigmoid(logits)
@@ -69,8 +50,7 @@ def route_kernel(
             bias = tl.load(bias_ptr + offs_e, mask=expert_mask, other=0.0)
             choice = scores + bias[None, :]
     else:
-        # The models' router is a Linear in the hidden dtype: its logits are rounded.
-        logits = cast_rne(logits, x_ptr.dtype.element_ty, INTERPRETER).to(tl.float32)
+        logits = cast_rne(logits, LOGIT_DTYPE, INTERPRETER).to(tl.float32)
         logits = tl.where(expert_mask[None, :], logits, neg_inf)
         exps = tl.exp(logits - tl.max(logits, axis=1)[:, None])
         scores = exps / tl.sum(exps, axis=1)[:, None]
@@ -113,7 +93,45 @@ def route_kernel(
             denominator += 1e-20  # DeepSeek-V3 guards the sum; the softmax models do not
         topk_w = topk_w / denominator[:, None]
     topk_w = topk_w * routed_scaling_factor
+    return topk_w, topk_i
 
+
+@triton.jit
+def route_kernel(
+    x_ptr, w_ptr, bias_ptr, topk_weights_ptr, topk_ids_ptr, block_counts_ptr, ranks_ptr,
+    num_tokens, hidden, routed_scaling_factor,
+    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
+    SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    E_PAD: tl.constexpr, K_PAD: tl.constexpr, G_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_RANKS: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, E_PAD)
+    offs_h = tl.arange(0, BLOCK_H)
+    token_mask = offs_t < num_tokens
+    expert_mask = offs_e < NUM_EXPERTS
+
+    logits = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
+    x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * hidden + offs_h[None, :]
+    w_ptrs = w_ptr + offs_e[None, :] * hidden + offs_h[:, None]
+    for h0 in range(0, hidden, BLOCK_H):
+        h_mask = (h0 + offs_h) < hidden
+        x = tl.load(x_ptrs, mask=token_mask[:, None] & h_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=h_mask[:, None] & expert_mask[None, :], other=0.0)
+        if INTERPRETER:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        logits = tl.dot(x, w, logits, input_precision="ieee")
+        x_ptrs += BLOCK_H
+        w_ptrs += BLOCK_H
+
+    topk_w, topk_i = select_topk(logits, bias_ptr, routed_scaling_factor, x_ptr.dtype.element_ty,
+                                 NUM_EXPERTS, TOP_K, SIGMOID, RENORMALIZE, HAS_BIAS, N_GROUP,
+                                 TOPK_GROUP, E_PAD, K_PAD, G_PAD, INTERPRETER)
+    offs_k = tl.arange(0, K_PAD)
     out_offs = offs_t[:, None].to(tl.int64) * TOP_K + offs_k[None, :]
     out_mask = token_mask[:, None] & (offs_k[None, :] < TOP_K)
     tl.store(topk_weights_ptr + out_offs, topk_w, mask=out_mask)

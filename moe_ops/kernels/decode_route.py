@@ -1,0 +1,93 @@
+"""Routing for a handful of tokens (decode): the router GEMM spread over the GPU.
+
+``route_kernel`` gives each block of tokens one program that reads the whole router
+[E, H]; with one block of tokens that is one SM streaming up to a few MB (DeepSeek-V3:
+256 x 7168 x 2 B). Here two launches do routing and alignment instead of two:
+
+1. ``router_partials_kernel``, grid = (cdiv(E, BLOCK_E), H_SPLITS): program (c, s) computes
+       partials[s, t, e] = sum_{h in split s} x[t, h] * W[e, h]   (fp32)
+   for every token t < T <= BLOCK_T and the experts e of chunk c.
+2. ``select_align_kernel``, one program: logits = sum_s partials[s] (fixed order), the
+   scoring and top-k of ``route.select_topk``, the ranks of ``align.block_ranks``, then
+   the alignment of ``align.align_rows``.
+
+Layouts: x [T, H], W [E, H] (H contiguous), partials fp32 [H_SPLITS, BLOCK_T, E];
+outputs as ``route_kernel`` and ``align_kernel``.
+"""
+import triton
+import triton.language as tl
+
+from .align import align_rows, block_ranks
+from .route import select_topk
+
+
+@triton.jit
+def router_partials_kernel(
+    x_ptr, w_ptr, partials_ptr, num_tokens, hidden, h_per_split,
+    NUM_EXPERTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_H: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_e = chunk * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_h = tl.arange(0, BLOCK_H)
+    token_mask = offs_t < num_tokens
+    expert_mask = offs_e < NUM_EXPERTS
+    h_start = split * h_per_split
+    h_end = min(h_start + h_per_split, hidden)
+
+    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * hidden + h_start + offs_h[None, :]
+    w_ptrs = w_ptr + offs_e[None, :].to(tl.int64) * hidden + h_start + offs_h[:, None]
+    for h0 in range(h_start, h_end, BLOCK_H):
+        h_mask = (h0 + offs_h) < h_end
+        x = tl.load(x_ptrs, mask=token_mask[:, None] & h_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=h_mask[:, None] & expert_mask[None, :], other=0.0)
+        if INTERPRETER:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision="ieee")
+        x_ptrs += BLOCK_H
+        w_ptrs += BLOCK_H
+    out = partials_ptr + (split * BLOCK_T + offs_t[:, None]) * NUM_EXPERTS + offs_e[None, :]
+    tl.store(out, acc, mask=token_mask[:, None] & expert_mask[None, :])
+
+
+@triton.jit
+def select_align_kernel(
+    partials_ptr, bias_ptr, topk_weights_ptr, topk_ids_ptr, block_counts_ptr, ranks_ptr,
+    sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
+    num_tokens, routed_scaling_factor, max_blocks,
+    LOGIT_DTYPE: tl.constexpr, H_SPLITS: tl.constexpr,
+    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
+    SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    E_PAD: tl.constexpr, K_PAD: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CHUNK: tl.constexpr, CHUNK: tl.constexpr,
+    INTERPRETER: tl.constexpr,
+):
+    """grid = (1,); all T <= BLOCK_T tokens form one token block of the alignment."""
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, E_PAD)
+    token_mask = offs_t < num_tokens
+    mask = token_mask[:, None] & (offs_e < NUM_EXPERTS)[None, :]
+    ptrs = partials_ptr + offs_t[:, None] * NUM_EXPERTS + offs_e[None, :]
+    logits = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
+    for s in tl.static_range(H_SPLITS):
+        logits += tl.load(ptrs + s * BLOCK_T * NUM_EXPERTS, mask=mask, other=0.0)
+
+    topk_w, topk_i = select_topk(logits, bias_ptr, routed_scaling_factor, LOGIT_DTYPE,
+                                 NUM_EXPERTS, TOP_K, SIGMOID, RENORMALIZE, HAS_BIAS, N_GROUP,
+                                 TOPK_GROUP, E_PAD, K_PAD, G_PAD, INTERPRETER)
+    offs_k = tl.arange(0, K_PAD)
+    out_offs = offs_t[:, None] * TOP_K + offs_k[None, :]
+    out_mask = token_mask[:, None] & (offs_k[None, :] < TOP_K)
+    tl.store(topk_weights_ptr + out_offs, topk_w, mask=out_mask)
+    tl.store(topk_ids_ptr + out_offs, topk_i, mask=out_mask)
+    block_ranks(topk_i, out_mask, out_offs, block_counts_ptr, ranks_ptr,
+                NUM_EXPERTS, E_PAD, BLOCK_T * K_PAD)
+    tl.debug_barrier()  # the ids, counts and ranks above are read back below
+    align_rows(topk_ids_ptr, block_counts_ptr, ranks_ptr, sorted_slots_ptr, block_expert_ptr,
+               num_blocks_ptr, num_tokens * TOP_K, 1, max_blocks, NUM_EXPERTS, TOP_K,
+               BLOCK_T, E_PAD, BLOCK_M, 1, BLOCK_CHUNK, CHUNK)
