@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .pipeline import fused_experts_impl, fused_moe_impl, route_impl
+from .pipeline import fused_experts_impl, fused_moe_impl
+from .routing import route_impl
 from .validation import (check_experts_args, check_moe_args, check_route_args,
                          check_topk_ids_in_range)
 
@@ -93,3 +94,18 @@ def _fused_moe_fake(hidden_states, router_weight, w_gate_up, w_down, top_k, scor
     check_moe_args(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring, n_group,
                     topk_group, score_bias)
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+
+
+def _forward_only_backward(ctx, *grads):
+    raise RuntimeError(
+        "tritonmoe ops are forward-only (no backward is implemented): run the model under "
+        "torch.no_grad() or torch.inference_mode(), or give the MoE weights "
+        "requires_grad=False")
+
+
+def _no_context(ctx, inputs, output):
+    return None
+
+
+for _op in (route, fused_experts, fused_moe):
+    _op.register_autograd(_forward_only_backward, setup_context=_no_context)

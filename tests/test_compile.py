@@ -68,3 +68,12 @@ def test_dynamic_compile_inductor(layer, device):
     for num_tokens in (4, 11):
         x = torch.randn(num_tokens, CONFIG.hidden_size, device=device)
         assert_close_l2(compiled(x, *layer), moe_block(x, *layer), 1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Error detected in:UserWarning")  # torch echoes our error
+def test_compiling_with_weights_that_require_grad_names_the_fix(layer, device):
+    router, w_gate_up, w_down, bias = layer
+    x = torch.randn(5, CONFIG.hidden_size, device=device)
+    compiled = torch.compile(moe_block, fullgraph=True)
+    with pytest.raises(Exception, match="forward-only.*torch.no_grad"):
+        compiled(x, router, w_gate_up.requires_grad_(), w_down, bias)

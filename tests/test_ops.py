@@ -140,9 +140,10 @@ def test_output_is_bitwise_reproducible(device):
     assert torch.equal(first, run_fused_moe(x, *layer, config))
 
 
-def test_out_of_range_ids_are_dropped_when_unchecked(device):
-    x, weights, w_gate_up, w_down = expert_inputs(6, 8, 2, 64, 48, torch.float32, device)
-    ids = torch.randint(0, 8, (6, 2), device=device, dtype=torch.int32)
+@pytest.mark.parametrize("num_tokens", [6, 40])  # the decode alignment and the rank kernel
+def test_out_of_range_ids_are_dropped_when_unchecked(num_tokens, device):
+    x, weights, w_gate_up, w_down = expert_inputs(num_tokens, 8, 2, 64, 48, torch.float32, device)
+    ids = torch.randint(0, 8, (num_tokens, 2), device=device, dtype=torch.int32)
     bad = ids.clone()
     bad[1, 0], bad[4, 1] = 8, -3
     moe_ops.set_topk_ids_check(False)
@@ -153,6 +154,24 @@ def test_out_of_range_ids_are_dropped_when_unchecked(device):
     dropped = weights.clone()
     dropped[1, 0] = dropped[4, 1] = 0.0
     assert_close_l2(out, fused_experts_reference(x, dropped, ids, w_gate_up, w_down), 1e-4)
+
+
+@pytest.mark.parametrize("op", ["route", "fused_experts", "fused_moe"])
+def test_backward_raises_a_forward_only_error(op, device):
+    """Eager forward works on weights that require grad; backward says what to do."""
+    config = shrink("mixtral-8x7b")
+    router, w_gate_up, w_down = (t.requires_grad_() for t in make_layer(config, torch.float32, device)[:3])
+    x = torch.randn(4, config.hidden_size, device=device)
+    if op == "route":
+        out = torch.ops.tritonmoe.route(x, router, config.top_k)[0]
+    elif op == "fused_experts":
+        weights, ids = route_reference(x, router.detach(), config.top_k)
+        out = torch.ops.tritonmoe.fused_experts(x, weights, ids, w_gate_up, w_down)
+    else:
+        out = torch.ops.tritonmoe.fused_moe(x, router, w_gate_up, w_down, config.top_k)
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match="forward-only.*torch.no_grad"):
+        out.sum().backward()
 
 
 @pytest.mark.skipif(not ON_GPU, reason="real model sizes need a GPU")

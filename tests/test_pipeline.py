@@ -4,7 +4,7 @@ import torch
 
 import moe_ops  # noqa: F401
 from moe_ops.configs import get_config, shrink
-from moe_ops.pipeline import max_blocks_for
+from moe_ops.routing import DECODE_MAX_T, max_blocks_for
 
 from conftest import ON_GPU
 from helpers import assert_close_l2
@@ -34,7 +34,7 @@ def test_max_blocks_covers_the_worst_routing(num_slots, num_experts, block_m):
 @gpu_only
 @pytest.mark.parametrize("op", ["fused_moe", "fused_experts"])
 @pytest.mark.parametrize("num_tokens", [1, 64, 1000])
-def test_at_most_five_kernel_launches(op, num_tokens, device):
+def test_kernel_launches_per_forward(op, num_tokens, device):
     config = config_for_device()
     layer = make_layer(config, torch.bfloat16, device)
     x = torch.randn(num_tokens, config.hidden_size, device=device, dtype=torch.bfloat16)
@@ -54,7 +54,9 @@ def test_at_most_five_kernel_launches(op, num_tokens, device):
     finally:
         moe_ops.set_topk_ids_check(True)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert 0 < len(kernels) <= 5, [e.name for e in kernels]
+    # fused_experts at decode ranks inside its align launch: four.
+    expected = 4 if op == "fused_experts" and num_tokens <= DECODE_MAX_T else 5
+    assert len(kernels) == expected, [e.name for e in kernels]
 
 
 @gpu_only

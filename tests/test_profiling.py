@@ -35,21 +35,25 @@ def test_stage_range_works_without_a_profiler():
         pass
 
 
-def test_fused_moe_marks_its_five_stages(recorder, device):
+@pytest.mark.parametrize("num_tokens", [5, 40])  # the decode path and the token-block path
+def test_fused_moe_marks_its_five_stages(recorder, num_tokens, device):
     config = shrink("qwen3-30b-a3b")
     router, w_gate_up, w_down, _ = make_layer(config, torch.float32, device)
-    x = torch.randn(5, config.hidden_size, device=device)
+    x = torch.randn(num_tokens, config.hidden_size, device=device)
     torch.ops.tritonmoe.fused_moe(x, router, w_gate_up, w_down, **config.routing_kwargs())
     assert recorder.names == [("tritonmoe", f"tritonmoe/{stage}")
                               for stage in ("route", "align", "gate_up", "down", "combine")]
 
 
-def test_fused_experts_marks_the_rank_stage_too(recorder, device):
+@pytest.mark.parametrize("num_tokens,stages", [
+    (3, ("align", "gate_up", "down", "combine")),  # decode: ranks inside the align launch
+    (40, ("rank", "align", "gate_up", "down", "combine")),
+])
+def test_fused_experts_marks_its_stages(recorder, num_tokens, stages, device):
     config = shrink("mixtral-8x7b")
     router, w_gate_up, w_down, _ = make_layer(config, torch.float32, device)
-    x = torch.randn(3, config.hidden_size, device=device)
+    x = torch.randn(num_tokens, config.hidden_size, device=device)
     weights, ids = torch.ops.tritonmoe.route(x, router, 2)
     recorder.names.clear()
     torch.ops.tritonmoe.fused_experts(x, weights, ids, w_gate_up, w_down)
-    assert [name for _, name in recorder.names] == [
-        f"tritonmoe/{stage}" for stage in ("rank", "align", "gate_up", "down", "combine")]
+    assert [name for _, name in recorder.names] == [f"tritonmoe/{stage}" for stage in stages]

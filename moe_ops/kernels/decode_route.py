@@ -9,7 +9,8 @@
    for every token t < T <= BLOCK_T and the experts e of chunk c.
 2. ``select_align_kernel``, one program: logits = sum_s partials[s] (fixed order), the
    scoring and top-k of ``route.select_topk``, the ranks of ``align.block_ranks``, then
-   the alignment of ``align.align_rows``.
+   the alignment of ``align.align_rows``. With SELECT off it reads given topk_ids
+   instead (``fused_experts``: ranks and alignment in one launch).
 
 Layouts: x [T, H], W [E, H] (H contiguous), partials fp32 [H_SPLITS, BLOCK_T, E];
 outputs as ``route_kernel`` and ``align_kernel``.
@@ -59,7 +60,7 @@ def select_align_kernel(
     partials_ptr, bias_ptr, topk_weights_ptr, topk_ids_ptr, block_counts_ptr, ranks_ptr,
     sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
     num_tokens, routed_scaling_factor, max_blocks,
-    LOGIT_DTYPE: tl.constexpr, H_SPLITS: tl.constexpr,
+    SELECT: tl.constexpr, LOGIT_DTYPE: tl.constexpr, H_SPLITS: tl.constexpr,
     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
     SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
@@ -69,23 +70,27 @@ def select_align_kernel(
 ):
     """grid = (1,); all T <= BLOCK_T tokens form one token block of the alignment."""
     offs_t = tl.arange(0, BLOCK_T)
-    offs_e = tl.arange(0, E_PAD)
-    token_mask = offs_t < num_tokens
-    mask = token_mask[:, None] & (offs_e < NUM_EXPERTS)[None, :]
-    ptrs = partials_ptr + offs_t[:, None] * NUM_EXPERTS + offs_e[None, :]
-    logits = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
-    for s in tl.static_range(H_SPLITS):
-        logits += tl.load(ptrs + s * BLOCK_T * NUM_EXPERTS, mask=mask, other=0.0)
-
-    topk_w, topk_i = select_topk(logits, bias_ptr, routed_scaling_factor, LOGIT_DTYPE,
-                                 NUM_EXPERTS, TOP_K, SIGMOID, RENORMALIZE, HAS_BIAS, N_GROUP,
-                                 TOPK_GROUP, E_PAD, K_PAD, G_PAD, INTERPRETER)
     offs_k = tl.arange(0, K_PAD)
+    token_mask = offs_t < num_tokens
     out_offs = offs_t[:, None] * TOP_K + offs_k[None, :]
     out_mask = token_mask[:, None] & (offs_k[None, :] < TOP_K)
-    tl.store(topk_weights_ptr + out_offs, topk_w, mask=out_mask)
-    tl.store(topk_ids_ptr + out_offs, topk_i, mask=out_mask)
-    block_ranks(topk_i, out_mask, out_offs, block_counts_ptr, ranks_ptr,
+    if SELECT:
+        offs_e = tl.arange(0, E_PAD)
+        mask = token_mask[:, None] & (offs_e < NUM_EXPERTS)[None, :]
+        ptrs = partials_ptr + offs_t[:, None] * NUM_EXPERTS + offs_e[None, :]
+        logits = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
+        for s in tl.static_range(H_SPLITS):
+            logits += tl.load(ptrs + s * BLOCK_T * NUM_EXPERTS, mask=mask, other=0.0)
+        topk_w, topk_i = select_topk(logits, bias_ptr, routed_scaling_factor, LOGIT_DTYPE,
+                                     NUM_EXPERTS, TOP_K, SIGMOID, RENORMALIZE, HAS_BIAS, N_GROUP,
+                                     TOPK_GROUP, E_PAD, K_PAD, G_PAD, INTERPRETER)
+        tl.store(topk_weights_ptr + out_offs, topk_w, mask=out_mask)
+        tl.store(topk_ids_ptr + out_offs, topk_i, mask=out_mask)
+        valid = out_mask
+    else:
+        topk_i = tl.load(topk_ids_ptr + out_offs, mask=out_mask, other=-1)
+        valid = out_mask & (topk_i >= 0) & (topk_i < NUM_EXPERTS)  # bad ids are dropped
+    block_ranks(topk_i, valid, out_offs, block_counts_ptr, ranks_ptr,
                 NUM_EXPERTS, E_PAD, BLOCK_T * K_PAD)
     tl.debug_barrier()  # the ids, counts and ranks above are read back below
     align_rows(topk_ids_ptr, block_counts_ptr, ranks_ptr, sorted_slots_ptr, block_expert_ptr,

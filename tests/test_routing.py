@@ -1,10 +1,10 @@
-"""fused_moe's decode routing (T <= DECODE_MAX_T): split router GEMM, then selection and
-alignment in one program. Checked on its intermediates: ids, weights and the alignment."""
+"""The decode path of moe_ops.routing (T <= DECODE_MAX_T): split router GEMM, then
+selection, ranks and alignment in one program. Checked on its intermediates."""
 import pytest
 import torch
 
 from moe_ops.configs import CONFIGS, shrink
-from moe_ops.pipeline import DECODE_MAX_T, _route_align_decode
+from moe_ops.routing import DECODE_MAX_T, decode_align, decode_route_align
 from moe_ops.reference import route_reference
 
 from test_ops import make_layer
@@ -12,9 +12,10 @@ from test_ops import make_layer
 pytestmark = pytest.mark.usefixtures("poison_allocations")
 
 
-def check_alignment(topk_ids, align_out, block_m):
-    """Every slot once, in a block of its own expert; padding rows hold the sentinel."""
-    sorted_slots, block_expert, num_blocks, max_blocks = align_out
+def check_alignment(topk_ids, alignment, block_m, num_experts):
+    """Every slot with an id in [0, E) once, in a block of its own expert; nothing else
+    but the sentinel in the blocks in use; -1 past them."""
+    sorted_slots, block_expert, num_blocks, max_blocks = alignment
     num_slots = topk_ids.numel()
     used = int(num_blocks.item())
     assert 0 < used <= max_blocks
@@ -22,7 +23,8 @@ def check_alignment(topk_ids, align_out, block_m):
     experts = block_expert[:used].cpu()
     flat_ids = topk_ids.flatten().cpu()
     real = rows < num_slots
-    assert sorted(rows[real].tolist()) == list(range(num_slots))
+    valid = ((flat_ids >= 0) & (flat_ids < num_experts)).nonzero().flatten().tolist()
+    assert sorted(rows[real].tolist()) == valid
     for b in range(used):
         assert (flat_ids[rows[b][real[b]].long()] == experts[b]).all()
         assert real[b].any(), "an empty block was scheduled"
@@ -38,10 +40,19 @@ def test_decode_routing_matches_reference(name, num_tokens, device):
     router, _, _, bias = make_layer(config, torch.float32, device)
     x = torch.randn(num_tokens, config.hidden_size, device=device)
     block_m = 16
-    weights, ids, align_out = _route_align_decode(
+    weights, ids, alignment = decode_route_align(
         x, router, config.top_k, config.scoring, config.renormalize, config.n_group,
         config.topk_group, bias, config.routed_scaling_factor, block_m)
     ref_weights, ref_ids = route_reference(x, router, score_bias=bias, **config.routing_kwargs())
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
-    check_alignment(ids, align_out, block_m)
+    check_alignment(ids, alignment, block_m, config.num_experts)
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("num_experts,top_k", [(8, 2), (256, 8)])
+def test_decode_alignment_of_given_ids_drops_the_out_of_range_ones(num_experts, top_k, block_m,
+                                                                   device):
+    ids = torch.randint(0, num_experts, (DECODE_MAX_T, top_k), dtype=torch.int32, device=device)
+    ids[3, 0], ids[7, top_k - 1], ids[11, 1] = num_experts, -1, 2**30
+    check_alignment(ids, decode_align(ids, num_experts, block_m), block_m, num_experts)
