@@ -60,10 +60,11 @@ def test_kernel_launches_per_forward(op, num_tokens, device):
 
 
 @gpu_only
-def test_cuda_graph_replay_matches_eager(device):
+@pytest.mark.parametrize("num_tokens", [3, 48])  # the decode path and the token-block path
+def test_cuda_graph_replay_matches_eager(num_tokens, device):
     config = shrink("deepseek-v3", 512, 256)
     layer = make_layer(config, torch.bfloat16, device)
-    static_x = torch.randn(48, config.hidden_size, device=device, dtype=torch.bfloat16)
+    static_x = torch.randn(num_tokens, config.hidden_size, device=device, dtype=torch.bfloat16)
     eager = call(layer, static_x, config)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -85,10 +86,11 @@ def test_cuda_graph_replay_matches_eager(device):
 
 
 @gpu_only
-def test_no_host_synchronisation(device):
+@pytest.mark.parametrize("num_tokens", [1, 77])
+def test_no_host_synchronisation(num_tokens, device):
     config = config_for_device()
     layer = make_layer(config, torch.bfloat16, device)
-    x = torch.randn(77, config.hidden_size, device=device, dtype=torch.bfloat16)
+    x = torch.randn(num_tokens, config.hidden_size, device=device, dtype=torch.bfloat16)
     call(layer, x, config)
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -98,8 +100,9 @@ def test_no_host_synchronisation(device):
 
 
 @gpu_only
-def test_two_runs_are_bitwise_equal(device):
+@pytest.mark.parametrize("num_tokens", [5, 513])
+def test_two_runs_are_bitwise_equal(num_tokens, device):
     config = config_for_device()
     layer = make_layer(config, torch.bfloat16, device)
-    x = torch.randn(513, config.hidden_size, device=device, dtype=torch.bfloat16)
+    x = torch.randn(num_tokens, config.hidden_size, device=device, dtype=torch.bfloat16)
     assert torch.equal(call(layer, x, config), call(layer, x, config))
