@@ -179,7 +179,7 @@ def test_backward_raises_a_forward_only_error(op, device):
 def test_fused_moe_real_sizes_bf16(name, device):
     config = get_config(name)
     layer = make_layer(config, torch.bfloat16, device)
-    for num_tokens in (1, 33, 300):
+    for num_tokens in (1, 16, 33, 300):  # 1 and 16: the decode routing path
         x = torch.randn(num_tokens, config.hidden_size, device=device).to(torch.bfloat16)
         out = run_fused_moe(x, *layer, config)
         ref = moe_reference(x, *layer[:3], score_bias=layer[3], **config.routing_kwargs())

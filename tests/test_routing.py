@@ -3,11 +3,11 @@ selection, ranks and alignment in one program. Checked on its intermediates."""
 import pytest
 import torch
 
-from moe_ops.configs import CONFIGS, shrink
+from moe_ops.configs import CONFIGS, get_config, shrink
 from moe_ops.routing import DECODE_MAX_T, decode_align, decode_route_align
 from moe_ops.reference import route_reference
 
-from test_ops import make_layer
+from conftest import ON_GPU
 
 pytestmark = pytest.mark.usefixtures("poison_allocations")
 
@@ -35,9 +35,11 @@ def check_alignment(topk_ids, alignment, block_m, num_experts):
 @pytest.mark.parametrize("num_tokens", [1, 5, DECODE_MAX_T])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_decode_routing_matches_reference(name, num_tokens, device):
-    # hidden 200: several H splits, the last one partial.
-    config = shrink(name, hidden_size=200)
-    router, _, _, bias = make_layer(config, torch.float32, device)
+    # CPU: hidden 200, several H splits, the last one partial; GPU: the real router.
+    config = get_config(name) if ON_GPU else shrink(name, hidden_size=200)
+    router = torch.randn(config.num_experts, config.hidden_size, device=device)
+    router *= 2 * config.hidden_size ** -0.5
+    bias = torch.randn(config.num_experts, device=device) * 0.1 if config.score_bias else None
     x = torch.randn(num_tokens, config.hidden_size, device=device)
     block_m = 16
     weights, ids, alignment = decode_route_align(
