@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .align import align_rows, block_ranks
-from .route import select_topk
+from .route import router_logits, select_topk
 
 
 @triton.jit
@@ -32,25 +32,11 @@ def router_partials_kernel(
     split = tl.program_id(1)
     offs_t = tl.arange(0, BLOCK_T)
     offs_e = chunk * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_h = tl.arange(0, BLOCK_H)
     token_mask = offs_t < num_tokens
     expert_mask = offs_e < NUM_EXPERTS
     h_start = split * h_per_split
-    h_end = min(h_start + h_per_split, hidden)
-
-    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-    x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * hidden + h_start + offs_h[None, :]
-    w_ptrs = w_ptr + offs_e[None, :].to(tl.int64) * hidden + h_start + offs_h[:, None]
-    for h0 in range(h_start, h_end, BLOCK_H):
-        h_mask = (h0 + offs_h) < h_end
-        x = tl.load(x_ptrs, mask=token_mask[:, None] & h_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=h_mask[:, None] & expert_mask[None, :], other=0.0)
-        if INTERPRETER:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision="ieee")
-        x_ptrs += BLOCK_H
-        w_ptrs += BLOCK_H
+    acc = router_logits(x_ptr, w_ptr, offs_t, offs_e, token_mask, expert_mask, hidden, h_start,
+                        min(h_start + h_per_split, hidden), BLOCK_H, INTERPRETER)
     out = partials_ptr + (split * BLOCK_T + offs_t[:, None]) * NUM_EXPERTS + offs_e[None, :]
     tl.store(out, acc, mask=token_mask[:, None] & expert_mask[None, :])
 

@@ -30,6 +30,27 @@ def _argmax_lowest(values, offsets, PAD: tl.constexpr):
 
 
 @triton.jit
+def router_logits(x_ptr, w_ptr, offs_t, offs_e, token_mask, expert_mask, hidden, h_start, h_end,
+                  BLOCK_H: tl.constexpr, INTERPRETER: tl.constexpr):
+    """fp32 [len(offs_t), len(offs_e)]: sum over h in [h_start, h_end) of x[t, h] * W[e, h]."""
+    offs_h = tl.arange(0, BLOCK_H)
+    acc = tl.zeros([offs_t.shape[0], offs_e.shape[0]], dtype=tl.float32)
+    x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * hidden + h_start + offs_h[None, :]
+    w_ptrs = w_ptr + offs_e[None, :].to(tl.int64) * hidden + h_start + offs_h[:, None]
+    for h0 in range(h_start, h_end, BLOCK_H):
+        h_mask = (h0 + offs_h) < h_end
+        x = tl.load(x_ptrs, mask=token_mask[:, None] & h_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=h_mask[:, None] & expert_mask[None, :], other=0.0)
+        if INTERPRETER:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision="ieee")
+        x_ptrs += BLOCK_H
+        w_ptrs += BLOCK_H
+    return acc
+
+
+@triton.jit
 def select_topk(logits, bias_ptr, routed_scaling_factor, LOGIT_DTYPE: tl.constexpr,
                 NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
                 SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -110,24 +131,11 @@ def route_kernel(
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, E_PAD)
-    offs_h = tl.arange(0, BLOCK_H)
     token_mask = offs_t < num_tokens
     expert_mask = offs_e < NUM_EXPERTS
 
-    logits = tl.zeros([BLOCK_T, E_PAD], dtype=tl.float32)
-    x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * hidden + offs_h[None, :]
-    w_ptrs = w_ptr + offs_e[None, :] * hidden + offs_h[:, None]
-    for h0 in range(0, hidden, BLOCK_H):
-        h_mask = (h0 + offs_h) < hidden
-        x = tl.load(x_ptrs, mask=token_mask[:, None] & h_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=h_mask[:, None] & expert_mask[None, :], other=0.0)
-        if INTERPRETER:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        logits = tl.dot(x, w, logits, input_precision="ieee")
-        x_ptrs += BLOCK_H
-        w_ptrs += BLOCK_H
-
+    logits = router_logits(x_ptr, w_ptr, offs_t, offs_e, token_mask, expert_mask, hidden, 0,
+                           hidden, BLOCK_H, INTERPRETER)
     topk_w, topk_i = select_topk(logits, bias_ptr, routed_scaling_factor, x_ptr.dtype.element_ty,
                                  NUM_EXPERTS, TOP_K, SIGMOID, RENORMALIZE, HAS_BIAS, N_GROUP,
                                  TOPK_GROUP, E_PAD, K_PAD, G_PAD, INTERPRETER)
