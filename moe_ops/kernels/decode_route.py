@@ -81,4 +81,4 @@ def select_align_kernel(
     tl.debug_barrier()  # the ids, counts and ranks above are read back below
     align_rows(topk_ids_ptr, block_counts_ptr, ranks_ptr, sorted_slots_ptr, block_expert_ptr,
                num_blocks_ptr, num_tokens * TOP_K, 1, max_blocks, NUM_EXPERTS, TOP_K,
-               BLOCK_T, E_PAD, BLOCK_M, 1, BLOCK_CHUNK, CHUNK)
+               BLOCK_T, E_PAD, BLOCK_M, 2, BLOCK_CHUNK, CHUNK)  # TB_CHUNK 2: no size-1 tiles
