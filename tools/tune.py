@@ -2,7 +2,7 @@
 
 For each (model, T bucket) this times ``moe_ops.pipeline.fused_experts_impl`` with
 explicit tiles, uniform routing, replayed from a CUDA graph with L2 flushed between
-calls (``triton.testing.do_bench``, median), in two phases:
+calls (``triton.testing.do_bench``, median), in three phases:
 
     1. gate_up: candidates from BLOCK_M x BLOCK_N x BLOCK_K x GROUP_M x warps x stages,
        pruned (BLOCK_M <= max(16, next_pow2(2*T*K/E)), shared memory, GROUP_M only
