@@ -69,8 +69,16 @@ def _empty_ranks(num_tokens, num_experts, top_k, device) -> TokenBlockRanks:
 def route_impl(hidden_states, router_weight, top_k, scoring, renormalize, n_group,
                topk_group, score_bias, routed_scaling_factor, with_ranks=False):
     """Launch the router kernel: (topk_weights fp32 [T,K], topk_ids int32 [T,K]), plus the
-    first alignment step (``TokenBlockRanks``) when with_ranks."""
+    first alignment step (``TokenBlockRanks``) when with_ranks.
+
+    Without ranks, up to DECODE_MAX_T tokens route through the decode path (its
+    alignment unused), so the ``route`` op picks the same experts as ``fused_moe``."""
     num_tokens, hidden = hidden_states.shape
+    if not with_ranks and 0 < num_tokens <= DECODE_MAX_T:
+        topk_weights, topk_ids, _ = decode_route_align(
+            hidden_states, router_weight, top_k, scoring, renormalize, n_group, topk_group,
+            score_bias, routed_scaling_factor, block_m=16, select_stage="route")
+        return topk_weights, topk_ids
     num_experts = router_weight.shape[0]
     device = hidden_states.device
     topk_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
@@ -160,9 +168,10 @@ def _router_partials(hidden_states, router_weight):
     return partials
 
 
-def _select_align(topk_ids, num_experts, block_m, selection=None) -> Alignment:
-    """Launch ``select_align_kernel``; ``selection`` (a dict: partials, topk_weights to
-    write, score_bias, scaling and the routing constexprs) turns the selection on."""
+def _select_align(topk_ids, num_experts, block_m, selection=None, stage="align") -> Alignment:
+    """Launch ``select_align_kernel`` (NVTX range ``stage``); ``selection`` (a dict:
+    partials, topk_weights to write, score_bias, scaling and the routing constexprs)
+    turns the selection on."""
     num_tokens, top_k = topk_ids.shape
     device = topk_ids.device
     num_slots = num_tokens * top_k
@@ -176,7 +185,7 @@ def _select_align(topk_ids, num_experts, block_m, selection=None) -> Alignment:
     score_bias = sel.get("score_bias")
     e_pad = _pow2_at_least(num_experts, 16)
     n_group = sel.get("n_group", 1)
-    with stage_range("align"):
+    with stage_range(stage):
         select_align_kernel[(1,)](
             sel.get("partials", topk_ids),  # each placeholder is unread when its flag is off
             score_bias if score_bias is not None else topk_ids,
@@ -203,7 +212,8 @@ def decode_align(topk_ids, num_experts, block_m) -> Alignment:
 
 
 def decode_route_align(hidden_states, router_weight, top_k, scoring, renormalize, n_group,
-                       topk_group, score_bias, routed_scaling_factor, block_m):
+                       topk_group, score_bias, routed_scaling_factor, block_m,
+                       select_stage="align"):
     """Routing and alignment of T <= DECODE_MAX_T tokens in two launches:
     (topk_weights fp32 [T,K], topk_ids int32 [T,K], Alignment)."""
     num_tokens = hidden_states.shape[0]
@@ -215,5 +225,5 @@ def decode_route_align(hidden_states, router_weight, top_k, scoring, renormalize
                      scaling=routed_scaling_factor, logit_dtype=hidden_states.dtype,
                      scoring=scoring, renormalize=renormalize, n_group=n_group,
                      topk_group=topk_group)
-    alignment = _select_align(topk_ids, router_weight.shape[0], block_m, selection)
+    alignment = _select_align(topk_ids, router_weight.shape[0], block_m, selection, select_stage)
     return topk_weights, topk_ids, alignment

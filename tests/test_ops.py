@@ -49,11 +49,12 @@ def test_fused_moe_matches_reference(name, dtype, device):
         assert_close_l2(out, ref, TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("num_tokens", [3, 45])  # the decode router and the token-block router
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_route_matches_reference(name, device):
+def test_route_matches_reference(name, num_tokens, device):
     config = shrink(name)
     router, _, _, bias = make_layer(config, torch.float32, device)
-    x = torch.randn(45, config.hidden_size, device=device)
+    x = torch.randn(num_tokens, config.hidden_size, device=device)
     weights, ids = torch.ops.tritonmoe.route(x, router, score_bias=bias, **config.routing_kwargs())
     ref_weights, ref_ids = route_reference(x, router, score_bias=bias, **config.routing_kwargs())
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32
@@ -138,6 +139,17 @@ def test_output_is_bitwise_reproducible(device):
     x = torch.randn(29, config.hidden_size, device=device)
     first = run_fused_moe(x, *layer, config)
     assert torch.equal(first, run_fused_moe(x, *layer, config))
+
+
+@pytest.mark.parametrize("num_tokens", [1, 16, 17, 70])  # both sides of DECODE_MAX_T
+def test_route_then_fused_experts_equals_fused_moe_bitwise(num_tokens, device):
+    """The split ops pick the same experts as fused_moe and sum in the same order."""
+    config = shrink("deepseek-v3")
+    router, w_gate_up, w_down, bias = make_layer(config, torch.bfloat16 if ON_GPU else torch.float32, device)
+    x = torch.randn(num_tokens, config.hidden_size, device=device).to(router.dtype)
+    weights, ids = torch.ops.tritonmoe.route(x, router, score_bias=bias, **config.routing_kwargs())
+    split = torch.ops.tritonmoe.fused_experts(x, weights, ids, w_gate_up, w_down)
+    assert torch.equal(split, run_fused_moe(x, router, w_gate_up, w_down, bias, config))
 
 
 @pytest.mark.parametrize("num_tokens", [6, 40])  # the decode alignment and the rank kernel
