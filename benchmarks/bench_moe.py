@@ -56,7 +56,7 @@ from benchmarks.grouped_baseline import grouped_mm_available, grouped_mm_moe  # 
 from moe_ops.configs import MoEConfig, get_config, shrink  # noqa: E402
 from moe_ops.reference import fused_experts_reference, moe_reference, route_reference  # noqa: E402
 from moe_ops.tiles import get_tile_config  # noqa: E402
-from tools.roofline import Ceilings, floor, measure_ceilings, profile_kernels  # noqa: E402
+from tools.roofline import floor, measure_ceilings, profile_kernels  # noqa: E402
 
 DEFAULT_MODELS = ["mixtral-8x7b", "deepseek-v3", "qwen2-57b-a14b", "qwen3-30b-a3b"]
 DEFAULT_TOKENS = [1, 8, 32, 128, 512, 2048, 8192]
@@ -399,7 +399,7 @@ def markdown(rows, stamp, models) -> str:
                 f"T={t} {s} {e:.1e}" for t, s, e in checks)]
         if notes:
             lines += ["", "Notes:"] + [f"- {s}: {n}" for s, n in notes]
-        lines += [f"", f"(E={any_row['E']}, K={any_row['K']}, H={any_row['H']}, I={any_row['I']})", ""]
+        lines += ["", f"(E={any_row['E']}, K={any_row['K']}, H={any_row['H']}, I={any_row['I']})", ""]
     return "\n".join(lines) + "\n"
 
 
