@@ -2,7 +2,8 @@
 
 ``route_kernel`` gives each block of tokens one program that reads the whole router
 [E, H]; with one block of tokens that is one SM streaming up to a few MB (DeepSeek-V3:
-256 x 7168 x 2 B). Here two launches do routing and alignment instead of two:
+256 x 7168 x 2 B). Here routing and alignment still take two launches, but the router
+GEMM is spread over many programs:
 
 1. ``router_partials_kernel``, grid = (cdiv(E, BLOCK_E), H_SPLITS): program (c, s) computes
        partials[s, t, e] = sum_{h in split s} x[t, h] * W[e, h]   (fp32)

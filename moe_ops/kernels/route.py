@@ -13,6 +13,7 @@ Layouts: x [T, H], W [E, H] (H contiguous), bias fp32 [E];
 topk_weights fp32 [T, K], topk_ids int32 [T, K]. With WRITE_RANKS it also does the
 first step of the alignment (``align.block_ranks``) for its block of tokens. The whole expert axis (E_PAD, a
 power of two >= 16) lives in registers, so selection never leaves the program.
+``router_logits`` and ``select_topk`` also serve the decode path (``decode_route``).
 """
 import triton
 import triton.language as tl
