@@ -55,7 +55,7 @@ def rank_kernel(topk_ids_ptr, block_counts_ptr, ranks_ptr, num_tokens,
 
 
 @triton.jit
-def align_rows(
+def align_kernel(
     topk_ids_ptr, block_counts_ptr, ranks_ptr,
     sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
     num_slots, num_token_blocks, max_blocks,
@@ -63,7 +63,8 @@ def align_rows(
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TB_CHUNK: tl.constexpr,
     BLOCK_CHUNK: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """The body of step 2, for one program (``align_kernel``, ``select_align_kernel``)."""
+    """Step 2; grid = (1,). Rewrites block_counts in place into each block's first row.
+    ``select_align_kernel`` calls it as its second half."""
     offs_e = tl.arange(0, E_PAD)
     offs_tb = tl.arange(0, TB_CHUNK)
     offs_c = tl.arange(0, CHUNK)
@@ -114,18 +115,3 @@ def align_rows(
         first_row = tl.load(block_counts_ptr + token_block * NUM_EXPERTS + ids, mask=valid, other=0)
         rank = tl.load(ranks_ptr + slots, mask=valid, other=0)
         tl.store(sorted_slots_ptr + first_row + rank, slots, mask=valid)
-
-
-@triton.jit
-def align_kernel(
-    topk_ids_ptr, block_counts_ptr, ranks_ptr,
-    sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
-    num_slots, num_token_blocks, max_blocks,
-    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RANK_BLOCK_T: tl.constexpr,
-    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TB_CHUNK: tl.constexpr,
-    BLOCK_CHUNK: tl.constexpr, CHUNK: tl.constexpr,
-):
-    """Step 2; grid = (1,). Rewrites block_counts in place into each block's first row."""
-    align_rows(topk_ids_ptr, block_counts_ptr, ranks_ptr, sorted_slots_ptr, block_expert_ptr,
-               num_blocks_ptr, num_slots, num_token_blocks, max_blocks, NUM_EXPERTS, TOP_K,
-               RANK_BLOCK_T, E_PAD, BLOCK_M, TB_CHUNK, BLOCK_CHUNK, CHUNK)

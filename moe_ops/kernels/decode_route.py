@@ -10,7 +10,7 @@ GEMM is spread over many programs:
    for every token t < T <= BLOCK_T and the experts e of chunk c.
 2. ``select_align_kernel``, one program: logits = sum_s partials[s] (fixed order), the
    scoring and top-k of ``route.select_topk``, the ranks of ``align.block_ranks``, then
-   the alignment of ``align.align_rows``. With SELECT off it reads given topk_ids
+   the alignment of ``align.align_kernel`` (called as a function). With SELECT off it reads given topk_ids
    instead (``fused_experts``: ranks and alignment in one launch).
 
 Layouts: x [T, H], W [E, H] (H contiguous), partials fp32 [H_SPLITS, BLOCK_T, E];
@@ -19,7 +19,7 @@ outputs as ``route_kernel`` and ``align_kernel``.
 import triton
 import triton.language as tl
 
-from .align import align_rows, block_ranks
+from .align import align_kernel, block_ranks
 from .route import router_logits, select_topk
 
 
@@ -80,6 +80,6 @@ def select_align_kernel(
     block_ranks(topk_i, valid, out_offs, block_counts_ptr, ranks_ptr,
                 NUM_EXPERTS, E_PAD, BLOCK_T * K_PAD)
     tl.debug_barrier()  # the ids, counts and ranks above are read back below
-    align_rows(topk_ids_ptr, block_counts_ptr, ranks_ptr, sorted_slots_ptr, block_expert_ptr,
-               num_blocks_ptr, num_tokens * TOP_K, 1, max_blocks, NUM_EXPERTS, TOP_K,
-               BLOCK_T, E_PAD, BLOCK_M, 2, BLOCK_CHUNK, CHUNK)  # TB_CHUNK 2: no size-1 tiles
+    align_kernel(topk_ids_ptr, block_counts_ptr, ranks_ptr, sorted_slots_ptr, block_expert_ptr,
+                 num_blocks_ptr, num_tokens * TOP_K, 1, max_blocks, NUM_EXPERTS, TOP_K,
+                 BLOCK_T, E_PAD, BLOCK_M, 2, BLOCK_CHUNK, CHUNK)  # TB_CHUNK 2: no size-1 tiles
