@@ -168,10 +168,13 @@ def _router_partials(hidden_states, router_weight):
     return partials
 
 
-def _select_align(topk_ids, num_experts, block_m, selection=None, stage="align") -> Alignment:
-    """Launch ``select_align_kernel`` (NVTX range ``stage``); ``selection`` (a dict:
-    partials, topk_weights to write, score_bias, scaling and the routing constexprs)
-    turns the selection on."""
+def _select_align(topk_ids, num_experts, block_m, stage="align", partials=None,
+                  topk_weights=None, score_bias=None, routed_scaling_factor=1.0,
+                  logit_dtype=torch.float32, scoring="softmax", renormalize=False, n_group=1,
+                  topk_group=1) -> Alignment:
+    """Launch ``select_align_kernel`` (NVTX range ``stage``). With router ``partials`` it
+    first selects the experts (writing topk_ids and topk_weights); without, it reads the
+    given topk_ids."""
     num_tokens, top_k = topk_ids.shape
     device = topk_ids.device
     num_slots = num_tokens * top_k
@@ -181,24 +184,20 @@ def _select_align(topk_ids, num_experts, block_m, selection=None, stage="align")
     sorted_slots = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
     num_blocks = torch.empty(1, dtype=torch.int32, device=device)
-    sel = selection or {}
-    score_bias = sel.get("score_bias")
+    select = partials is not None
     e_pad = _pow2_at_least(num_experts, 16)
-    n_group = sel.get("n_group", 1)
     with stage_range(stage):
         select_align_kernel[(1,)](
-            sel.get("partials", topk_ids),  # each placeholder is unread when its flag is off
+            partials if select else topk_ids,  # each placeholder is unread when its flag is off
             score_bias if score_bias is not None else topk_ids,
-            sel.get("topk_weights", topk_ids), topk_ids, block_counts, ranks,
+            topk_weights if select else topk_ids, topk_ids, block_counts, ranks,
             sorted_slots, block_expert, num_blocks,
-            num_tokens, float(sel.get("scaling", 1.0)), max_blocks,
-            SELECT=selection is not None,
-            LOGIT_DTYPE=_TL_DTYPES[sel.get("logit_dtype", torch.float32)],
-            H_SPLITS=sel["partials"].shape[0] if selection else 1,
+            num_tokens, float(routed_scaling_factor), max_blocks,
+            SELECT=select, LOGIT_DTYPE=_TL_DTYPES[logit_dtype],
+            H_SPLITS=partials.shape[0] if select else 1,
             NUM_EXPERTS=num_experts, TOP_K=top_k,
-            SIGMOID=sel.get("scoring") == "sigmoid", RENORMALIZE=bool(sel.get("renormalize")),
-            HAS_BIAS=score_bias is not None, N_GROUP=n_group,
-            TOPK_GROUP=sel.get("topk_group", 1),
+            SIGMOID=scoring == "sigmoid", RENORMALIZE=bool(renormalize),
+            HAS_BIAS=score_bias is not None, N_GROUP=n_group, TOPK_GROUP=topk_group,
             E_PAD=e_pad, K_PAD=_pow2_at_least(top_k), G_PAD=_pow2_at_least(n_group),
             BLOCK_T=DECODE_MAX_T, BLOCK_M=block_m, BLOCK_CHUNK=max(16, 4096 // e_pad),
             CHUNK=1024, INTERPRETER=interpreter_active(), num_warps=8,
@@ -220,10 +219,10 @@ def decode_route_align(hidden_states, router_weight, top_k, scoring, renormalize
     device = hidden_states.device
     topk_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
     topk_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
-    selection = dict(partials=_router_partials(hidden_states, router_weight),
-                     topk_weights=topk_weights, score_bias=score_bias,
-                     scaling=routed_scaling_factor, logit_dtype=hidden_states.dtype,
-                     scoring=scoring, renormalize=renormalize, n_group=n_group,
-                     topk_group=topk_group)
-    alignment = _select_align(topk_ids, router_weight.shape[0], block_m, selection, select_stage)
+    alignment = _select_align(
+        topk_ids, router_weight.shape[0], block_m, select_stage,
+        partials=_router_partials(hidden_states, router_weight), topk_weights=topk_weights,
+        score_bias=score_bias, routed_scaling_factor=routed_scaling_factor,
+        logit_dtype=hidden_states.dtype, scoring=scoring, renormalize=renormalize,
+        n_group=n_group, topk_group=topk_group)
     return topk_weights, topk_ids, alignment
