@@ -247,11 +247,11 @@ def time_variant(tag: str, label: str, gu: TileConfig, down: TileConfig, run, re
     return ms
 
 
-def refine(tag, best_gu, best_down, best_ms, run, run_zipf, args, budget):
+def refine(tag, best_gu, best_down, best_ms, run, reference, run_zipf, args, budget):
     """Phase 3: the descriptor and skew variants of the winners; returns
-    (gate_up, down, ms, log). ``run``/``run_zipf`` map a pair of tiles to an output."""
+    (gate_up, down, ms, log). ``run``/``run_zipf`` map a pair of tiles to an output;
+    variants under uniform routing must agree with ``reference``, as in phases 1-2."""
     records: list = []
-    reference = run(best_gu, best_down)
     log(f"{tag} variants of the winners ({best_ms:.4f} ms):")
     for stage in ("gate_up", "down"):
         if budget.spent() or (best_gu if stage == "gate_up" else best_down).B_DESC:
@@ -332,7 +332,8 @@ def tune_cell(cfg, num_tokens, weights, dtype, device, args, budget, gen):
     if down_ms >= heur_ms:  # within noise of the heuristic: keep what the op would pick anyway
         best_gu, best_down, down_ms = heur_gu, heur_down, heur_ms
     best_gu, best_down, down_ms, variant_log = refine(
-        tag, best_gu, best_down, down_ms, run, run_zipf if args.zipf_s > 0 else None, args, budget)
+        tag, best_gu, best_down, down_ms, run, baseline,
+        run_zipf if args.zipf_s > 0 else None, args, budget)
     record["candidates"] += variant_log
     record.update(complete=True, tuned_ms=down_ms, gate_up=best_gu.as_dict(), down=best_down.as_dict())
     log(f"{tag} chose gate_up {_fmt(best_gu)}, down {_fmt(best_down)}: {down_ms:.4f} ms "
