@@ -6,7 +6,7 @@ import moe_ops  # noqa: F401
 from moe_ops.configs import shrink
 from moe_ops.reference import moe_reference
 
-from helpers import assert_close_l2
+from helpers import ALLOW_NON_FINITE, assert_close_l2
 from test_ops import make_layer
 
 CONFIG = shrink("deepseek-v3")
@@ -77,3 +77,28 @@ def test_compiling_with_weights_that_require_grad_names_the_fix(layer, device):
     compiled = torch.compile(moe_block, fullgraph=True)
     with pytest.raises(Exception, match="forward-only.*torch.no_grad"):
         compiled(x, router, w_gate_up.requires_grad_(), w_down, bias)
+
+
+MIXTRAL = shrink("mixtral-8x7b")
+
+
+def mixtral_block(x, router, w_gate_up, w_down):
+    """A residual around softmax routing, whose NaN once became a silent zero."""
+    return x + torch.ops.tritonmoe.fused_moe(x, router, w_gate_up, w_down,
+                                             **MIXTRAL.routing_kwargs())
+
+
+@ALLOW_NON_FINITE
+def test_compiled_non_finite_token_matches_eager(device):
+    """Compiled (dynamic: one graph for both routing paths), a NaN token's row is NaN as
+    in eager mode, and the other rows stay finite."""
+    torch._dynamo.reset()
+    layer = make_layer(MIXTRAL, torch.float32, device)[:3]
+    compiled = torch.compile(mixtral_block, fullgraph=True, dynamic=True)
+    for num_tokens in (5, 40):  # the decode path and the token-block path
+        x = torch.randn(num_tokens, MIXTRAL.hidden_size, device=device)
+        x[2, 3] = float("nan")
+        out = compiled(x, *layer)
+        others = torch.arange(num_tokens, device=device) != 2
+        assert torch.isnan(out[2]).all() and torch.isfinite(out[others]).all()
+        torch.testing.assert_close(out, mixtral_block(x, *layer), rtol=0, atol=0, equal_nan=True)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from helpers import TOLERANCE, assert_close_l2, drop_routing_near_ties, skip_bf16_on_cpu
+from helpers import (ALLOW_NON_FINITE, TOLERANCE, assert_close_l2, drop_routing_near_ties,
+                     skip_bf16_on_cpu)
 from moe_ops.configs import CONFIGS, shrink
 from moe_ops.module import FusedMoE
 from moe_ops.reference import moe_reference, swiglu_mlp_reference
@@ -110,3 +111,22 @@ def test_compile_fullgraph(device):
         for lead in [(2, 5), (3, 4)]:  # a second shape: recompiled or dynamic, not broken
             x = torch.randn(*lead, moe.config.hidden_size, device=device)
             assert_close_l2(compiled(x), module_reference(moe, x), TOLERANCE[torch.float32])
+
+
+@ALLOW_NON_FINITE
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen2-57b-a14b", "deepseek-v3"])
+def test_non_finite_token_poisons_only_its_own_output(name, device):
+    """As the reference: that token's row is non-finite, every other row bit-for-bit as
+    without it (decode and token-block routing paths, shared experts included)."""
+    moe = FusedMoE.from_config(shrink(name), device=device)
+    for lead in [(1, 5), (2, 20)]:
+        clean = torch.randn(*lead, moe.config.hidden_size, device=device)
+        x = clean.clone()
+        x[0, 2, 3] = float("nan")
+        with torch.no_grad():
+            out, expected = moe(x), moe(clean)
+        assert not torch.isfinite(module_reference(moe, x)[0, 2]).any()
+        assert not torch.isfinite(out[0, 2]).any()
+        others = torch.ones(lead, dtype=torch.bool, device=device)
+        others[0, 2] = False
+        assert torch.equal(out[others], expected[others])

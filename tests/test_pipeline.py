@@ -59,6 +59,19 @@ def test_kernel_launches_per_forward(op, num_tokens, device):
     assert len(kernels) == expected, [e.name for e in kernels]
 
 
+def capture(fn):
+    """Warm fn up on a side stream, capture one call: (graph, its static output)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn()
+    return graph, static_out
+
+
 @gpu_only
 @pytest.mark.parametrize("num_tokens", [3, 48])  # the decode path and the token-block path
 def test_cuda_graph_replay_matches_eager(num_tokens, device):
@@ -66,14 +79,7 @@ def test_cuda_graph_replay_matches_eager(num_tokens, device):
     layer = make_layer(config, torch.bfloat16, device)
     static_x = torch.randn(num_tokens, config.hidden_size, device=device, dtype=torch.bfloat16)
     eager = call(layer, static_x, config)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call(layer, static_x, config)  # warm up on the side stream
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = call(layer, static_x, config)
+    graph, static_out = capture(lambda: call(layer, static_x, config))
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_out, eager)
@@ -83,6 +89,29 @@ def test_cuda_graph_replay_matches_eager(num_tokens, device):
     graph.replay()
     torch.cuda.synchronize()
     assert_close_l2(static_out, call(layer, fresh, config), 0.0)
+
+
+@gpu_only
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("num_tokens", [3, 48])  # the decode path and the token-block path
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v3"])  # softmax; sigmoid, grouped
+def test_cuda_graph_replay_of_a_non_finite_token(name, num_tokens, bad, device):
+    """A replayed graph gives a non-finite token a non-finite row, the rest bit-for-bit."""
+    config = shrink(name, 512, 256)
+    layer = make_layer(config, torch.bfloat16, device)
+    static_x = torch.randn(num_tokens, config.hidden_size, device=device, dtype=torch.bfloat16)
+    clean = call(layer, static_x, config)
+    graph, static_out = capture(lambda: call(layer, static_x, config))
+    poisoned = static_x.clone()
+    poisoned[2, 3] = bad
+    static_x.copy_(poisoned)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.isfinite(static_out[2]).any()
+    others = torch.arange(num_tokens, device=device) != 2
+    assert torch.equal(static_out[others], clean[others])
+    torch.testing.assert_close(static_out, call(layer, poisoned, config), rtol=0, atol=0,
+                               equal_nan=True)
 
 
 @gpu_only

@@ -9,6 +9,12 @@ For a block of BLOCK_T tokens (grid = cdiv(T, BLOCK_T)):
     top-k:    ids = argmax of choice K times, ties to the lower expert index
     weights:  scores at ids, renormalised (+1e-20 for sigmoid), times the scaling
 
+Selection orders choices as ``torch.topk`` and ``moe_ops.reference`` do, NaN above every
+number: a token whose hidden state holds NaN or Inf gets in-range, distinct ids and NaN
+weights (its output is NaN, as the reference's is), and no other token is affected.
+Comparisons run on int32 keys of that order (``_order_key``), so the result does not
+depend on how a backend's max treats NaN.
+
 Layouts: x [T, H], W [E, H] (H contiguous), bias fp32 [E];
 topk_weights fp32 [T, K], topk_ids int32 [T, K]. With WRITE_RANKS it also does the
 first step of the alignment (``align.block_ranks``) for its block of tokens. The whole expert axis (E_PAD, a
@@ -22,12 +28,31 @@ from .align import block_ranks
 from .casting import cast_rne
 
 
+UNAVAILABLE: tl.constexpr = -2147483648  # key of padding, excluded and picked entries
+
+
 @triton.jit
-def _argmax_lowest(values, offsets, PAD: tl.constexpr):
-    """Per row, the lowest column index holding the row maximum (torch.topk's tie order)."""
-    best = tl.max(values, axis=1)
-    hit = values == best[:, None]
+def _order_key(values):
+    """int32 keys ordered as torch.sort orders float32 values: NaN above +inf, -0.0 equal to
+    0.0. Every key is above UNAVAILABLE (-inf's key is -2**31 + 2**23 - 1)."""
+    values = tl.where(values == 0.0, 0.0, values)
+    values = tl.where(values != values, float("nan"), values)  # one NaN, sign bit clear
+    bits = values.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: reverse the magnitude order
+
+
+@triton.jit
+def _argmax_lowest(keys, offsets, PAD: tl.constexpr):
+    """Per row, the lowest column index holding the row's largest key (torch.topk's tie order)."""
+    best = tl.max(keys, axis=1)
+    hit = keys == best[:, None]
     return tl.min(tl.where(hit, offsets[None, :], PAD), axis=1)
+
+
+@triton.jit
+def _value_at(values, offsets, index):
+    """Per row, values[row, index[row]] (exactly: every other term of the sum is zero)."""
+    return tl.sum(tl.where(offsets[None, :] == index[:, None], values, 0.0), axis=1)
 
 
 @triton.jit
@@ -64,7 +89,6 @@ def select_topk(logits, bias_ptr, routed_scaling_factor, LOGIT_DTYPE: tl.constex
     BLOCK_T: tl.constexpr = logits.shape[0]
     offs_e = tl.arange(0, E_PAD)
     expert_mask = offs_e < NUM_EXPERTS
-    neg_inf = float("-inf")
     if SIGMOID:
         scores = tl.sigmoid(logits)
         choice = scores
@@ -73,40 +97,41 @@ def select_topk(logits, bias_ptr, routed_scaling_factor, LOGIT_DTYPE: tl.constex
             choice = scores + bias[None, :]
     else:
         logits = cast_rne(logits, LOGIT_DTYPE, INTERPRETER).to(tl.float32)
-        logits = tl.where(expert_mask[None, :], logits, neg_inf)
+        logits = tl.where(expert_mask[None, :], logits, float("-inf"))
         exps = tl.exp(logits - tl.max(logits, axis=1)[:, None])
         scores = exps / tl.sum(exps, axis=1)[:, None]
         choice = scores
-    choice = tl.where(expert_mask[None, :], choice, neg_inf)
+    keys = tl.where(expert_mask[None, :], _order_key(choice), UNAVAILABLE)
 
     if N_GROUP > 1:
         group_size: tl.constexpr = NUM_EXPERTS // N_GROUP
         group_of_expert = offs_e // group_size
         offs_g = tl.arange(0, G_PAD)
-        group_scores = tl.full([BLOCK_T, G_PAD], neg_inf, tl.float32)
+        group_scores = tl.zeros([BLOCK_T, G_PAD], tl.float32)
         for g in tl.static_range(N_GROUP):
-            in_group = tl.where(group_of_expert[None, :] == g, choice, neg_inf)
+            in_group = tl.where(group_of_expert[None, :] == g, keys, UNAVAILABLE)
             first = _argmax_lowest(in_group, offs_e, E_PAD)
-            score = tl.max(in_group, axis=1)
+            score = _value_at(choice, offs_e, first)
             if group_size > 1:
-                rest = tl.where(offs_e[None, :] == first[:, None], neg_inf, in_group)
-                score += tl.max(rest, axis=1)
+                rest = tl.where(offs_e[None, :] == first[:, None], UNAVAILABLE, in_group)
+                score += _value_at(choice, offs_e, _argmax_lowest(rest, offs_e, E_PAD))
             group_scores = tl.where(offs_g[None, :] == g, score[:, None], group_scores)
+        group_keys = tl.where((offs_g < N_GROUP)[None, :], _order_key(group_scores), UNAVAILABLE)
         allowed = tl.zeros([BLOCK_T, E_PAD], dtype=tl.int1)
         for _ in tl.static_range(TOPK_GROUP):
-            best_group = _argmax_lowest(group_scores, offs_g, G_PAD)
-            group_scores = tl.where(offs_g[None, :] == best_group[:, None], neg_inf, group_scores)
+            best_group = _argmax_lowest(group_keys, offs_g, G_PAD)
+            group_keys = tl.where(offs_g[None, :] == best_group[:, None], UNAVAILABLE, group_keys)
             allowed = allowed | (group_of_expert[None, :] == best_group[:, None])
-        choice = tl.where(allowed, choice, neg_inf)
+        keys = tl.where(allowed, keys, UNAVAILABLE)
 
     offs_k = tl.arange(0, K_PAD)
     topk_w = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
     topk_i = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
     for k in tl.static_range(TOP_K):
-        best = _argmax_lowest(choice, offs_e, E_PAD)
+        best = _argmax_lowest(keys, offs_e, E_PAD)
         picked = offs_e[None, :] == best[:, None]
         weight = tl.sum(tl.where(picked, scores, 0.0), axis=1)
-        choice = tl.where(picked, neg_inf, choice)
+        keys = tl.where(picked, UNAVAILABLE, keys)
         topk_w = tl.where(offs_k[None, :] == k, weight[:, None], topk_w)
         topk_i = tl.where(offs_k[None, :] == k, best[:, None], topk_i)
     if RENORMALIZE:
