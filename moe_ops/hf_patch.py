@@ -65,8 +65,9 @@ class PatchedMoEBlock(nn.Module):
 def patch_hf_model(model: nn.Module) -> int:
     """Replace every supported MoE block of a transformers model in place; return the count.
 
-    All blocks are converted (and so validated) before any is replaced, so a refusal
-    leaves the model unchanged. The new modules share the old blocks' expert and router
+    Blocks patched before are kept, so patching a patched model again changes nothing
+    and returns 0. All blocks are converted (and so validated) before any is replaced, so
+    a refusal leaves the model unchanged. The new modules share the old blocks' expert and router
     storage (no second copy of the experts). Raises ``TypeError`` for an MoE block of a
     type this package does not know, ``ValueError`` for an option the ops cannot
     reproduce (the message names the block and the option).
@@ -228,9 +229,12 @@ def _kind_of(module: nn.Module) -> str | None:
 
 
 def _find_blocks(module: nn.Module, prefix: str):
-    """Yield (parent, attribute, path, block) for each supported block; refuse unknown ones."""
+    """Yield (parent, attribute, path, block) for each supported block; refuse unknown ones.
+    Blocks already patched (or already a ``FusedMoE``) are left as they are."""
     for attr, child in module.named_children():
         path = f"{prefix}.{attr}" if prefix else attr
+        if isinstance(child, (PatchedMoEBlock, FusedMoE)):
+            continue
         if _kind_of(child) is not None:
             yield module, attr, path, child
         elif _MOE_NAME.search(type(child).__name__) or (

@@ -96,11 +96,33 @@ def _fused_moe_fake(hidden_states, router_weight, w_gate_up, w_down, top_k, scor
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
-def _forward_only_backward(ctx, *grads):
-    raise RuntimeError(
-        "tritonmoe ops are forward-only (no backward is implemented): run the model under "
-        "torch.no_grad() or torch.inference_mode(), or give the MoE weights "
-        "requires_grad=False")
+_WEIGHTS = ("router_weight", "w_gate_up", "w_down", "score_bias")
+
+
+def _forward_only_message(op_name: str, needs_grad: list[str]) -> str:
+    """The error of a backward through ``tritonmoe::op_name``, whose arguments
+    ``needs_grad`` require grad: what is missing and the ways out that apply."""
+    weights = [name for name in needs_grad if name in _WEIGHTS]
+    inputs = [name for name in needs_grad if name not in _WEIGHTS]
+    text = f"tritonmoe::{op_name}: the tritonmoe ops are forward-only (no backward is implemented). "
+    if weights:
+        text += (f"Its weights {', '.join(weights)} require grad: give them requires_grad=False "
+                 "(FusedMoE and patched blocks do). ")
+    if inputs:
+        text += (f"Gradients with respect to its input {', '.join(inputs)} are not implemented, "
+                 "so nothing before this MoE layer (attention, LoRA adapters) can train through "
+                 "it: to train, use the model's original MoE blocks. ")
+    return text + "For inference, run under torch.no_grad() or torch.inference_mode()."
+
+
+def _register_forward_only(op) -> None:
+    names = [argument.name for argument in op._opoverload._schema.arguments]
+
+    def backward(ctx, *grads):
+        needs_grad = [name for name, needed in zip(names, ctx.needs_input_grad) if needed]
+        raise RuntimeError(_forward_only_message(op._name.split("::")[-1], needs_grad))
+
+    op.register_autograd(backward, setup_context=_no_context)
 
 
 def _no_context(ctx, inputs, output):
@@ -108,4 +130,4 @@ def _no_context(ctx, inputs, output):
 
 
 for _op in (route, fused_experts, fused_moe):
-    _op.register_autograd(_forward_only_backward, setup_context=_no_context)
+    _register_forward_only(_op)

@@ -1,14 +1,17 @@
 """Argument checks of every tritonmoe op, in one place.
 
-Shape, dtype, device and option checks read metadata only: they are free and run in
-both the real and the fake implementations, so ``torch.compile`` reports bad input
-at trace time. The one check that reads data (every ``topk_id`` in range) runs in
+Shape, dtype, device (a CPU tensor needs Triton's interpreter) and option checks read
+metadata only: they are free and run in both the real and the fake implementations, so
+``torch.compile`` reports bad input at trace time. The one check that reads data (every ``topk_id`` in range) runs in
 eager mode only, outside CUDA-graph capture, and can be switched off with
 ``set_topk_ids_check(False)``. Errors name the argument and what was expected.
 """
 from __future__ import annotations
 
 import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+from .kernels.route import route_kernel
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ID_DTYPES = (torch.int32, torch.int64)
@@ -44,6 +47,15 @@ def _expect_same_device(reference: torch.Tensor, **tensors: torch.Tensor | None)
                 f"{name} is on {tensor.device}, expected hidden_states' device {reference.device}")
 
 
+def _expect_kernel_device(name: str, tensor: torch.Tensor) -> None:
+    # Triton's own error here is "0 active drivers ([]). There should only be one."
+    if tensor.device.type == "cpu" and not isinstance(route_kernel, InterpretedFunction):
+        raise ValueError(
+            f"{name} is on {tensor.device}: the tritonmoe kernels run on a CUDA or ROCm device; "
+            "to run them on CPU through Triton's interpreter, set TRITON_INTERPRET=1 before "
+            "triton or moe_ops is imported")
+
+
 def _expect_contiguous(**tensors: torch.Tensor) -> None:
     # A silent per-call copy of expert weights would cost more than the layer itself.
     for name, tensor in tensors.items():
@@ -71,6 +83,7 @@ def check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk
     _expect_rank("router_weight", router_weight, 2, "[num_experts, hidden]")
     _expect_float_dtype(hidden_states, router_weight=router_weight)
     _expect_same_device(hidden_states, router_weight=router_weight, score_bias=score_bias)
+    _expect_kernel_device("hidden_states", hidden_states)
     _expect_dim("router_weight", router_weight, 1, hidden_states.shape[1], "hidden size")
     _expect_contiguous(router_weight=router_weight)
     num_experts = router_weight.shape[0]
@@ -106,6 +119,7 @@ def check_expert_weights(hidden_states, w_gate_up, w_down) -> None:
     _expect_rank("w_down", w_down, 3, "[num_experts, hidden, intermediate]")
     _expect_float_dtype(hidden_states, w_gate_up=w_gate_up, w_down=w_down)
     _expect_same_device(hidden_states, w_gate_up=w_gate_up, w_down=w_down)
+    _expect_kernel_device("hidden_states", hidden_states)
     num_experts, hidden = w_gate_up.shape[0], hidden_states.shape[1]
     _expect_dim("w_gate_up", w_gate_up, 2, hidden, "hidden size")
     if w_gate_up.shape[1] % 2 != 0:

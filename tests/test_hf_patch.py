@@ -13,8 +13,8 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock  # noqa: E402
 
-from helpers import (TOLERANCE, assert_close_l2, drop_routing_near_ties,  # noqa: E402
-                     skip_bf16_on_cpu)
+from helpers import (ALLOW_NON_FINITE, TOLERANCE, assert_close_l2,  # noqa: E402
+                     drop_routing_near_ties, skip_bf16_on_cpu)
 from moe_ops.hf_patch import PatchedMoEBlock, patch_hf_model  # noqa: E402
 from moe_ops.module import FusedMoE  # noqa: E402
 
@@ -234,3 +234,51 @@ def test_output_router_logits_is_refused():
                            **{k: v for k, v in COMMON.items() if k != "initializer_range"})
     with pytest.raises(ValueError, match="output_router_logits=True is not supported"):
         patch_hf_model(MixtralForCausalLM(config))
+
+
+@ALLOW_NON_FINITE
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_patched_block_non_finite_token(name, device):
+    """Like transformers' block, a NaN token gets a non-finite row; the others keep theirs."""
+    block = make_block(name, device)
+    holder = nn.ModuleDict({"mlp": block})
+    for lead in [(1, 5), (3, 7)]:  # the decode and the token-block routing paths
+        clean = torch.randn(*lead, HIDDEN, device=device)
+        x = clean.clone()
+        x[0, 2, 5] = float("nan")
+        others = torch.ones(lead, dtype=torch.bool, device=device)
+        others[0, 2] = False
+        with torch.no_grad():
+            expected = block(x)
+            patch_hf_model(holder)
+            out, out_clean = holder["mlp"](x), holder["mlp"](clean)
+        holder["mlp"] = block
+        assert not torch.isfinite(expected[0, 2]).any()
+        assert not torch.isfinite(out[0, 2]).any()
+        assert torch.equal(out[others], out_clean[others])
+        assert_close_l2(out[others], expected[others], TOLERANCE[torch.float32])
+
+
+def test_patching_twice_changes_nothing(device):
+    model = MODELS["mixtral"]().to(device).eval()
+    ids = torch.randint(1, 128, (1, 6), device=device)
+    assert patch_hf_model(model) == 2
+    patched = [layer.mlp for layer in model.model.layers]
+    with torch.no_grad():
+        logits = model(ids).logits
+        assert patch_hf_model(model) == 0
+        assert [layer.mlp for layer in model.model.layers] == patched  # the same modules
+        assert torch.equal(model(ids).logits, logits)
+
+
+def test_training_layers_before_a_patched_block_names_the_missing_input_gradient(device):
+    """Attention trains, the patched experts are frozen: backward fails with an error that
+    says input gradients are missing (not the untrue advice to freeze the MoE weights)."""
+    model = MODELS["mixtral"]().to(device).train()
+    patch_hf_model(model)
+    assert not any(p.requires_grad for layer in model.model.layers for p in layer.mlp.parameters())
+    ids = torch.randint(1, 128, (1, 6), device=device)
+    loss = model(ids, labels=ids).loss
+    with pytest.raises(RuntimeError, match="input hidden_states are not implemented") as error:
+        loss.backward()
+    assert "requires_grad=False" not in str(error.value)

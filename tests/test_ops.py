@@ -10,7 +10,7 @@ from moe_ops.configs import CONFIGS, get_config, shrink
 from moe_ops.reference import fused_experts_reference, moe_reference, route_reference
 
 from conftest import ON_GPU
-from helpers import TOLERANCE, assert_close_l2
+from helpers import ALLOW_NON_FINITE, TOLERANCE, assert_close_l2
 
 # Every torch.empty (outputs and the ops' internal buffers) starts as NaN.
 pytestmark = pytest.mark.usefixtures("poison_allocations")
@@ -182,8 +182,30 @@ def test_backward_raises_a_forward_only_error(op, device):
     else:
         out = torch.ops.tritonmoe.fused_moe(x, router, w_gate_up, w_down, config.top_k)
     assert out.requires_grad
-    with pytest.raises(RuntimeError, match="forward-only.*torch.no_grad"):
+    with pytest.raises(RuntimeError, match="forward-only.*requires_grad=False.*torch.no_grad"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("op", ["route", "fused_experts", "fused_moe"])
+def test_backward_to_the_input_says_input_gradients_are_missing(op, device):
+    """Frozen weights, an input that requires grad (layers before the MoE train): the
+    error says input gradients are not implemented, not to freeze the weights."""
+    config = shrink("mixtral-8x7b")
+    router, w_gate_up, w_down, _ = make_layer(config, torch.float32, device)
+    x = torch.randn(4, config.hidden_size, device=device, requires_grad=True)
+    if op == "route":
+        out = torch.ops.tritonmoe.route(x, router, config.top_k)[0]
+    elif op == "fused_experts":
+        weights, ids = route_reference(x.detach(), router, config.top_k)
+        out = torch.ops.tritonmoe.fused_experts(x, weights, ids, w_gate_up, w_down)
+    else:
+        out = torch.ops.tritonmoe.fused_moe(x, router, w_gate_up, w_down, config.top_k)
+    with pytest.raises(RuntimeError) as error:
+        out.sum().backward()
+    message = str(error.value)
+    assert f"tritonmoe::{op}" in message and "forward-only" in message
+    assert "with respect to its input hidden_states are not implemented" in message
+    assert "requires_grad=False" not in message
 
 
 @pytest.mark.skipif(not ON_GPU, reason="real model sizes need a GPU")
@@ -246,3 +268,57 @@ def test_strided_score_bias_is_read_correctly(device):
     _, ids = torch.ops.tritonmoe.route(x, router, score_bias=strided, **config.routing_kwargs())
     _, ref_ids = route_reference(x, router, score_bias=strided.contiguous(), **config.routing_kwargs())
     assert torch.equal(ids, ref_ids)
+
+
+def assert_equal_with_nan(out, ref):
+    """Bitwise equal, NaN where ref has NaN."""
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+
+
+NON_FINITE = [pytest.param(float("nan"), id="nan"), pytest.param(float("inf"), id="inf"),
+              pytest.param(float("-inf"), id="-inf")]
+
+
+@ALLOW_NON_FINITE
+@pytest.mark.parametrize("bad", NON_FINITE)
+@pytest.mark.parametrize("num_tokens", [5, 40])  # the decode path and the token-block path
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v3"])  # softmax; sigmoid, grouped
+def test_non_finite_token_poisons_only_its_own_output(name, num_tokens, bad, device):
+    """As moe_reference: in-range ids (NaN ranks above every number, as in torch.topk),
+    a non-finite output row for that token, every other row bit-for-bit unchanged."""
+    config = shrink(name)
+    router, w_gate_up, w_down, bias = layer = make_layer(config, torch.float32, device)
+    kwargs = dict(score_bias=bias, **config.routing_kwargs())
+    clean = torch.randn(num_tokens, config.hidden_size, device=device)
+    x = clean.clone()
+    x[2, 3] = bad
+    weights, ids = torch.ops.tritonmoe.route(x, router, **kwargs)
+    ref_weights, ref_ids = route_reference(x, router, **kwargs)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=0, equal_nan=True)
+
+    out = run_fused_moe(x, *layer, config)
+    ref = moe_reference(x, router, w_gate_up, w_down, **kwargs)
+    assert not torch.isfinite(ref[2]).any()
+    assert not torch.isfinite(out[2]).any()
+    others = torch.arange(num_tokens, device=device) != 2
+    assert torch.equal(out[others], run_fused_moe(clean, *layer, config)[others])
+    assert_close_l2(out[others], ref[others], 1e-4)
+    # fused_experts takes the router's ids as they are (none out of range).
+    assert_equal_with_nan(torch.ops.tritonmoe.fused_experts(x, weights, ids, w_gate_up, w_down), out)
+
+
+@ALLOW_NON_FINITE
+def test_nan_scores_rank_first_among_finite_ones(device):
+    """A router row of NaN gives that one expert a NaN score (sigmoid): torch.topk's order
+    puts it first; the other experts follow by score, groups by their top-2 sum."""
+    config = shrink("deepseek-v3")
+    router, _, _, bias = make_layer(config, torch.float32, device)
+    router[37] = float("nan")
+    kwargs = dict(score_bias=bias, **config.routing_kwargs())
+    for num_tokens in (3, 30):
+        x = torch.randn(num_tokens, config.hidden_size, device=device)
+        weights, ids = torch.ops.tritonmoe.route(x, router, **kwargs)
+        ref_weights, ref_ids = route_reference(x, router, **kwargs)
+        assert torch.equal(ids, ref_ids) and bool((ids[:, 0] == 37).all())
+        torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=0, equal_nan=True)

@@ -1,4 +1,8 @@
 """Bad input gets a clear error naming the argument: one test per case."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -149,3 +153,30 @@ def test_topk_shape_mismatch(args):
     ids = torch.randint(0, E, (T + 1, K), device=args["hidden_states"].device, dtype=torch.int32)
     with pytest.raises(ValueError, match=r"topk_ids .* expected 5 \(num_tokens\)"):
         fused_experts(args, topk_ids=ids)
+
+
+def test_cpu_tensors_without_the_interpreter_name_the_fix(tmp_path):
+    """Without TRITON_INTERPRET (and so no Triton driver for CPU tensors), the op says
+    where its tensors must be, instead of Triton's "0 active drivers"."""
+    script = (
+        "import torch, moe_ops\n"
+        "x, router = torch.randn(3, 64), torch.randn(8, 64)\n"
+        "w_gate_up, w_down = torch.randn(8, 96, 64), torch.randn(8, 64, 48)\n"
+        "for call in (lambda: torch.ops.tritonmoe.fused_moe(x, router, w_gate_up, w_down, 2),\n"
+        "             lambda: torch.ops.tritonmoe.route(x, router, 2),\n"
+        "             lambda: torch.ops.tritonmoe.fused_experts(\n"
+        "                 x, torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.int32), w_gate_up, w_down)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ValueError as error:\n"
+        "        print(error)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3, done.stdout + done.stderr[-3000:]
+    for line in lines:
+        assert line.startswith("hidden_states is on cpu: the tritonmoe kernels run on a CUDA or ROCm")
+        assert "set TRITON_INTERPRET=1 before triton or moe_ops is imported" in line
