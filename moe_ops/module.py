@@ -116,16 +116,14 @@ class FusedMoE(nn.Module):
             config.scoring, config.renormalize, config.n_group, config.topk_group,
             score_bias, config.routed_scaling_factor,
         )
-        if self.shared_gate_up is not None:
-            shared = self._shared_mlp(x)
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(F.linear(x, self.shared_gate)) * shared
+        shared = self.shared_expert(x)
+        if shared is not None:
             out = out + shared
         return out.reshape(shape)
 
-    def _shared_mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.shared_gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.shared_down)
+    def shared_expert(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The (gated) shared expert's output for x [T, H], or None without one."""
+        return shared_expert_output(x, self.shared_gate_up, self.shared_down, self.shared_gate)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -143,3 +141,17 @@ def _frozen_weight_factory(dtype, device):
     def make(*shape: int) -> nn.Parameter:
         return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
     return make
+
+
+def shared_expert_output(x: torch.Tensor, shared_gate_up: torch.Tensor | None,
+                         shared_down: torch.Tensor | None,
+                         shared_gate: torch.Tensor | None) -> torch.Tensor | None:
+    """silu(x Wg) * (x Wu) Wd for x [T, H], times sigmoid(x . w_sg) when gated; None
+    without a shared expert. Also used by the expert-parallel layer."""
+    if shared_gate_up is None:
+        return None
+    gate, up = F.linear(x, shared_gate_up).chunk(2, dim=-1)
+    shared = F.linear(F.silu(gate) * up, shared_down)
+    if shared_gate is not None:
+        shared = torch.sigmoid(F.linear(x, shared_gate)) * shared
+    return shared

@@ -1,0 +1,261 @@
+"""``ExpertParallelMoE``: a MoE layer whose routed experts are sharded over the ranks of
+a process group.
+
+One forward, in the order the data moves (W ranks, this rank r, its tokens x [T, H]):
+
+    route       top-k of every token over all E experts (router replicated)
+    plan        which ranks own each token's experts (``plan.plan_dispatch``)
+    dispatch    each token once to every owner rank, with its ids in that rank's
+                numbering and its weights (a transport: ``all_to_all`` or ``nvlink``)
+    local       [overlap] this rank's own tokens through its experts, in place, while
+                the dispatch travels
+    shared      the shared expert of this rank's tokens, also while it travels
+    remote      the received rows through this rank's experts: one partial sum per row
+    send back   each partial row to its token's rank
+    combine     out[t] = own partial + the owners' partials + shared (one kernel)
+
+The expert computation is ``moe_ops.pipeline.fused_experts_impl`` on the local shard:
+ids a rank does not own arrive as -1 and are skipped by its kernels.
+
+"overlap" computes the own tokens while the others travel, at the price of reading
+the local experts' weights twice (once per source); where the experts are bound by
+weight bandwidth (few rows per expert) that costs more than it hides, so ``"auto"``
+turns it on only above ``OVERLAP_MIN_ROWS_PER_EXPERT`` expected rows per expert.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+import torch.distributed as dist
+import triton
+from torch import nn
+
+from moe_ops.configs import MoEConfig, get_config
+from moe_ops.module import FusedMoE, shared_expert_output
+from moe_ops.pipeline import fused_experts_impl
+from moe_ops.profiling import stage_range
+from moe_ops.routing import route_impl
+from moe_ops.tiles import interpreter_active
+from moe_ops.validation import FLOAT_DTYPES
+
+from .all_to_all import AllToAllTransport
+from .kernels import combine_partials_kernel
+from .nvlink import NVLinkTransport, nvlink_available
+from .plan import pack_send_blocks, plan_dispatch
+from .sharding import (check_ranks_agree, draw_experts, draw_replicated, expert_range,
+                       layer_description)
+
+TRANSPORTS = ("auto", "nvlink", "all_to_all")
+OVERLAP_MIN_ROWS_PER_EXPERT = 128
+
+_LAYERS: dict[int, "weakref.ref[ExpertParallelMoE]"] = {}
+_NEXT_ID = itertools.count()
+
+
+def layer_by_id(layer_id: int) -> "ExpertParallelMoE":
+    layer = _LAYERS.get(layer_id)
+    layer = layer() if layer is not None else None
+    if layer is None:
+        raise RuntimeError(f"tritonmoe::expert_parallel_moe: no live layer with id {layer_id}")
+    return layer
+
+
+class ExpertParallelMoE(nn.Module):
+    """Routed experts sharded over ``group`` (default: the world), router and shared
+    expert replicated. ``forward(x [..., H]) -> [..., H]`` gives each rank what a
+    single-process ``FusedMoE`` gives for its own tokens; every rank of the group must
+    call it, with any number of tokens (0 included).
+
+    Args:
+        moe: the whole layer, the same weights on every rank; only this rank's shard
+            ``expert_range`` of its routed experts is kept (copied).
+        transport: ``"nvlink"`` (one node, symmetric memory, needs
+            ``max_tokens_per_rank``), ``"all_to_all"`` (``torch.distributed``
+            collectives on the group's backend) or ``"auto"`` (nvlink when every rank
+            is on one node with peer access and ``max_tokens_per_rank`` is given).
+        max_tokens_per_rank: fixes the buffers and split sizes: no host synchronisation
+            and CUDA-graph capturable. Without it ``all_to_all`` exchanges the counts
+            once per forward (a small collective the host waits for).
+        overlap: compute this rank's own tokens during the dispatch: True, False or
+            "auto" (above ``OVERLAP_MIN_ROWS_PER_EXPERT`` expected rows per expert).
+    """
+
+    def __init__(self, moe: FusedMoE, group=None, transport: str = "auto",
+                 max_tokens_per_rank: int | None = None, *, overlap: bool | str = "auto",
+                 _local_experts=None):
+        super().__init__()
+        if not dist.is_initialized():
+            raise RuntimeError("ExpertParallelMoE needs torch.distributed initialised "
+                               "(torchrun, then dist.init_process_group)")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        if max_tokens_per_rank is not None and (not isinstance(max_tokens_per_rank, int)
+                                                or max_tokens_per_rank < 1):
+            raise ValueError(f"max_tokens_per_rank must be a positive int or None, "
+                             f"got {max_tokens_per_rank!r}")
+        if overlap not in (True, False, "auto"):
+            raise ValueError(f"overlap must be True, False or 'auto', got {overlap!r}")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        config = moe.config
+        self.config = config
+        device = moe.router_weight.device
+        check_ranks_agree(self.group, layer_description(
+            config, moe.router_weight.dtype, moe.router_weight, transport, max_tokens_per_rank))
+        self.expert_range = expert_range(config.num_experts, self.world_size, self.rank)
+        first, last = self.expert_range.start, self.expert_range.stop
+
+        def keep(tensor):
+            return None if tensor is None else nn.Parameter(tensor.detach(), requires_grad=False)
+
+        self.router_weight = keep(moe.router_weight)
+        self.register_buffer("score_bias", moe.score_bias)
+        self.shared_gate_up = keep(moe.shared_gate_up)
+        self.shared_down = keep(moe.shared_down)
+        self.shared_gate = keep(moe.shared_gate)
+        if _local_experts is None:
+            _local_experts = (moe.w_gate_up[first:last].clone(), moe.w_down[first:last].clone())
+        self.w_gate_up = keep(_local_experts[0].contiguous())
+        self.w_down = keep(_local_experts[1].contiguous())
+
+        if transport == "auto":
+            transport = ("nvlink" if max_tokens_per_rank is not None
+                         and nvlink_available(self.group, device) else "all_to_all")
+        if transport == "nvlink":
+            if max_tokens_per_rank is None:
+                raise ValueError("transport='nvlink' needs max_tokens_per_rank (its symmetric "
+                                 "buffers are sized once)")
+            if device.type != "cuda":
+                raise ValueError(f"transport='nvlink' needs CUDA tensors, the layer is on {device}")
+            self.transport = NVLinkTransport(self.group, self.rank, self.world_size,
+                                             max_tokens_per_rank, config.hidden_size,
+                                             config.top_k, moe.router_weight.dtype, device)
+        else:
+            self.transport = AllToAllTransport(self.group, self.rank, self.world_size,
+                                               max_tokens_per_rank)
+        self.max_tokens_per_rank = max_tokens_per_rank
+        self.overlap = overlap
+        self.layer_id = next(_NEXT_ID)
+        _LAYERS[self.layer_id] = weakref.ref(self)
+
+    @classmethod
+    def from_config(cls, name_or_config: str | MoEConfig, group=None, dtype=torch.float32,
+                    device=None, transport: str = "auto", max_tokens_per_rank: int | None = None,
+                    *, seed: int = 0, overlap: bool | str = "auto") -> "ExpertParallelMoE":
+        """A random layer that allocates only this rank's experts; router and shared
+        weights are drawn identically on every rank. The whole layer is
+        ``moe_ops.distributed.random_fused_moe(config, seed)``."""
+        config = get_config(name_or_config)
+        group = group if group is not None else dist.group.WORLD
+        experts = expert_range(config.num_experts, dist.get_world_size(group),
+                               dist.get_rank(group))
+        shell = FusedMoE(config, dtype=dtype, device="meta")
+        for name, tensor in draw_replicated(config, seed, dtype, device).items():
+            setattr(shell, name, tensor if name == "score_bias" or tensor is None
+                    else nn.Parameter(tensor, requires_grad=False))
+        return cls(shell, group, transport, max_tokens_per_rank, overlap=overlap,
+                   _local_experts=draw_experts(config, seed, experts, dtype, device))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [..., H]: routed experts (over all ranks) plus the shared expert."""
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, shape[-1]) if hidden_states.dim() >= 1 else hidden_states
+        out = torch.ops.tritonmoe.expert_parallel_moe(flat, self.layer_id)
+        return out.reshape(shape)
+
+    # -- the op body -------------------------------------------------------------------
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Metadata checks of one forward's hidden states [T, H]."""
+        H = self.config.hidden_size
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != H:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"hidden_states must be [..., hidden={H}] for this layer, got {shape}")
+        if x.dtype != self.router_weight.dtype or x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"hidden_states has dtype {x.dtype}, expected the layer's "
+                            f"{self.router_weight.dtype}")
+        if x.device != self.router_weight.device:
+            raise ValueError(f"hidden_states is on {x.device}, expected the layer's device "
+                             f"{self.router_weight.device} (rank {self.rank})")
+        if self.max_tokens_per_rank is not None and x.shape[0] > self.max_tokens_per_rank:
+            raise ValueError(f"hidden_states has {x.shape[0]} tokens, more than "
+                             f"max_tokens_per_rank={self.max_tokens_per_rank}")
+
+    def _use_overlap(self, num_tokens: int) -> bool:
+        if self.overlap != "auto":
+            return self.overlap
+        c = self.config
+        expected_rows = self.world_size * num_tokens * c.top_k / c.num_experts
+        return expected_rows >= OVERLAP_MIN_ROWS_PER_EXPERT
+
+    def forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward of x [T, H] (contiguous); see the module docstring."""
+        transport, c = self.transport, self.config
+        W, r, C = self.world_size, self.rank, self.max_tokens_per_rank
+        try:
+            self.check_input(x)
+            failed = None
+        except (ValueError, TypeError) as error:
+            failed = error
+        if failed is not None:
+            if C is None:  # tell the peers through the count exchange: every rank raises
+                try:
+                    transport.exchange_counts(
+                        torch.zeros(W, dtype=torch.long, device=self.router_weight.device), True)
+                except RuntimeError:
+                    pass  # this rank's own error says more
+            raise failed
+        x = x.contiguous()
+        T = x.shape[0]
+        overlap = self._use_overlap(T)
+        transport.begin()
+
+        with stage_range("dispatch"):
+            topk_weights, topk_ids = route_impl(
+                x, self.router_weight, c.top_k, c.scoring, c.renormalize, c.n_group,
+                c.topk_group, None if self.score_bias is None else self.score_bias.float(),
+                c.routed_scaling_factor)
+            plan = plan_dispatch(topk_ids, len(self.expert_range), W, C,
+                                 skip_rank=r if overlap else None)
+            if C is None:
+                send_rows = plan.counts.tolist()
+                recv_rows = transport.exchange_counts(plan.counts, False)
+                filled = send_rows
+            else:
+                send_rows = recv_rows = [C] * W
+                filled = [0 if overlap and d == r else T for d in range(W)]
+            offsets = [sum(send_rows[:d]) for d in range(W)]
+            send = transport.send_buffers(sum(send_rows), c.hidden_size, c.top_k, x.dtype, x.device)
+            pack_send_blocks(x, topk_weights, plan, filled, offsets, *send,
+                             skip_rank=r if overlap else None)
+        pending = transport.dispatch(*send, send_rows, recv_rows, filled)
+
+        local = (fused_experts_impl(x, topk_weights, plan.local_ids[r], self.w_gate_up,
+                                    self.w_down) if overlap else None)
+        shared = shared_expert_output(x, self.shared_gate_up, self.shared_down, self.shared_gate)
+
+        recv_x, recv_ids, recv_weights = transport.receive(pending)
+        partials = fused_experts_impl(recv_x, recv_weights, recv_ids, self.w_gate_up, self.w_down)
+        back_filled = [0 if overlap and d == r else rows for d, rows in enumerate(recv_rows)]
+        back = transport.receive_back(transport.send_back(partials, send_rows, recv_rows, back_filled))
+
+        out = torch.empty_like(x)
+        with stage_range("combine"):
+            if T:
+                block_t, block_h = (16, 256) if interpreter_active() else (4, 512)
+                combine_partials_kernel[(triton.cdiv(T, block_t), triton.cdiv(c.hidden_size, block_h))](
+                    back, plan.rows, local if local is not None else x,
+                    shared.contiguous() if shared is not None else x, out, T, c.hidden_size,
+                    WORLD=W, HAS_LOCAL=local is not None, HAS_SHARED=shared is not None,
+                    BLOCK_T=block_t, BLOCK_H=block_h, INTERPRETER=interpreter_active(),
+                )
+        transport.end()
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{self.config.name}: experts {self.expert_range.start}..{self.expert_range.stop - 1} "
+                f"of {self.config.num_experts} on rank {self.rank}/{self.world_size}, "
+                f"transport={self.transport.name}, max_tokens_per_rank={self.max_tokens_per_rank}")

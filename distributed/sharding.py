@@ -1,0 +1,112 @@
+"""Which experts a rank holds, random layers drawn shard by shard, and the checks that
+every rank of a group built the same layer.
+
+Rank r of W holds the contiguous experts ``[r*E/W, (r+1)*E/W)``. Random weights are
+drawn from generators seeded per tensor (and per expert), so a rank can draw its own
+shard alone and still hold exactly the experts ``random_fused_moe`` draws for a whole
+single-process layer with the same seed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from moe_ops.configs import MoEConfig
+from moe_ops.module import FusedMoE
+
+
+def expert_range(num_experts: int, world_size: int, rank: int) -> range:
+    """The experts rank ``rank`` of ``world_size`` owns."""
+    if num_experts % world_size != 0:
+        raise ValueError(
+            f"num_experts={num_experts} must be divisible by the group's world size "
+            f"{world_size} (experts are split into equal contiguous shards)")
+    per_rank = num_experts // world_size
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+def _normal(shape, std, seed, dtype, device):
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    return out.normal_(0.0, std, generator=generator).to(dtype)
+
+
+def draw_replicated(config: MoEConfig, seed: int, dtype, device) -> dict:
+    """Router, score bias and shared-expert weights: the same on every rank for a seed.
+    N(0, 1/fan_in) like ``FusedMoE.reset_parameters``; the bias N(0, 0.1^2) in float32."""
+    E, H, Is = config.num_experts, config.hidden_size, config.shared_intermediate_size
+    base = seed * 1_000_003
+    has_shared = config.shared_experts > 0
+    return dict(
+        router_weight=_normal((E, H), H ** -0.5, base, dtype, device),
+        score_bias=_normal((E,), 0.1, base + 1, torch.float32, device) if config.score_bias else None,
+        shared_gate_up=_normal((2 * Is, H), H ** -0.5, base + 2, dtype, device) if has_shared else None,
+        shared_down=_normal((H, Is), Is ** -0.5, base + 3, dtype, device) if has_shared else None,
+        shared_gate=_normal((1, H), H ** -0.5, base + 4, dtype, device) if config.shared_gated else None,
+    )
+
+
+def draw_experts(config: MoEConfig, seed: int, experts: range, dtype, device):
+    """(w_gate_up [n, 2I, H], w_down [n, H, I]) of the given experts only."""
+    H, I = config.hidden_size, config.intermediate_size
+    base = seed * 1_000_003 + 16
+    w_gate_up = torch.empty(len(experts), 2 * I, H, dtype=dtype, device=device)
+    w_down = torch.empty(len(experts), H, I, dtype=dtype, device=device)
+    for i, expert in enumerate(experts):
+        w_gate_up[i] = _normal((2 * I, H), H ** -0.5, base + 2 * expert, dtype, device)
+        w_down[i] = _normal((H, I), I ** -0.5, base + 2 * expert + 1, dtype, device)
+    return w_gate_up, w_down
+
+
+def random_fused_moe(config: MoEConfig, seed: int = 0, dtype=torch.float32,
+                     device=None) -> FusedMoE:
+    """The whole layer ``ExpertParallelMoE.from_config`` draws for this seed, on one process."""
+    moe = FusedMoE(config, dtype=dtype, device="meta")
+    for name, tensor in draw_replicated(config, seed, dtype, device).items():
+        if name == "score_bias":
+            moe.score_bias = tensor
+        elif tensor is not None:
+            setattr(moe, name, torch.nn.Parameter(tensor, requires_grad=False))
+    w_gate_up, w_down = draw_experts(config, seed, range(config.num_experts), dtype, device)
+    moe.w_gate_up = torch.nn.Parameter(w_gate_up, requires_grad=False)
+    moe.w_down = torch.nn.Parameter(w_down, requires_grad=False)
+    return moe
+
+
+def layer_description(config: MoEConfig, dtype: torch.dtype, router_weight: torch.Tensor,
+                      transport: str, max_tokens_per_rank: int | None) -> dict:
+    """What must agree between the ranks of one layer; the router's checksum catches
+    ranks that loaded different weights."""
+    fields = {k: v for k, v in vars(config).items() if k != "name"}
+    checksum = float(router_weight.detach().double().abs().sum())
+    return dict(config=fields, dtype=str(dtype), router_checksum=checksum,
+                transport=transport, max_tokens_per_rank=max_tokens_per_rank)
+
+
+def check_ranks_agree(group, description: dict) -> list:
+    """Gather every rank's description; raise the same ValueError on every rank where two
+    differ. Returns the gathered list."""
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, description, group=group)
+    first = gathered[0]
+    for rank, other in enumerate(gathered[1:], start=1):
+        for key in first:
+            a, b = first[key], other[key]
+            if key == "router_checksum":
+                same = math.isclose(a, b, rel_tol=1e-6)
+            elif isinstance(a, dict):
+                same = a == b
+                if not same:
+                    diff = sorted(k for k in a if a[k] != b.get(k))
+                    key = f"config ({', '.join(f'{k}: {a[k]!r} vs {b.get(k)!r}' for k in diff)})"
+            else:
+                same = a == b
+            if not same:
+                raise ValueError(
+                    f"ExpertParallelMoE: ranks 0 and {rank} of the group disagree on {key}"
+                    + ("" if key.startswith("config") else f": {a!r} vs {b!r}")
+                    + "; every rank must build the layer from the same config, dtype and "
+                      "weights")
+    return gathered

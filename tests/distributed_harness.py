@@ -1,0 +1,85 @@
+"""Run a function on W processes of one process group and collect what each rank did.
+
+On a machine with at least W GPUs (and no interpreter) the group is NCCL, one GPU per
+rank; elsewhere gloo on the CPU with the Triton interpreter. Every run has a deadline:
+a rank that has not reported by then counts as hung and every process is killed.
+"""
+from __future__ import annotations
+
+import os
+import queue as queue_module
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+NO_MULTICAST = {"TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NCCL_NVLS_ENABLE": "0",
+                "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def use_gpus(world_size: int) -> bool:
+    return (torch.cuda.is_available() and torch.cuda.device_count() >= world_size
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
+def _worker(rank, world_size, fn, args, init_file, results, group_timeout_s):
+    os.environ.update(NO_MULTICAST)
+    try:
+        if use_gpus(world_size):
+            torch.cuda.set_device(rank)
+            backend, device = "nccl", torch.device("cuda", rank)
+        else:
+            backend, device = "gloo", torch.device("cpu")
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
+                                world_size=world_size,
+                                timeout=timedelta(seconds=group_timeout_s))
+        results.put((rank, "ok", fn(rank, world_size, device, *args)))
+    except BaseException as error:  # reported to the parent, which decides
+        results.put((rank, "error", f"{type(error).__name__}: {error}",
+                     traceback.format_exc()))
+    finally:
+        # Flush the report, then exit without destroy_process_group: after a failed
+        # collective it can block; the exit closes the group for the peers too.
+        results.close()
+        results.join_thread()
+        os._exit(0)
+
+
+def run_on_ranks(fn, world_size: int, *args, deadline_s: float = 240.0,
+                 group_timeout_s: float = 60.0) -> list[tuple]:
+    """fn(rank, world_size, device, *args) on every rank: [(status, value, traceback)]
+    by rank; status is "ok" (value = fn's result), "error" (value = "Type: message")
+    or "hung" (no report before the deadline)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=_worker, args=(rank, world_size, fn, args, init_file,
+                                                   results, group_timeout_s))
+                 for rank in range(world_size)]
+        for proc in procs:
+            proc.start()
+        reports = {}
+        end = time.monotonic() + deadline_s
+        while len(reports) < world_size and time.monotonic() < end:
+            try:
+                rank, status, *rest = results.get(timeout=1.0)
+                reports[rank] = (status, *rest) if status == "error" else (status, rest[0], "")
+            except queue_module.Empty:
+                continue
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+    return [reports.get(rank, ("hung", None, "")) for rank in range(world_size)]
+
+
+def assert_all_ok(reports: list[tuple]) -> list:
+    """The values of a run where every rank succeeded; else fail showing each rank."""
+    bad = [(rank, r) for rank, r in enumerate(reports) if r[0] != "ok"]
+    assert not bad, "\n".join(f"rank {rank}: {r[0]} {r[1]}\n{r[2]}" for rank, r in bad)
+    return [r[1] for r in reports]

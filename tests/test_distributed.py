@@ -1,0 +1,277 @@
+"""ExpertParallelMoE on 2 and 4 processes against the single-process FusedMoE.
+
+CPU: gloo and the Triton interpreter, shrunk configs, fp32 (rel L2 <= 1e-5). On a
+machine with enough GPUs the same tests run with NCCL (and the nvlink transport where
+marked), in bf16 too. Every run has a deadline: a hang fails the test.
+"""
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+from distributed_harness import assert_all_ok, run_on_ranks, use_gpus
+from helpers import rel_l2
+from moe_ops.configs import shrink
+
+MODELS = ["mixtral-8x7b", "qwen2-57b-a14b", "qwen3-30b-a3b", "deepseek-v3"]
+# Tokens per rank, uneven, a rank with none, both routing paths (<= 16 and > 16 tokens).
+TOKENS = {2: [[13, 0], [5, 21]], 4: [[13, 0, 5, 21], [3, 17, 0, 9]]}
+CAPACITY = 24
+
+
+def _seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def _poison_empty():
+    """torch.empty fills floats with NaN: a row the layer forgets to write fails."""
+    import torch.utils.deterministic as deterministic
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic.fill_uninitialized_memory = True
+
+
+def _check_against_single_process(ep, moe, x, tol):
+    with torch.no_grad():
+        out, expected = ep(x), moe(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    err = rel_l2(out, expected) if x.numel() else 0.0
+    assert err <= tol, f"relative L2 {err:.2e} > {tol:.0e}"
+    return err
+
+
+def parity_scenario(rank, world, device, cases, seed, dtype, transports):
+    """Every (model, max_tokens_per_rank, overlap) case and transport against
+    random_fused_moe; returns the relative errors."""
+    from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
+
+    _poison_empty()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    errors, models = {}, {}
+    for i, (name, max_tokens, overlap) in enumerate(cases):
+        config = shrink(name)
+        if name not in models:
+            models[name] = random_fused_moe(config, seed, dtype=dtype, device=device)
+        moe = models[name]
+        for transport in transports:
+            ep = ExpertParallelMoE.from_config(
+                config, dtype=dtype, device=device, transport=transport,
+                max_tokens_per_rank=max_tokens, seed=seed, overlap=overlap)
+            assert ep.transport.name == transport
+            torch.manual_seed(seed + 7 * rank + i)
+            x = torch.randn(TOKENS[world][i % 2][rank], config.hidden_size, device=device,
+                            dtype=dtype)
+            key = f"{name}/{transport}/max_tokens={max_tokens}/overlap={overlap}"
+            errors[key] = _check_against_single_process(ep, moe, x, tol)
+            # The layer keeps only its shard, and the shard is the right one.
+            per_rank = config.num_experts // world
+            assert ep.w_gate_up.shape[0] == per_rank
+            assert torch.equal(ep.w_gate_up, moe.w_gate_up[rank * per_rank:(rank + 1) * per_rank])
+    return errors
+
+
+# (model, max_tokens_per_rank, overlap): both buffer modes and both overlap modes on every
+# model at 2 ranks; at 4 ranks each model once, the four combinations spread over them.
+CASES = {
+    2: [(m, cap, ov) for m in MODELS for cap, ov in [(None, False), (CAPACITY, True)]]
+    + [("mixtral-8x7b", None, True), ("mixtral-8x7b", CAPACITY, False)],
+    4: [("mixtral-8x7b", None, False), ("qwen2-57b-a14b", CAPACITY, True),
+        ("qwen3-30b-a3b", None, True), ("deepseek-v3", CAPACITY, False)],
+}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_parity_with_single_process_layer(world):
+    seed = _seed()
+    print(f"seed={seed}")
+    errors = assert_all_ok(run_on_ranks(
+        parity_scenario, world, CASES[world], seed, torch.float32, ["all_to_all"]))
+    assert all(len(e) == len(CASES[world]) for e in errors)
+
+
+def one_rank_scenario(rank, world, device, seed, max_tokens):
+    """Every token of every rank routed to rank 0's experts."""
+    from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
+
+    _poison_empty()
+    config = shrink("mixtral-8x7b")
+    moe = random_fused_moe(config, seed, device=device)
+    per_rank = config.num_experts // world
+    generator = torch.Generator(device=device).manual_seed(seed)
+    router = torch.randn(moe.router_weight.shape, generator=generator, device=device).abs()
+    router[per_rank:] *= -1  # tokens below are positive: only rank 0's experts score high
+    moe.router_weight.copy_(router)
+    ep = ExpertParallelMoE(moe, transport="all_to_all", max_tokens_per_rank=max_tokens)
+    x = torch.rand(9 + rank, config.hidden_size, device=device) + 0.1
+    ids = torch.ops.tritonmoe.route(x, moe.router_weight, **config.routing_kwargs())[1]
+    assert bool((ids < per_rank).all())
+    return _check_against_single_process(ep, moe, x, 1e-5)
+
+
+@pytest.mark.parametrize("max_tokens", [None, 16])
+def test_every_token_on_one_rank(max_tokens):
+    assert_all_ok(run_on_ranks(one_rank_scenario, 2, _seed(), max_tokens))
+
+
+def compile_scenario(rank, world, device, seed):
+    """A residual block around the layer compiles with fullgraph=True and dynamic
+    shapes (no graph break, the fake op traced) and gives the eager result."""
+    from moe_ops.distributed import ExpertParallelMoE
+
+    config = shrink("deepseek-v3")
+    ep = ExpertParallelMoE.from_config(config, device=device, max_tokens_per_rank=32,
+                                       seed=seed, transport="all_to_all")
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = ep
+
+        def forward(self, x):
+            return x + self.moe(x)
+
+    block = Block()
+    explanation = torch._dynamo.explain(block)(torch.randn(2, 3, config.hidden_size, device=device))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, dynamic=True, backend="aot_eager")
+    for tokens in (5, 11 + rank):
+        x = torch.randn(tokens, config.hidden_size, device=device)
+        with torch.no_grad():
+            assert rel_l2(compiled(x), block(x)) <= 1e-6
+    return True
+
+
+def test_fullgraph_compile():
+    assert_all_ok(run_on_ranks(compile_scenario, 2, _seed()))
+
+
+# -- errors: raised on every rank, never a hang ------------------------------------------
+
+def construct_scenario(rank, world, device, case):
+    from moe_ops.distributed import ExpertParallelMoE
+
+    config, dtype = shrink("mixtral-8x7b"), torch.float32
+    if case == "indivisible":
+        config = replace(config, num_experts=6)
+    elif case == "config" and rank == 1:
+        config = replace(config, top_k=3)
+    elif case == "dtype" and rank == 1:
+        dtype = torch.float16
+    ExpertParallelMoE.from_config(config, dtype=dtype, device=device, transport="all_to_all")
+    return "built"
+
+
+@pytest.mark.parametrize("case,world,message", [
+    ("indivisible", 4, "divisible by the group's world size 4"),
+    ("config", 2, "disagree on config .*top_k: 2 vs 3"),
+    ("dtype", 2, "disagree on dtype"),
+])
+def test_construction_errors_on_every_rank(case, world, message):
+    import re
+
+    reports = run_on_ranks(construct_scenario, world, case, deadline_s=120)
+    for rank, (status, value, _) in enumerate(reports):
+        assert status == "error" and value.startswith("ValueError"), (rank, status, value)
+        assert re.search(message, value), (rank, value)
+
+
+def bad_forward_scenario(rank, world, device, case, max_tokens):
+    from moe_ops.distributed import ExpertParallelMoE
+
+    config = shrink("qwen3-30b-a3b")
+    ep = ExpertParallelMoE.from_config(config, device=device, transport="all_to_all",
+                                       max_tokens_per_rank=max_tokens)
+    x = torch.randn(6, config.hidden_size, device=device)
+    if rank == 1:
+        if case == "hidden":
+            x = torch.randn(6, config.hidden_size + 1, device=device)
+        elif case == "device":  # a CPU tensor for a GPU layer; on CPU a meta tensor
+            x = x.to("cpu" if device.type == "cuda" else "meta")
+        elif case == "dies":
+            raise SystemExit("rank 1 stops before the forward")
+    with torch.no_grad():
+        ep(x)
+    return "finished"
+
+
+@pytest.mark.parametrize("case,max_tokens,bad_rank_error", [
+    ("hidden", None, "ValueError: hidden_states must be \\[..., hidden=64\\]"),
+    ("hidden", 16, "ValueError: hidden_states must be \\[..., hidden=64\\]"),
+    ("device", None, "ValueError: hidden_states is on (meta|cpu)"),
+    ("dies", 16, "SystemExit"),
+])
+def test_bad_forward_fails_every_rank_in_bounded_time(case, max_tokens, bad_rank_error):
+    import re
+
+    reports = run_on_ranks(bad_forward_scenario, 2, case, max_tokens, deadline_s=150,
+                           group_timeout_s=20)
+    assert reports[1][0] == "error" and re.search(bad_rank_error, reports[1][1]), reports[1]
+    assert reports[0][0] == "error", reports[0]  # not "finished", not "hung"
+    if max_tokens is None and (case == "hidden" or use_gpus(2)):
+        # The count exchange tells the peer which rank failed. (A meta tensor never
+        # reaches the real op, so on CPU the peer sees the closed connection instead.)
+        assert "rank(s) [1] of the group rejected their input" in reports[0][1], reports[0]
+
+
+# -- GPU: NCCL and nvlink, bf16, graph capture, no host sync -----------------------------
+
+needs_two_gpus = pytest.mark.skipif(not use_gpus(2), reason="needs 2 GPUs")
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_parity_both_transports(dtype):
+    seed = _seed()
+    fixed = [(m, CAPACITY, ov) for m in MODELS for ov in (False, True)]
+    assert_all_ok(run_on_ranks(parity_scenario, 2, fixed, seed, dtype, ["nvlink", "all_to_all"]))
+    assert_all_ok(run_on_ranks(parity_scenario, 2, [(m, None, False) for m in MODELS], seed,
+                               dtype, ["all_to_all"]))
+
+
+def graph_scenario(rank, world, device, seed, transport):
+    """Capture two layers' forwards in one CUDA graph with no host sync; replay with new
+    data equals eager; a third replay too (the device epoch advances)."""
+    from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
+
+    config = shrink("deepseek-v3", hidden_size=256, intermediate_size=128)
+    moe = random_fused_moe(config, seed, dtype=torch.bfloat16, device=device)
+    layers = [ExpertParallelMoE.from_config(config, dtype=torch.bfloat16, device=device,
+                                            transport=transport, max_tokens_per_rank=64,
+                                            seed=seed, overlap=overlap)
+              for overlap in (False, True)]
+    static_x = torch.randn(40 + 8 * rank, config.hidden_size, device=device, dtype=torch.bfloat16)
+
+    def step():
+        return layers[1](layers[0](static_x))
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.set_sync_debug_mode("error")
+        with torch.cuda.graph(graph):
+            static_out = step()
+        torch.cuda.set_sync_debug_mode("default")
+        errors = []
+        for _ in range(3):
+            static_x.copy_(torch.randn_like(static_x))
+            graph.replay()
+            expected = moe(moe(static_x))
+            errors.append(rel_l2(static_out, expected))
+            torch.cuda.set_sync_debug_mode("error")
+            eager = step()
+            torch.cuda.set_sync_debug_mode("default")
+            assert torch.equal(eager, static_out)
+    assert max(errors) <= 2e-2, errors
+    return errors
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("transport", ["nvlink", "all_to_all"])
+def test_gpu_graph_replay_without_host_sync(transport):
+    assert_all_ok(run_on_ranks(graph_scenario, 2, _seed(), transport))
