@@ -24,8 +24,9 @@ forward, counted with torch.profiler outside the timing. Correctness is checked 
 
 Writes ``moe_<gpu>_<routing>.{json,md,png}`` under --out (rewritten after each model,
 so an interrupted run keeps what it measured). Without CUDA it runs the shrunk
-configs through the Triton interpreter: it exercises the code paths, and its numbers
-are not performance.
+configs through the Triton interpreter: it exercises the code paths, its numbers
+are not performance, and they go to ``benchmarks/results-cpu-interpreter/`` (ignored
+by git) instead of ``benchmarks/results/``.
 """
 from __future__ import annotations
 
@@ -447,6 +448,10 @@ def plot(rows, stamp, models, path: Path) -> None:
 
 # --------------------------------------------------------------------------- main
 
+# Interpreter runs are not performance: they never land beside the GPU tables.
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / ("results" if ON_GPU else "results-cpu-interpreter")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -457,7 +462,9 @@ def parse_args(argv=None):
     p.add_argument("--routing", choices=["uniform", "zipf"], default="uniform")
     p.add_argument("--zipf-s", type=float, default=1.2)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help="output folder (default benchmarks/results on a GPU; on CPU the "
+                        "git-ignored benchmarks/results-cpu-interpreter, not GPU results)")
     p.add_argument("--quick", action="store_true",
                    help="GPU: mixtral-8x7b, qwen3-30b-a3b at T=1,32,512; CPU: mixtral at T=1,5")
     p.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 REQUIRED = {"gpu", "model", "T", "routing", "system", "ms", "pct_floor", "floor_ms", "launches"}
 
 
@@ -25,3 +26,18 @@ def test_bench_writes_rows_for_every_system(tmp_path):
         assert row["pct_floor"] == pytest.approx(row["floor_ms"] / row["ms"] * 100)
     assert json_path.with_suffix(".md").read_text().startswith("# MoE forward benchmark")
     assert json_path.with_suffix(".png").stat().st_size > 0
+
+
+def test_cpu_results_stay_out_of_the_tracked_gpu_results():
+    """On CPU the default output folder is not benchmarks/results/ and git ignores it."""
+    from benchmarks.bench_moe import parse_args
+    from tools.runtime import ON_GPU
+
+    out = Path(parse_args([]).out)
+    if ON_GPU:
+        assert out == REPO_ROOT / "benchmarks" / "results"
+        return
+    assert REPO_ROOT / "benchmarks" / "results" not in [out, *out.parents]
+    probe = out.relative_to(REPO_ROOT) / "moe_cpu-interpreter_uniform.json"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=REPO_ROOT)
+    assert ignored.returncode == 0, f"{probe} is not ignored by git"
