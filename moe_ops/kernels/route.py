@@ -28,7 +28,7 @@ from .align import block_ranks
 from .casting import cast_rne
 
 
-UNAVAILABLE: tl.constexpr = -2147483648  # key of padding, excluded and picked entries
+UNAVAILABLE = tl.constexpr(-2147483648)  # the key of padding, excluded and picked entries
 
 
 @triton.jit
