@@ -10,8 +10,9 @@ For a block of BLOCK_T tokens (grid = cdiv(T, BLOCK_T)):
     weights:  scores at ids, renormalised (+1e-20 for sigmoid), times the scaling
 
 Selection orders choices as ``torch.topk`` and ``moe_ops.reference`` do, NaN above every
-number: a token whose hidden state holds NaN or Inf gets in-range, distinct ids and NaN
-weights (its output is NaN, as the reference's is), and no other token is affected.
+number: a token whose hidden state holds NaN or Inf gets in-range, distinct ids (with NaN
+weights where its scores are NaN), its output is non-finite as the reference's is, and
+no other token is affected.
 Comparisons run on int32 keys of that order (``_order_key``), so the result does not
 depend on how a backend's max treats NaN.
 
