@@ -17,10 +17,12 @@ One forward, in the order the data moves (W ranks, this rank r, its tokens x [T,
 The expert computation is ``moe_ops.pipeline.fused_experts_impl`` on the local shard:
 ids a rank does not own arrive as -1 and are skipped by its kernels.
 
-"overlap" computes the own tokens while the others travel, at the price of reading
-the local experts' weights twice (once per source); where the experts are bound by
-weight bandwidth (few rows per expert) that costs more than it hides, so ``"auto"``
-turns it on only above ``OVERLAP_MIN_ROWS_PER_EXPERT`` expected rows per expert.
+``overlap=True`` computes the own tokens while the others travel, at the price of
+reading the local experts' weights twice (once per source) and running two smaller
+grouped GEMMs. Measured on 2 x H200 (README, "Expert parallel") it lost everywhere:
+1.5x slower at 128 tokens per rank, 5-10% slower at 8192. It stays an option, off by
+default: the dispatch already overlaps the shared expert, which runs on the main
+stream while the copy engine pushes the tokens.
 """
 from __future__ import annotations
 
@@ -48,7 +50,6 @@ from .sharding import (check_ranks_agree, draw_experts, draw_replicated, expert_
                        layer_description)
 
 TRANSPORTS = ("auto", "nvlink", "all_to_all")
-OVERLAP_MIN_ROWS_PER_EXPERT = 128
 
 _LAYERS: dict[int, "weakref.ref[ExpertParallelMoE]"] = {}
 _NEXT_ID = itertools.count()
@@ -78,31 +79,24 @@ class ExpertParallelMoE(nn.Module):
         max_tokens_per_rank: fixes the buffers and split sizes: no host synchronisation
             and CUDA-graph capturable. Without it ``all_to_all`` exchanges the counts
             once per forward (a small collective the host waits for).
-        overlap: compute this rank's own tokens during the dispatch: True, False or
-            "auto" (above ``OVERLAP_MIN_ROWS_PER_EXPERT`` expected rows per expert).
+        overlap: compute this rank's own tokens in place during the dispatch (see the
+            module docstring: measured slower, so off by default).
     """
 
     def __init__(self, moe: FusedMoE, group=None, transport: str = "auto",
-                 max_tokens_per_rank: int | None = None, *, overlap: bool | str = "auto",
+                 max_tokens_per_rank: int | None = None, *, overlap: bool = False,
                  _local_experts=None):
         super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("ExpertParallelMoE needs torch.distributed initialised "
                                "(torchrun, then dist.init_process_group)")
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-        if max_tokens_per_rank is not None and (not isinstance(max_tokens_per_rank, int)
-                                                or max_tokens_per_rank < 1):
-            raise ValueError(f"max_tokens_per_rank must be a positive int or None, "
-                             f"got {max_tokens_per_rank!r}")
-        if overlap not in (True, False, "auto"):
-            raise ValueError(f"overlap must be True, False or 'auto', got {overlap!r}")
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be a bool, got {overlap!r}")
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         config = moe.config
         self.config = config
-        device = moe.router_weight.device
         check_ranks_agree(self.group, layer_description(
             config, moe.router_weight.dtype, moe.router_weight, transport, max_tokens_per_rank))
         self.expert_range = expert_range(config.num_experts, self.world_size, self.rank)
@@ -121,6 +115,22 @@ class ExpertParallelMoE(nn.Module):
         self.w_gate_up = keep(_local_experts[0].contiguous())
         self.w_down = keep(_local_experts[1].contiguous())
 
+        self.overlap = overlap
+        self.set_transport(transport, max_tokens_per_rank)
+        self.layer_id = next(_NEXT_ID)
+        _LAYERS[self.layer_id] = weakref.ref(self)
+
+    def set_transport(self, transport: str = "auto", max_tokens_per_rank: int | None = None) -> None:
+        """Choose the transport and buffer size (see the class docstring); collective:
+        every rank calls it with the same arguments. NVLink workspaces are shared by
+        the layers of one (group, max_tokens_per_rank, hidden, top_k, dtype)."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        if max_tokens_per_rank is not None and (not isinstance(max_tokens_per_rank, int)
+                                                or max_tokens_per_rank < 1):
+            raise ValueError(f"max_tokens_per_rank must be a positive int or None, "
+                             f"got {max_tokens_per_rank!r}")
+        device = self.router_weight.device
         if transport == "auto":
             transport = ("nvlink" if max_tokens_per_rank is not None
                          and nvlink_available(self.group, device) else "all_to_all")
@@ -131,20 +141,17 @@ class ExpertParallelMoE(nn.Module):
             if device.type != "cuda":
                 raise ValueError(f"transport='nvlink' needs CUDA tensors, the layer is on {device}")
             self.transport = NVLinkTransport(self.group, self.rank, self.world_size,
-                                             max_tokens_per_rank, config.hidden_size,
-                                             config.top_k, moe.router_weight.dtype, device)
+                                             max_tokens_per_rank, self.config.hidden_size,
+                                             self.config.top_k, self.router_weight.dtype, device)
         else:
             self.transport = AllToAllTransport(self.group, self.rank, self.world_size,
                                                max_tokens_per_rank)
         self.max_tokens_per_rank = max_tokens_per_rank
-        self.overlap = overlap
-        self.layer_id = next(_NEXT_ID)
-        _LAYERS[self.layer_id] = weakref.ref(self)
 
     @classmethod
     def from_config(cls, name_or_config: str | MoEConfig, group=None, dtype=torch.float32,
                     device=None, transport: str = "auto", max_tokens_per_rank: int | None = None,
-                    *, seed: int = 0, overlap: bool | str = "auto") -> "ExpertParallelMoE":
+                    *, seed: int = 0, overlap: bool = False) -> "ExpertParallelMoE":
         """A random layer that allocates only this rank's experts; router and shared
         weights are drawn identically on every rank. The whole layer is
         ``moe_ops.distributed.random_fused_moe(config, seed)``."""
@@ -184,13 +191,6 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"hidden_states has {x.shape[0]} tokens, more than "
                              f"max_tokens_per_rank={self.max_tokens_per_rank}")
 
-    def _use_overlap(self, num_tokens: int) -> bool:
-        if self.overlap != "auto":
-            return self.overlap
-        c = self.config
-        expected_rows = self.world_size * num_tokens * c.top_k / c.num_experts
-        return expected_rows >= OVERLAP_MIN_ROWS_PER_EXPERT
-
     def forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         """The forward of x [T, H] (contiguous); see the module docstring."""
         transport, c = self.transport, self.config
@@ -210,7 +210,7 @@ class ExpertParallelMoE(nn.Module):
             raise failed
         x = x.contiguous()
         T = x.shape[0]
-        overlap = self._use_overlap(T)
+        overlap = self.overlap
         transport.begin()
 
         with stage_range("dispatch"):

@@ -133,7 +133,7 @@ class NVLinkTransport:
         """Block d of ``source`` (its first filled_rows[d] rows) into rank d's
         ``which[rank]`` on the side stream, then rank d's flag; this rank's own block
         locally, on the main stream. With ``meta`` the ids and weights travel too."""
-        ws, slot, C = self.workspace, self.slot, self.capacity
+        ws, slot = self.workspace, self.slot
         ws.side.wait_stream(torch.cuda.current_stream())
         source.record_stream(ws.side)
         with torch.cuda.stream(ws.side):

@@ -52,8 +52,9 @@ def _worker(rank, world_size, fn, args, init_file, results, group_timeout_s):
 def run_on_ranks(fn, world_size: int, *args, deadline_s: float = 240.0,
                  group_timeout_s: float = 60.0) -> list[tuple]:
     """fn(rank, world_size, device, *args) on every rank: [(status, value, traceback)]
-    by rank; status is "ok" (value = fn's result), "error" (value = "Type: message")
-    or "hung" (no report before the deadline)."""
+    by rank; status is "ok" (value = fn's result), "error" (value = "Type: message"),
+    "died" (the process ended without a report: NCCL's watchdog aborts a rank whose
+    collective timed out) or "hung" (still running at the deadline, then killed)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,12 +71,16 @@ def run_on_ranks(fn, world_size: int, *args, deadline_s: float = 240.0,
                 rank, status, *rest = results.get(timeout=1.0)
                 reports[rank] = (status, *rest) if status == "error" else (status, rest[0], "")
             except queue_module.Empty:
-                continue
-        for proc in procs:
+                if not any(proc.is_alive() for proc in procs):
+                    break
+        for rank, proc in enumerate(procs):
             proc.join(timeout=5)
+            if rank not in reports:
+                reports[rank] = (("hung", None, "") if proc.is_alive() else
+                                 ("died", f"exit code {proc.exitcode}", ""))
             if proc.is_alive():
                 proc.kill()
-    return [reports.get(rank, ("hung", None, "")) for rank in range(world_size)]
+    return [reports[rank] for rank in range(world_size)]
 
 
 def assert_all_ok(reports: list[tuple]) -> list:

@@ -83,6 +83,8 @@ CASES = {
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_parity_with_single_process_layer(world):
+    if torch.cuda.is_available() and not use_gpus(world):
+        pytest.skip(f"{world} ranks need {world} GPUs here (gloo on CPU needs the interpreter)")
     seed = _seed()
     print(f"seed={seed}")
     errors = assert_all_ok(run_on_ranks(
@@ -208,7 +210,7 @@ def test_bad_forward_fails_every_rank_in_bounded_time(case, max_tokens, bad_rank
     reports = run_on_ranks(bad_forward_scenario, 2, case, max_tokens, deadline_s=150,
                            group_timeout_s=20)
     assert reports[1][0] == "error" and re.search(bad_rank_error, reports[1][1]), reports[1]
-    assert reports[0][0] == "error", reports[0]  # not "finished", not "hung"
+    assert reports[0][0] in ("error", "died"), reports[0]  # not "finished", not "hung"
     if max_tokens is None and (case == "hidden" or use_gpus(2)):
         # The count exchange tells the peer which rank failed. (A meta tensor never
         # reaches the real op, so on CPU the peer sees the closed connection instead.)
@@ -240,7 +242,7 @@ def graph_scenario(rank, world, device, seed, transport):
     layers = [ExpertParallelMoE.from_config(config, dtype=torch.bfloat16, device=device,
                                             transport=transport, max_tokens_per_rank=64,
                                             seed=seed, overlap=overlap)
-              for overlap in (False, True)]
+              for overlap in (False, True)]  # two layers: the workspace's two slots
     static_x = torch.randn(40 + 8 * rank, config.hidden_size, device=device, dtype=torch.bfloat16)
 
     def step():

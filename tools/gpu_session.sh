@@ -5,6 +5,8 @@
 #   tools/gpu_session.sh tune     re-tune this GPU's tile table (TUNE_BUDGET_S)   (~8 min)
 #   tools/gpu_session.sh bench    the main job, uniform then Zipf(1.2) routing,
 #                                 and the measured gate+up fusion saving          (~5 min)
+#   tools/gpu_session.sh ep       (2+ GPUs) the expert-parallel tests, then
+#                                 benchmarks/bench_ep.py under torchrun (EP_ARGS)  (~8 min)
 #   tools/gpu_session.sh pack     tar everything under $OUT into $OUT/session.tar.gz
 #                                 (for a runner that returns only a few files)
 #
@@ -15,10 +17,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'tools/gpu_session.sh needs a GPU (CUDA or ROCm)')"
 out_given="${OUT:+yes}"
-OUT="${OUT:-benchmarks/results}"
+OUT="$(realpath -m "${OUT:-benchmarks/results}")"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python -c "import moe_ops" 2>/dev/null || pip install --quiet --no-deps --no-build-isolation -e .
+# A source checkout lacks moe_ops.distributed (setuptools maps distributed/ there at
+# install time): install a copy ahead of the checkout on the path, and run the steps
+# that need it from outside the checkout (a script's or -c's own folder comes first).
+repo="$PWD"
+if ! (cd /tmp && python -c "import moe_ops.distributed" 2>/dev/null); then
+  pip install --no-deps --no-build-isolation --target /tmp/tritonmoe-site . > "$OUT/install.log" 2>&1 \
+    || { tail -20 "$OUT/install.log"; exit 1; }
+  export PYTHONPATH="/tmp/tritonmoe-site:$PYTHONPATH"
+  (cd /tmp && python -c "import moe_ops.distributed") || exit 1
+fi
 gpu_slug=$(python -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>/dev/null || true
 
@@ -39,10 +50,18 @@ for step in "$@"; do
         | tee "$OUT/bench_zipf.log" | tail -5
       python -m tools.roofline --model mixtral-8x7b qwen3-30b-a3b --tokens 1 32 512 8192 \
         --measure-fusion 2>&1 | tee "$OUT/fusion.log" | tail -30 ;;
+    ep)
+      ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
+      export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
+      (cd /tmp && timeout "${EP_TEST_TIMEOUT_S:-300}" python -m pytest -q -p no:cacheprovider \
+        "$repo/tests/test_distributed.py" ${EP_TEST_ARGS:-}) > "$OUT/test_ep.log" 2>&1 || echo "EP TESTS FAILED (see test_ep.log)"
+      tail -30 "$OUT/test_ep.log"
+      (cd /tmp && timeout "${EP_BENCH_TIMEOUT_S:-420}" torchrun --nproc_per_node="$ngpu" \
+        "$repo/benchmarks/bench_ep.py" --out "$OUT" ${EP_ARGS:-}) 2>&1 | grep -v "^W1\|OMP_NUM\|\*\*\*\*" | tee "$OUT/bench_ep.log" | tail -40 ;;
     pack)
       [ "$out_given" = yes ] || { echo "pack empties \$OUT: set OUT to a scratch folder" >&2; exit 2; }
       tar czf /tmp/session.tar.gz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/session.tar.gz "$OUT/" ;;
     *)
-      echo "unknown step '$step' (test, tune, bench, pack)" >&2; exit 2 ;;
+      echo "unknown step '$step' (test, tune, bench, ep, pack)" >&2; exit 2 ;;
   esac
 done
