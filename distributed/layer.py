@@ -4,7 +4,7 @@ a process group.
 One forward, in the order the data moves (W ranks, this rank r, its tokens x [T, H]):
 
     route       top-k of every token over all E experts (router replicated)
-    plan        which ranks own each token's experts (``plan.plan_dispatch``)
+    plan        which ranks own each token's experts, packed into send blocks (``plan``)
     dispatch    each token once to every owner rank, with its ids in that rank's
                 numbering and its weights (a transport: ``all_to_all`` or ``nvlink``)
     local       [overlap] this rank's own tokens through its experts, in place, while
@@ -45,7 +45,7 @@ from moe_ops.validation import FLOAT_DTYPES
 from .all_to_all import AllToAllTransport
 from .kernels import combine_partials_kernel
 from .nvlink import NVLinkTransport, nvlink_available
-from .plan import pack_send_blocks, plan_dispatch
+from .plan import plan_and_pack
 from .sharding import (check_ranks_agree, draw_experts, draw_replicated, expert_range,
                        layer_description)
 
@@ -218,22 +218,21 @@ class ExpertParallelMoE(nn.Module):
                 x, self.router_weight, c.top_k, c.scoring, c.renormalize, c.n_group,
                 c.topk_group, None if self.score_bias is None else self.score_bias.float(),
                 c.routed_scaling_factor)
-            plan = plan_dispatch(topk_ids, len(self.expert_range), W, C,
-                                 skip_rank=r if overlap else None)
+            send = transport.send_buffers(W * (C if C is not None else T), c.hidden_size,
+                                          c.top_k, x.dtype, x.device)
+            plan = plan_and_pack(x, topk_weights, topk_ids, len(self.expert_range), r, W, C,
+                                 *send, skip_own=overlap)
             if C is None:
                 send_rows = plan.counts.tolist()
-                recv_rows = transport.exchange_counts(plan.counts, False)
+                recv_rows = transport.exchange_counts(plan.counts.long(), False)
                 filled = send_rows
+                send = tuple(buf[:sum(send_rows)] for buf in send)
             else:
                 send_rows = recv_rows = [C] * W
                 filled = [0 if overlap and d == r else T for d in range(W)]
-            offsets = [sum(send_rows[:d]) for d in range(W)]
-            send = transport.send_buffers(sum(send_rows), c.hidden_size, c.top_k, x.dtype, x.device)
-            pack_send_blocks(x, topk_weights, plan, filled, offsets, *send,
-                             skip_rank=r if overlap else None)
         pending = transport.dispatch(*send, send_rows, recv_rows, filled)
 
-        local = (fused_experts_impl(x, topk_weights, plan.local_ids[r], self.w_gate_up,
+        local = (fused_experts_impl(x, topk_weights, plan.own_ids, self.w_gate_up,
                                     self.w_down) if overlap else None)
         shared = shared_expert_output(x, self.shared_gate_up, self.shared_down, self.shared_gate)
 
