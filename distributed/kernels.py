@@ -67,7 +67,8 @@ def plan_pack_kernel(
             for d in tl.static_range(WORLD):
                 need = tl.max(((owner == d) & mask).to(tl.int32), axis=1)
                 if SKIP_OWN:
-                    need = need * (d != rank).to(tl.int32)
+                    if d == rank:  # rank may arrive as a constant (Triton specialises 1)
+                        need = need * 0
                 totals += tl.where(offs_w == d, tl.sum(need, axis=0), 0)
 
     running = tl.zeros([W_PAD], dtype=tl.int32)
@@ -85,7 +86,8 @@ def plan_pack_kernel(
             owned = (owner == d) & mask
             need = tl.max(owned.to(tl.int32), axis=1)
             if SKIP_OWN:
-                need = need * (d != rank).to(tl.int32)
+                if d == rank:
+                    need = need * 0
             if FIXED:
                 first = d * capacity
             else:

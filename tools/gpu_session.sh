@@ -25,6 +25,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # that need it from outside the checkout (a script's or -c's own folder comes first).
 repo="$PWD"
 if ! (cd /tmp && python -c "import moe_ops.distributed" 2>/dev/null); then
+  rm -rf /tmp/tritonmoe-site  # pip --target keeps an older copy in place
   pip install --no-deps --no-build-isolation --target /tmp/tritonmoe-site . > "$OUT/install.log" 2>&1 \
     || { tail -20 "$OUT/install.log"; exit 1; }
   export PYTHONPATH="/tmp/tritonmoe-site:$PYTHONPATH"
