@@ -118,7 +118,7 @@ class ExpertParallelMoE(nn.Module):
         self.overlap = overlap
         self.set_transport(transport, max_tokens_per_rank)
         self.layer_id = next(_NEXT_ID)
-        _LAYERS[self.layer_id] = weakref.ref(self)
+        _LAYERS[self.layer_id] = weakref.ref(self, lambda _, key=self.layer_id: _LAYERS.pop(key, None))
 
     def set_transport(self, transport: str = "auto", max_tokens_per_rank: int | None = None) -> None:
         """Choose the transport and buffer size (see the class docstring); collective:
@@ -213,7 +213,7 @@ class ExpertParallelMoE(nn.Module):
         overlap = self.overlap
         transport.begin()
 
-        with stage_range("dispatch"):
+        with stage_range("plan"):
             topk_weights, topk_ids = route_impl(
                 x, self.router_weight, c.top_k, c.scoring, c.renormalize, c.n_group,
                 c.topk_group, None if self.score_bias is None else self.score_bias.float(),

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_ops.ops import register_forward_only
+
 from .layer import layer_by_id
 
 
@@ -26,10 +28,4 @@ def _expert_parallel_moe_fake(hidden_states, layer_id):
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
-def _forward_only_backward(ctx, *grads):
-    raise RuntimeError("tritonmoe::expert_parallel_moe is forward-only (no backward is "
-                       "implemented): run it under torch.no_grad() or torch.inference_mode()")
-
-
-expert_parallel_moe.register_autograd(_forward_only_backward,
-                                      setup_context=lambda ctx, inputs, output: None)
+register_forward_only(expert_parallel_moe)

@@ -115,7 +115,8 @@ def _forward_only_message(op_name: str, needs_grad: list[str]) -> str:
     return text + "For inference, run under torch.no_grad() or torch.inference_mode()."
 
 
-def _register_forward_only(op) -> None:
+def register_forward_only(op) -> None:
+    """A backward for ``op`` that raises, naming the inputs that wanted a gradient."""
     names = [argument.name for argument in op._opoverload._schema.arguments]
 
     def backward(ctx, *grads):
@@ -130,4 +131,4 @@ def _no_context(ctx, inputs, output):
 
 
 for _op in (route, fused_experts, fused_moe):
-    _register_forward_only(_op)
+    register_forward_only(_op)

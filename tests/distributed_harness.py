@@ -49,7 +49,7 @@ def _worker(rank, world_size, fn, args, init_file, results, group_timeout_s):
         os._exit(0)
 
 
-def run_on_ranks(fn, world_size: int, *args, deadline_s: float = 240.0,
+def run_on_ranks(fn, world_size: int, *args, deadline_s: float = 600.0,
                  group_timeout_s: float = 60.0) -> list[tuple]:
     """fn(rank, world_size, device, *args) on every rank: [(status, value, traceback)]
     by rank; status is "ok" (value = fn's result), "error" (value = "Type: message"),

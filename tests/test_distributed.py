@@ -93,7 +93,7 @@ def test_parity_with_single_process_layer(world):
 
 
 def one_rank_scenario(rank, world, device, seed, max_tokens):
-    """Every token of every rank routed to rank 0's experts."""
+    """Every token of every rank routed to rank 0's experts; the forward's NVTX ranges."""
     from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
 
     _poison_empty()
@@ -108,7 +108,28 @@ def one_rank_scenario(rank, world, device, seed, max_tokens):
     x = torch.rand(9 + rank, config.hidden_size, device=device) + 0.1
     ids = torch.ops.tritonmoe.route(x, moe.router_weight, **config.routing_kwargs())[1]
     assert bool((ids < per_rank).all())
-    return _check_against_single_process(ep, moe, x, 1e-5)
+    stages = _record_stages()
+    err = _check_against_single_process(ep, moe, x, 1e-5)
+    for stage in ("plan", "dispatch", "dispatch_wait", "gate_up", "combine", "combine_wait"):
+        assert ("tritonmoe", f"tritonmoe/{stage}") in stages, (stage, stages)
+    return err
+
+
+def _record_stages() -> list:
+    """Record the NVTX ranges opened from now on (the names stage_range gives)."""
+    import contextlib
+
+    from moe_ops import profiling
+
+    opened = []
+
+    class Recorder:
+        def annotate(self, message, domain=None):
+            opened.append((domain, message))
+            return contextlib.nullcontext()
+
+    profiling._nvtx = Recorder()
+    return opened
 
 
 @pytest.mark.parametrize("max_tokens", [None, 16])
