@@ -43,7 +43,7 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from tools.runtime import ON_GPU, rel_l2  # noqa: E402  (before triton)
+from tools.runtime import ON_GPU, capture_graph, rel_l2  # noqa: E402  (before triton)
 
 import triton  # noqa: E402
 
@@ -95,19 +95,6 @@ def median_ms(fn, iters: int, warmup: int = 3) -> float:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
-def capture(fn):
-    """A CUDA graph of fn (warmed up on a side stream); returns (replay, output)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph.replay, out
 
 
 def apply_routing(layer, routing: str, zipf_s: float) -> None:
@@ -174,8 +161,8 @@ def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
 
     def timed(system, fn, graph):
         if graph and ON_GPU:
-            replay, out = capture(fn)
-            ms = slowest(median_ms(replay, args.iters))
+            graph, out = capture_graph(fn)
+            ms = slowest(median_ms(graph.replay, args.iters))
         else:
             out = fn()
             ms = slowest(median_ms(fn, args.iters))
