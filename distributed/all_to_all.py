@@ -14,9 +14,10 @@ asynchronously) except the two that wait::
 
 ``send_rows[d]`` rows go to rank d, ``recv_rows[s]`` come from rank s, blocks in rank
 order; only the first ``filled_rows[d]`` rows of block d hold data (a transport may
-skip the rest, whose ids are -1). With fixed buffers every block is ``capacity`` rows (no host synchronisation,
-capturable in a CUDA graph); otherwise the sizes come from ``exchange_counts``, one
-small collective that the host waits for.
+skip the rest, whose ids are -1). With fixed buffers every block is
+``max_tokens_per_rank`` rows (no host synchronisation, capturable in a CUDA graph);
+otherwise the sizes come from ``exchange_counts``, one small collective that the host
+waits for.
 """
 from __future__ import annotations
 
@@ -36,9 +37,8 @@ class Pending(NamedTuple):
 class AllToAllTransport:
     name = "all_to_all"
 
-    def __init__(self, group, rank: int, world_size: int, capacity: int | None):
-        self.group, self.rank, self.world_size = group, rank, world_size
-        self.capacity = capacity
+    def __init__(self, group, world_size: int):
+        self.group, self.world_size = group, world_size
 
     def begin(self) -> None:
         """Nothing to prepare: the collectives order themselves."""

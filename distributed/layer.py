@@ -19,10 +19,11 @@ ids a rank does not own arrive as -1 and are skipped by its kernels.
 
 ``overlap=True`` computes the own tokens while the others travel, at the price of
 reading the local experts' weights twice (once per source) and running two smaller
-grouped GEMMs. Measured on 2 x H200 (README, "Expert parallel") it lost everywhere:
-1.5x slower at 128 tokens per rank, 5-10% slower at 8192. It stays an option, off by
-default: the dispatch already overlaps the shared expert, which runs on the main
-stream while the copy engine pushes the tokens.
+grouped GEMMs. Measured on 2 x H200 (README, "Expert parallel") it was slower in 22 of
+24 cells (1.1-1.8x at 128 and 1024 tokens per rank, 4-8% at 8192) and won only for
+Mixtral at 8192 tokens. It stays an option, off by default: the dispatch already
+overlaps the shared expert, which runs on the main stream while the copy engine pushes
+the tokens.
 """
 from __future__ import annotations
 
@@ -144,8 +145,7 @@ class ExpertParallelMoE(nn.Module):
                                              max_tokens_per_rank, self.config.hidden_size,
                                              self.config.top_k, self.router_weight.dtype, device)
         else:
-            self.transport = AllToAllTransport(self.group, self.rank, self.world_size,
-                                               max_tokens_per_rank)
+            self.transport = AllToAllTransport(self.group, self.world_size)
         self.max_tokens_per_rank = max_tokens_per_rank
 
     @classmethod
