@@ -53,7 +53,7 @@ from moe_ops.configs import get_config, shrink  # noqa: E402
 from moe_ops.distributed import ExpertParallelMoE  # noqa: E402
 from moe_ops.module import shared_expert_output  # noqa: E402
 from moe_ops.pipeline import fused_experts_impl  # noqa: E402
-from tools.roofline import measure_ceilings  # noqa: E402
+from tools.roofline import measure_ceilings, median_wall_ms  # noqa: E402
 
 MODELS = ["deepseek-v3", "qwen3-30b-a3b", "mixtral-8x7b"]
 TOKENS = [1, 128, 1024, 8192]
@@ -79,13 +79,7 @@ def median_ms(fn, iters: int, warmup: int = 3) -> float:
         fn()
     dist.barrier()
     if not ON_GPU:
-        import time
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        return median_wall_ms(fn, iters, warmup=0)
     torch.cuda.synchronize()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(iters)]

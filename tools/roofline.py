@@ -219,7 +219,8 @@ def _median_event_ms(fn, iters: int, warmup: int = 3) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
-def _median_wall_ms(fn, iters: int, warmup: int = 1) -> float:
+def median_wall_ms(fn, iters: int, warmup: int = 1) -> float:
+    """Median wall-clock ms of ``iters`` calls after ``warmup`` (for CPU runs)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -266,9 +267,9 @@ def measure_ceilings(device: torch.device | str | None = None,
         copy_bytes, n, mm_dtype = 32 << 20, 512, torch.float32
         src = torch.empty(copy_bytes, dtype=torch.uint8)
         dst = torch.empty_like(src)
-        copy_ms = _median_wall_ms(lambda: dst.copy_(src), iters=5)
+        copy_ms = median_wall_ms(lambda: dst.copy_(src), iters=5)
         a, b = torch.randn(n, n), torch.randn(n, n)
-        mm_ms = _median_wall_ms(lambda: torch.mm(a, b), iters=5)
+        mm_ms = median_wall_ms(lambda: torch.mm(a, b), iters=5)
         name = "cpu"
         note = "CPU, tiny sizes: not a GPU ceiling"
     ceilings = Ceilings(name, 2 * copy_bytes / (copy_ms * 1e-3), 2 * n**3 / (mm_ms * 1e-3),
