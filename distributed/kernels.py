@@ -39,6 +39,17 @@ from moe_ops.kernels.casting import cast_rne
 
 
 @triton.jit
+def _needs_rank(owned, mask, d, rank, SKIP_OWN: tl.constexpr):
+    """int32 [BLOCK_T]: 1 where a token has an expert on rank d (owned [BLOCK_T, K_PAD]),
+    0 for every token when d is this rank and SKIP_OWN."""
+    need = tl.max((owned & mask).to(tl.int32), axis=1)
+    if SKIP_OWN:
+        if d == rank:  # rank may arrive as a constant (Triton specialises 1)
+            need = need * 0
+    return need
+
+
+@triton.jit
 def plan_pack_kernel(
     topk_ids_ptr, topk_weights_ptr, counts_ptr, own_ids_ptr, rows_ptr, send_ids_ptr,
     send_weights_ptr, src_token_ptr, num_tokens, capacity, experts_per_rank, rank, total_rows,
@@ -65,10 +76,7 @@ def plan_pack_kernel(
             ids = tl.load(topk_ids_ptr + offs_t[:, None] * TOP_K + offs_k[None, :], mask=mask, other=-1)
             owner = tl.where(ids >= 0, ids // experts_per_rank, -1)
             for d in tl.static_range(WORLD):
-                need = tl.max(((owner == d) & mask).to(tl.int32), axis=1)
-                if SKIP_OWN:
-                    if d == rank:  # rank may arrive as a constant (Triton specialises 1)
-                        need = need * 0
+                need = _needs_rank(owner == d, mask, d, rank, SKIP_OWN)
                 totals += tl.where(offs_w == d, tl.sum(need, axis=0), 0)
 
     running = tl.zeros([W_PAD], dtype=tl.int32)
@@ -84,10 +92,7 @@ def plan_pack_kernel(
                  mask=mask)
         for d in tl.static_range(WORLD):
             owned = (owner == d) & mask
-            need = tl.max(owned.to(tl.int32), axis=1)
-            if SKIP_OWN:
-                if d == rank:
-                    need = need * 0
+            need = _needs_rank(owned, mask, d, rank, SKIP_OWN)
             if FIXED:
                 first = d * capacity
             else:

@@ -47,8 +47,8 @@ from .all_to_all import AllToAllTransport
 from .kernels import combine_partials_kernel
 from .nvlink import NVLinkTransport, nvlink_available
 from .plan import plan_and_pack
-from .sharding import (check_ranks_agree, draw_experts, draw_replicated, expert_range,
-                       layer_description)
+from .sharding import (check_ranks_agree, draw_experts, expert_range, layer_description,
+                       replicated_shell)
 
 TRANSPORTS = ("auto", "nvlink", "all_to_all")
 
@@ -159,11 +159,7 @@ class ExpertParallelMoE(nn.Module):
         group = group if group is not None else dist.group.WORLD
         experts = expert_range(config.num_experts, dist.get_world_size(group),
                                dist.get_rank(group))
-        shell = FusedMoE(config, dtype=dtype, device="meta")
-        for name, tensor in draw_replicated(config, seed, dtype, device).items():
-            setattr(shell, name, tensor if name == "score_bias" or tensor is None
-                    else nn.Parameter(tensor, requires_grad=False))
-        return cls(shell, group, transport, max_tokens_per_rank, overlap=overlap,
+        return cls(replicated_shell(config, seed, dtype, device), group, transport, max_tokens_per_rank, overlap=overlap,
                    _local_experts=draw_experts(config, seed, experts, dtype, device))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

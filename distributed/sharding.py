@@ -60,15 +60,22 @@ def draw_experts(config: MoEConfig, seed: int, experts: range, dtype, device):
     return w_gate_up, w_down
 
 
-def random_fused_moe(config: MoEConfig, seed: int = 0, dtype=torch.float32,
-                     device=None) -> FusedMoE:
-    """The whole layer ``ExpertParallelMoE.from_config`` draws for this seed, on one process."""
+def replicated_shell(config: MoEConfig, seed: int, dtype, device) -> FusedMoE:
+    """A ``FusedMoE`` holding the replicated weights of ``draw_replicated`` and no expert
+    storage (its expert tensors are on the meta device)."""
     moe = FusedMoE(config, dtype=dtype, device="meta")
     for name, tensor in draw_replicated(config, seed, dtype, device).items():
         if name == "score_bias":
             moe.score_bias = tensor
         elif tensor is not None:
             setattr(moe, name, torch.nn.Parameter(tensor, requires_grad=False))
+    return moe
+
+
+def random_fused_moe(config: MoEConfig, seed: int = 0, dtype=torch.float32,
+                     device=None) -> FusedMoE:
+    """The whole layer ``ExpertParallelMoE.from_config`` draws for this seed, on one process."""
+    moe = replicated_shell(config, seed, dtype, device)
     w_gate_up, w_down = draw_experts(config, seed, range(config.num_experts), dtype, device)
     moe.w_gate_up = torch.nn.Parameter(w_gate_up, requires_grad=False)
     moe.w_down = torch.nn.Parameter(w_down, requires_grad=False)
