@@ -47,3 +47,18 @@ def drop_routing_near_ties(x, router_weight, top_k, margin=0.05):
 def skip_bf16_on_cpu(dtype, device):
     if dtype == torch.bfloat16 and device.type == "cpu":
         pytest.skip("the Triton interpreter computes bf16 wrongly; bf16 runs on GPU")
+
+
+def capture(fn):
+    """Warm fn up on a side stream, capture one call: (graph, its static output). Unlike
+    ``tools.runtime.capture_graph`` it never synchronises, so a test can run it under
+    ``torch.cuda.set_sync_debug_mode("error")``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn()
+    return graph, static_out

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distributed_harness import assert_all_ok, run_on_ranks, use_gpus
-from helpers import rel_l2
+from helpers import capture, rel_l2
 from moe_ops.configs import shrink
 
 MODELS = ["mixtral-8x7b", "qwen2-57b-a14b", "qwen3-30b-a3b", "deepseek-v3"]
@@ -272,15 +272,8 @@ def graph_scenario(rank, world, device, seed, transport):
         return middle, layers[1](middle)
 
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.set_sync_debug_mode("error")
-        with torch.cuda.graph(graph):
-            static_middle, static_out = step()
+        torch.cuda.set_sync_debug_mode("error")  # the warm-up forward and the capture
+        graph, (static_middle, static_out) = capture(step)
         torch.cuda.set_sync_debug_mode("default")
         errors = []
         for _ in range(3):

@@ -7,7 +7,7 @@ from moe_ops.configs import get_config, shrink
 from moe_ops.routing import DECODE_MAX_T, max_blocks_for
 
 from conftest import ON_GPU
-from helpers import assert_close_l2
+from helpers import assert_close_l2, capture
 from test_ops import make_layer
 
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled kernels)")
@@ -57,19 +57,6 @@ def test_kernel_launches_per_forward(op, num_tokens, device):
     # fused_experts at decode ranks inside its align launch: four.
     expected = 4 if op == "fused_experts" and num_tokens <= DECODE_MAX_T else 5
     assert len(kernels) == expected, [e.name for e in kernels]
-
-
-def capture(fn):
-    """Warm fn up on a side stream, capture one call: (graph, its static output)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn()
-    return graph, static_out
 
 
 @gpu_only
