@@ -32,22 +32,33 @@ def descriptor_ok(w: torch.Tensor) -> bool:
             and all(s * elem % 16 == 0 for s in w.stride()[:-1]))
 
 
+def _weight_descriptor(stage, w, tile: TileConfig):
+    """gate_up views W [E, 2N, K] as [E, 2, N, K], so one box holds gate and up rows."""
+    if stage == "gate_up":
+        num_experts, two_n, k = w.shape
+        return TensorDescriptor(w, [num_experts, 2, two_n // 2, k],
+                                [w.stride(0), w.stride(1) * (two_n // 2), w.stride(1), 1],
+                                [1, 2, tile.BLOCK_N, tile.BLOCK_K])
+    return TensorDescriptor(w, list(w.shape), list(w.stride()), [1, tile.BLOCK_N, tile.BLOCK_K])
+
+
 def _grouped_gemm(stage, a, w, out, topk_weights, alignment: Alignment, num_slots, rows_per_slot_div,
-                  n, k, tile: TileConfig):
+                  n, k, tile: TileConfig, sorted_h: bool):
     sorted_slots, block_expert, num_blocks, max_blocks = alignment
     grid = (max_blocks * triton.cdiv(n, tile.BLOCK_N),)
     use_desc = tile.B_DESC and descriptor_ok(w)
-    w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()),
-                              [1, tile.BLOCK_N, tile.BLOCK_K]) if use_desc else None
+    w_desc = _weight_descriptor(stage, w, tile) if use_desc else None
+    a_desc = (TensorDescriptor(a, list(a.shape), list(a.stride()), [tile.BLOCK_M, tile.BLOCK_K])
+              if sorted_h and stage == "down" else None)
     with stage_range(stage):
         grouped_gemm_kernel[grid](
-            a, w, w_desc, out, topk_weights, sorted_slots, block_expert, num_blocks,
+            a, a_desc, w, w_desc, out, topk_weights, sorted_slots, block_expert, num_blocks,
             n, k, num_slots, rows_per_slot_div, max_blocks,
             a.stride(0), w.stride(0), w.stride(1), out.stride(0),
             FUSE_GATE_UP=stage == "gate_up", MUL_ROUTING_WEIGHT=stage == "down",
             BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K,
-            GROUP_M=tile.GROUP_M, EVEN_K=k % tile.BLOCK_K == 0, B_DESC=use_desc,
-            INTERPRETER=interpreter_active(),
+            GROUP_M=tile.GROUP_M, EVEN_K=k % tile.BLOCK_K == 0, SORTED_H=sorted_h,
+            B_DESC=use_desc, INTERPRETER=interpreter_active(),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
@@ -72,12 +83,16 @@ def _experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles, al
     num_slots = topk_ids.numel()
     top_k = topk_ids.shape[1]
     gate_up_tile, down_tile = tiles
-    h = torch.empty(num_slots, inter, dtype=hidden_states.dtype, device=hidden_states.device)
+    # h in block order (max_blocks * BLOCK_M rows) when down reads it through a descriptor,
+    # which needs 16-byte rows (h itself is a fresh, aligned allocation).
+    sorted_h = down_tile.A_DESC and inter * hidden_states.element_size() % 16 == 0
+    h_rows = alignment.max_blocks * gate_up_tile.BLOCK_M if sorted_h else num_slots
+    h = torch.empty(h_rows, inter, dtype=hidden_states.dtype, device=hidden_states.device)
     _grouped_gemm("gate_up", hidden_states, w_gate_up, h, topk_weights, alignment,
-                  num_slots, top_k, inter, hidden, gate_up_tile)
+                  num_slots, top_k, inter, hidden, gate_up_tile, sorted_h)
     y = torch.empty(num_slots, hidden, dtype=hidden_states.dtype, device=hidden_states.device)
     _grouped_gemm("down", h, w_down, y, topk_weights, alignment,
-                  num_slots, 1, hidden, inter, down_tile)
+                  num_slots, 1, hidden, inter, down_tile, sorted_h)
     out = torch.empty_like(hidden_states)
     block_t, block_h = (16, 256) if interpreter_active() else (4, 512)
     with stage_range("combine"):

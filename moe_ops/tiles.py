@@ -31,6 +31,8 @@ class TileConfig:
 
     B_DESC reads the weight tiles through a tensor descriptor (TMA on Hopper) instead
     of pointer loads, where the weights' layout allows one (``descriptor_ok``).
+    A_DESC (down tiles only) has gate_up write h in block order, so that down reads its
+    A tiles through a descriptor instead of gathering rows by slot.
     """
 
     BLOCK_M: int
@@ -40,6 +42,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     B_DESC: bool = False
+    A_DESC: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)

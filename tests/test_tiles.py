@@ -1,5 +1,6 @@
 """Tile lookup, and correctness of every tile configuration the shipped tables can select."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -73,28 +74,32 @@ def test_lookup_takes_nearest_bucket_and_falls_back_to_heuristic():
 
 
 @pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("a_desc", [False, True])
 @pytest.mark.parametrize("inter", [96, 80])  # 80: partial BLOCK_N (gate_up) and BLOCK_K (down)
 @pytest.mark.parametrize("block_m", [16, 32])
-def test_descriptor_weight_tiles_are_correct(block_m, inter, device):
-    """B_DESC (weights through a tensor descriptor) for both stages, partial tiles included."""
+def test_descriptor_tiles_are_correct(block_m, inter, a_desc, device):
+    """B_DESC (weights through a tensor descriptor) for both stages, partial tiles included;
+    with A_DESC down also reads h (in block order, padding rows included) through one."""
     num_experts, top_k, hidden = 8, 2, 64 if not ON_GPU else 512
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     x, weights, w_gate_up, w_down = expert_inputs(53, num_experts, top_k, hidden, inter, dtype, device)
     ids = torch.rand(53, num_experts, device=device).topk(top_k, dim=1).indices.to(torch.int32)
     assert descriptor_ok(w_gate_up) and descriptor_ok(w_down)
     tile = TileConfig(block_m, 32, 32, 8 if block_m == 16 else 1, 4, 3, B_DESC=True)
-    out = fused_experts_impl(x, weights, ids, w_gate_up, w_down, gate_up_tile=tile, down_tile=tile)
+    out = fused_experts_impl(x, weights, ids, w_gate_up, w_down, gate_up_tile=tile,
+                             down_tile=replace(tile, A_DESC=a_desc))
     ref = fused_experts_reference(x, weights, ids, w_gate_up, w_down)
     assert_close_l2(out, ref, 1e-2 if ON_GPU else 1e-4)
 
 
 def test_descriptor_tile_falls_back_to_pointers_for_unaligned_weights(device):
-    """Weights a descriptor can not address (a 16-byte-misaligned row stride) still compute."""
+    """Weights a descriptor can not address (a 16-byte-misaligned row stride) still
+    compute, and so does A_DESC where h's rows (inter * 4 bytes) are misaligned."""
     num_experts, top_k, hidden, inter = 4, 2, 36, 42  # 36*4 B rows: aligned; 42*4 B: not
     x, weights, w_gate_up, w_down = expert_inputs(19, num_experts, top_k, hidden, inter,
                                                   torch.float32, device)
     ids = torch.rand(19, num_experts, device=device).topk(top_k, dim=1).indices.to(torch.int32)
     assert descriptor_ok(w_gate_up) and not descriptor_ok(w_down)
-    tile = TileConfig(16, 32, 32, 1, 4, 3, B_DESC=True)
+    tile = TileConfig(16, 32, 32, 1, 4, 3, B_DESC=True, A_DESC=True)
     out = fused_experts_impl(x, weights, ids, w_gate_up, w_down, gate_up_tile=tile, down_tile=tile)
     assert_close_l2(out, fused_experts_reference(x, weights, ids, w_gate_up, w_down), 1e-4)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from moe_ops.tiles import TileConfig
+from tools.tune import LARGE_T_SEEDS, block_m_choices, candidate_tiles, sample, seeds
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,5 +25,21 @@ def test_tune_writes_a_readable_table_and_logs_every_variant(tmp_path):
     (record,) = [json.loads(line) for line in out.with_name("table.tunelog.jsonl").open()]
     assert record["complete"]
     variants = {c["variant"] for c in record["candidates"] if c["stage"] == "variant"}
-    assert {"gate_up B_DESC", "down B_DESC", "Zipf, as chosen", "Zipf, GROUP_M=8"} <= variants
+    assert {"gate_up B_DESC", "down B_DESC", "down A_DESC", "Zipf, as chosen",
+            "Zipf, GROUP_M=8"} <= variants
     assert all(c["status"] == "ok" for c in record["candidates"]), record["candidates"]
+
+
+def test_seeds_are_legal_and_always_sampled():
+    """At large T the seeded shapes are in every sample; at decode sizes none is legal."""
+    num_tokens, top_k, num_experts = 8192, 8, 256
+    block_ms = block_m_choices(num_tokens, top_k, num_experts)
+    gate_up = seeds("gate_up", num_tokens, top_k, num_experts, block_ms)
+    down = seeds("down", num_tokens, top_k, num_experts, [64])
+    assert len(gate_up) == len(LARGE_T_SEEDS["gate_up"])
+    assert down and all(t.BLOCK_M == 64 for t in down)
+    assert seeds("gate_up", 1, top_k, num_experts, block_m_choices(1, top_k, num_experts)) == []
+    space = candidate_tiles("gate_up", num_tokens, top_k, num_experts, 2, block_ms)
+    drawn = sample(space, [space[0]] + gate_up + [space[0]], 12, seed=0)
+    assert drawn[: 1 + len(gate_up)] == [space[0]] + gate_up
+    assert len(drawn) == 12 and len(set(drawn)) == 12

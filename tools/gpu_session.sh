@@ -2,7 +2,12 @@
 # The whole GPU check-and-benchmark, in steps that each fit a 10-minute slot:
 #
 #   tools/gpu_session.sh test     the test suite, compiled, at real sizes         (~4 min H100)
-#   tools/gpu_session.sh tune     re-tune this GPU's tile table (TUNE_BUDGET_S)   (~8 min)
+#                                 (TEST_ARGS: pytest arguments instead of `tests`)
+#   tools/gpu_session.sh probe    grouped GEMM vs the same kernel dense vs cuBLAS
+#                                 (tools/gemm_probe.py; PROBE_ARGS)               (~2 min)
+#   tools/gpu_session.sh tune     re-tune this GPU's tile table (TUNE_BUDGET_S;
+#                                 TUNE_ARGS, e.g. --tokens 2048 8192), merged
+#                                 into moe_ops/tile_tables/<gpu>.json              (~8 min)
 #   tools/gpu_session.sh bench    the main job, uniform then Zipf(1.2) routing,
 #                                 and the measured gate+up fusion saving          (~5 min)
 #   tools/gpu_session.sh ep       (2+ GPUs) the expert-parallel tests, then
@@ -37,14 +42,19 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.
 for step in "$@"; do
   case "$step" in
     test)
-      python -m pytest -q -p no:cacheprovider tests > "$OUT/test.log" 2>&1 \
+      python -m pytest -q -p no:cacheprovider ${TEST_ARGS:-tests} > "$OUT/test.log" 2>&1 \
         || echo "TESTS FAILED (see test.log)"
       tail -40 "$OUT/test.log" ;;
+    probe)
+      python -m tools.gemm_probe --out "$OUT/gemm_probe.json" ${PROBE_ARGS:-} 2>&1 | tee "$OUT/probe.log" ;;
     tune)
+      # Written into $OUT after every cell (a call cut short keeps what was tuned), then
+      # copied over the checkout's table for the steps after it.
       table="moe_ops/tile_tables/$gpu_slug.json"
-      python -m tools.tune --budget-s "${TUNE_BUDGET_S:-450}" --out "$table" 2>&1 \
+      [ ! -f "$table" ] || cp "$table" "$OUT/"
+      python -m tools.tune --budget-s "${TUNE_BUDGET_S:-450}" --out "$OUT/$gpu_slug.json" ${TUNE_ARGS:-} 2>&1 \
         | tee "$OUT/tune.log" | grep -E "chose|variant|budget|cells tuned"
-      cp "$table" "${table%.json}.tunelog.jsonl" "$OUT/" ;;
+      cp "$OUT/$gpu_slug.json" "$table" ;;
     bench)
       python benchmarks/bench_moe.py --out "$OUT" 2>&1 | tee "$OUT/bench_uniform.log" | tail -5
       python benchmarks/bench_moe.py --routing zipf --zipf-s 1.2 --out "$OUT" 2>&1 \
@@ -63,6 +73,6 @@ for step in "$@"; do
       [ "$out_given" = yes ] || { echo "pack empties \$OUT: set OUT to a scratch folder" >&2; exit 2; }
       tar czf /tmp/session.tar.gz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/session.tar.gz "$OUT/" ;;
     *)
-      echo "unknown step '$step' (test, tune, bench, ep, pack)" >&2; exit 2 ;;
+      echo "unknown step '$step' (test, probe, tune, bench, ep, pack)" >&2; exit 2 ;;
   esac
 done

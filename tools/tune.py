@@ -7,10 +7,12 @@ calls (``triton.testing.do_bench``, median), in three phases:
     1. gate_up: candidates from BLOCK_M x BLOCK_N x BLOCK_K x GROUP_M x warps x stages,
        pruned (BLOCK_M <= max(16, next_pow2(2*T*K/E)), shared memory, GROUP_M only
        when an expert spans several row blocks, warps by tile area), sampled down to
-       --max-configs with the heuristic always in; down fixed at the heuristic.
+       --max-configs with the heuristic and the legal LARGE_T_SEEDS always in; down
+       fixed at the heuristic.
     2. down, given the chosen gate_up BLOCK_M (both stages walk one alignment).
     3. variants of the winners the sample does not cover, each kept only where it is
-       faster: weight tiles through a tensor descriptor (B_DESC, per stage), and
+       faster: weight tiles through a tensor descriptor (B_DESC, per stage), down's A
+       tiles through one over h in block order (A_DESC), and
        GROUP_M=8 (blocks of one hot expert share its weight tiles through L2) timed
        under Zipf(--zipf-s) routing, kept if it is faster there and no more than 2%
        slower under uniform routing.
@@ -110,11 +112,42 @@ def candidate_tiles(stage: str, num_tokens: int, top_k: int, num_experts: int,
     return out
 
 
-def sample(candidates: list[TileConfig], keep: TileConfig, limit: int, seed: int) -> list[TileConfig]:
-    """``keep`` first, then a seeded shuffle of the rest, ``limit`` in all."""
-    rest = [c for c in candidates if c != keep]
+# Large-T shapes that Hopper GEMMs are known to like (128-row blocks, 8 warps, 64-wide
+# K steps, weights or A through tensor descriptors), always timed where they are legal,
+# whatever the sample draws.
+LARGE_T_SEEDS = {
+    "gate_up": [TileConfig(128, 128, 64, 8, 8, 3, B_DESC=True),
+                TileConfig(128, 128, 64, 8, 8, 4, B_DESC=True),
+                TileConfig(128, 64, 64, 8, 8, 4, B_DESC=True),
+                TileConfig(64, 128, 64, 8, 8, 4, B_DESC=True),
+                TileConfig(128, 128, 64, 8, 8, 3)],
+    "down": [TileConfig(128, 256, 64, 8, 8, 3, B_DESC=True, A_DESC=True),
+             TileConfig(128, 128, 64, 8, 8, 4, B_DESC=True, A_DESC=True),
+             TileConfig(128, 256, 64, 8, 8, 3)],
+}
+
+
+def seeds(stage: str, num_tokens: int, top_k: int, num_experts: int,
+          block_ms: list[int]) -> list[TileConfig]:
+    """The LARGE_T_SEEDS of ``stage`` whose BLOCK_M is allowed and whose GROUP_M has
+    several row blocks per expert to group (down: BLOCK_M set to ``block_ms[0]``)."""
+    rows_per_expert = num_tokens * top_k / num_experts
+    out = []
+    for tile in LARGE_T_SEEDS[stage]:
+        if stage == "down":
+            tile = replace(tile, BLOCK_M=block_ms[0])
+        if tile.BLOCK_M in block_ms and rows_per_expert >= 2 * tile.BLOCK_M:
+            out.append(tile)
+    return out
+
+
+def sample(candidates: list[TileConfig], keep: list[TileConfig], limit: int, seed: int) -> list[TileConfig]:
+    """``keep`` first (duplicates dropped), then a seeded shuffle of the rest, ``limit`` in
+    all (more only if ``keep`` alone is longer)."""
+    keep = list(dict.fromkeys(keep))
+    rest = [c for c in candidates if c not in keep]
     random.Random(seed).shuffle(rest)
-    return [keep] + rest[: max(0, limit - 1)]
+    return keep + rest[: max(0, limit - len(keep))]
 
 
 # ----------------------------------------------------------------------- timing
@@ -179,7 +212,8 @@ def search(stage: str, candidates: list[TileConfig], run, reference: torch.Tenso
 
 def _fmt(t: TileConfig) -> str:
     return (f"M{t.BLOCK_M:<3d} N{t.BLOCK_N:<3d} K{t.BLOCK_K:<3d} G{t.GROUP_M} "
-            f"w{t.num_warps} s{t.num_stages}" + (" desc" if t.B_DESC else ""))
+            f"w{t.num_warps} s{t.num_stages}" + (" desc" if t.B_DESC else "")
+            + (" a-desc" if t.A_DESC else ""))
 
 
 # ------------------------------------------------------------------------ table
@@ -253,12 +287,13 @@ def refine(tag, best_gu, best_down, best_ms, run, reference, run_zipf, args, bud
     variants under uniform routing must agree with ``reference``, as in phases 1-2."""
     records: list = []
     log(f"{tag} variants of the winners ({best_ms:.4f} ms):")
-    for stage in ("gate_up", "down"):
-        if budget.spent() or (best_gu if stage == "gate_up" else best_down).B_DESC:
+    for label, field, stage in (("gate_up B_DESC", "B_DESC", "gate_up"),
+                                ("down B_DESC", "B_DESC", "down"), ("down A_DESC", "A_DESC", "down")):
+        if budget.spent() or getattr(best_gu if stage == "gate_up" else best_down, field):
             continue
-        gu, down = ((replace(best_gu, B_DESC=True), best_down) if stage == "gate_up"
-                    else (best_gu, replace(best_down, B_DESC=True)))
-        ms = time_variant(tag, f"{stage} B_DESC", gu, down, run, reference, args, records)
+        gu, down = ((replace(best_gu, **{field: True}), best_down) if stage == "gate_up"
+                    else (best_gu, replace(best_down, **{field: True})))
+        ms = time_variant(tag, label, gu, down, run, reference, args, records)
         if ms < best_ms:
             best_gu, best_down, best_ms = gu, down, ms
 
@@ -310,7 +345,8 @@ def tune_cell(cfg, num_tokens, weights, dtype, device, args, budget, gen):
 
     elem = x.element_size()
     gu_space = candidate_tiles("gate_up", num_tokens, k, e, elem, block_m_choices(num_tokens, k, e))
-    gu_cands = sample(gu_space, heur_gu, args.max_configs, args.seed)
+    gu_cands = sample(gu_space, [heur_gu] + seeds("gate_up", num_tokens, k, e, block_m_choices(num_tokens, k, e)),
+                      args.max_configs, args.seed)
     log(f"{tag} gate_up: {len(gu_cands)} of {len(gu_space)} pruned candidates")
     best_gu, gu_ms, gu_log, gu_done = search(
         "gate_up", gu_cands, lambda t: run(t, replace(heur_down, BLOCK_M=t.BLOCK_M)),
@@ -322,7 +358,8 @@ def tune_cell(cfg, num_tokens, weights, dtype, device, args, budget, gen):
 
     down_space = candidate_tiles("down", num_tokens, k, e, elem, [best_gu.BLOCK_M])
     down_keep = replace(heur_down, BLOCK_M=best_gu.BLOCK_M)
-    down_cands = sample(down_space, down_keep, args.max_down_configs, args.seed)
+    down_cands = sample(down_space, [down_keep] + seeds("down", num_tokens, k, e, [best_gu.BLOCK_M]),
+                        args.max_down_configs, args.seed)
     log(f"{tag} down (BLOCK_M={best_gu.BLOCK_M}): {len(down_cands)} of {len(down_space)} candidates")
     best_down, down_ms, down_log, down_done = search(
         "down", down_cands, lambda t: run(best_gu, t), baseline, args, budget, tag)

@@ -6,22 +6,27 @@ e = block_expert[m]; rows r = sorted_slots[m*BLOCK_M : (m+1)*BLOCK_M], sentinel 
 masked) and output columns n*BLOCK_N ... Blocks past num_blocks exit at once.
 
     gate_up (FUSE_GATE_UP):  A row = x[slot // top_k]            (gathered, never copied)
-        out[slot, n] = silu(A . Wgu[e, n, :]) * (A . Wgu[e, N + n, :])
+        h[row, n] = silu(A . Wgu[e, n, :]) * (A . Wgu[e, N + n, :])
         only the product is written; SiLU runs in registers.
-    down (MUL_ROUTING_WEIGHT): A row = h[slot]
+    down (MUL_ROUTING_WEIGHT): A row = h[row]
         out[slot, n] = topk_weight[slot] * (A . Wd[e, n, :])
 
-Weight tiles come one of two ways (the tile's B_DESC):
+h is indexed by slot, or with SORTED_H by the row's place in the block order (h then
+has max_blocks*BLOCK_M rows, padding rows written as zeros): down then reads its A
+tiles through a tensor descriptor (TMA on Hopper) instead of gathered pointer loads.
+
+Weight tiles come one of two ways (B_DESC):
     pointers:    gate and up rows interleaved into one B tile, a single dot of
                  2*BLOCK_N columns per K step, split in registers;
-    descriptor:  a tensor descriptor over W [E, rows, K] (TMA on Hopper, plain loads
-                 where the hardware has none), gate and up as two tiles and two dots.
+    descriptor:  a tensor descriptor over W (gate_up: viewed as [E, 2, N, K], so one
+                 [2, BLOCK_N, BLOCK_K] box holds the gate and the up rows), again a
+                 single dot of 2*BLOCK_N columns, gate columns first.
 
 In INTERPRETER mode (the Triton CPU interpreter) loads are upcast to float32 and bf16
 stores rounded to nearest, because the interpreter gets 16-bit floats wrong. float32
 operands multiply in IEEE float32 (never tf32).
 
-Layouts: A [rows, K] (K contiguous), W [E, N or 2N, K] (K contiguous), out [T*K, N].
+Layouts: A [rows, K] (K contiguous), W [E, N or 2N, K] (K contiguous), out [rows, N].
 """
 import triton
 import triton.language as tl
@@ -30,93 +35,98 @@ from .casting import cast_rne
 
 
 @triton.jit
-def _load_a(a_ptrs, row_mask, k0, K, offs_k, EVEN_K: tl.constexpr, INTERPRETER: tl.constexpr):
-    """The [BLOCK_M, BLOCK_K] tile of gathered A rows at K offset k0 (a_ptrs already there)."""
-    if EVEN_K:
-        a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-    else:
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+def _upcast(t, INTERPRETER: tl.constexpr):
     if INTERPRETER:
-        a = a.to(tl.float32)
-    return a
+        t = t.to(tl.float32)
+    return t
 
 
 @triton.jit
-def _mainloop_pointers(a_ptrs, row_mask, w_ptr, expert, pid_n, N, K, stride_we, stride_wn,
-                       FUSE_GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETER: tl.constexpr):
+def _load_a(a_ptrs, a_desc, row0, row_mask, k0, K, offs_k, A_DESC: tl.constexpr,
+            EVEN_K: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] A tile at K offset k0: block-order rows row0... through the
+    descriptor, or the gathered rows a_ptrs (already advanced to k0)."""
+    if A_DESC:
+        a = a_desc.load([row0, k0])
+    elif EVEN_K:
+        a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+    else:
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+    return _upcast(a, INTERPRETER)
+
+
+@triton.jit
+def _weight_tile_pointers(w_ptrs, col_mask, k0, K, offs_k, EVEN_K: tl.constexpr,
+                          INTERPRETER: tl.constexpr):
+    if EVEN_K:
+        w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+    else:
+        w = tl.load(w_ptrs, mask=col_mask[None, :] & ((k0 + offs_k) < K)[:, None], other=0.0)
+    return _upcast(w, INTERPRETER)
+
+
+@triton.jit
+def _weight_tile_descriptor(w_desc, expert, n0, k0, FUSE_GATE_UP: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            INTERPRETER: tl.constexpr):
+    """[BLOCK_K, W_COLS]: W[e, n0:n0+BLOCK_N, k0:k0+BLOCK_K]^T, gate_up's gate rows then its
+    up rows; zeros past the ends."""
+    if FUSE_GATE_UP:
+        w = tl.reshape(w_desc.load([expert, 0, n0, k0]), [2 * BLOCK_N, BLOCK_K])
+    else:
+        w = tl.reshape(w_desc.load([expert, n0, k0]), [BLOCK_N, BLOCK_K])
+    return tl.trans(_upcast(w, INTERPRETER))
+
+
+@triton.jit
+def _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, expert, pid_n, N, K,
+              stride_we, stride_wn,
+              FUSE_GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, A_DESC: tl.constexpr,
+              B_DESC: tl.constexpr, INTERPRETER: tl.constexpr):
     """[BLOCK_M, BLOCK_N] fp32: A . W^T (gate_up: already silu(gate) * up)."""
-    # gate_up interleaves gate and up weight rows, so one dot of 2*BLOCK_N columns feeds
-    # both: column 2j is gate row n_j, column 2j+1 is up row N + n_j.
     W_COLS: tl.constexpr = 2 * BLOCK_N if FUSE_GATE_UP else BLOCK_N
+    offs_k = tl.arange(0, BLOCK_K)
+    # Pointer tiles interleave gate and up rows: column 2j is gate row n_j, 2j+1 up row N + n_j.
     offs_w = tl.arange(0, W_COLS)
     offs_n = pid_n * BLOCK_N + offs_w // (W_COLS // BLOCK_N)
     w_rows = offs_n + (offs_w % 2) * N if FUSE_GATE_UP else offs_n
     col_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, W_COLS], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        a = _load_a(a_ptrs, row_mask, k0, K, offs_k, EVEN_K, INTERPRETER)
-        if EVEN_K:
-            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+        a = _load_a(a_ptrs, a_desc, row0, row_mask, k0, K, offs_k, A_DESC, EVEN_K, INTERPRETER,
+                    BLOCK_M, BLOCK_K)
+        if B_DESC:
+            w = _weight_tile_descriptor(w_desc, expert, pid_n * BLOCK_N, k0, FUSE_GATE_UP,
+                                        BLOCK_N, BLOCK_K, INTERPRETER)
         else:
-            w = tl.load(w_ptrs, mask=col_mask[None, :] & ((k0 + offs_k) < K)[:, None], other=0.0)
-        if INTERPRETER:
-            w = w.to(tl.float32)
+            w = _weight_tile_pointers(w_ptrs, col_mask, k0, K, offs_k, EVEN_K, INTERPRETER)
         acc = tl.dot(a, w, acc, input_precision="ieee")
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        if not A_DESC:
+            a_ptrs += BLOCK_K
+        if not B_DESC:
+            w_ptrs += BLOCK_K
     if FUSE_GATE_UP:
-        gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+        if B_DESC:
+            gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
+        else:
+            gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
         acc = gate * tl.sigmoid(gate) * up
     return acc
 
 
 @triton.jit
-def _weight_tile(w_desc, expert, row0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 INTERPRETER: tl.constexpr):
-    """W[expert, row0:row0+BLOCK_N, k0:k0+BLOCK_K]^T as [BLOCK_K, BLOCK_N]; zeros past the ends."""
-    w = tl.reshape(w_desc.load([expert, row0, k0]), [BLOCK_N, BLOCK_K])
-    if INTERPRETER:
-        w = w.to(tl.float32)
-    return tl.trans(w)
-
-
-@triton.jit
-def _mainloop_descriptor(a_ptrs, row_mask, w_desc, expert, pid_n, N, K,
-                         FUSE_GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INTERPRETER: tl.constexpr):
-    """As ``_mainloop_pointers``, weight tiles through the descriptor (block [1, BLOCK_N, BLOCK_K]).
-
-    Gate rows past N read up rows; those columns are never stored."""
-    offs_k = tl.arange(0, BLOCK_K)
-    n0 = pid_n * BLOCK_N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = _load_a(a_ptrs, row_mask, k0, K, offs_k, EVEN_K, INTERPRETER)
-        acc = tl.dot(a, _weight_tile(w_desc, expert, n0, k0, BLOCK_N, BLOCK_K, INTERPRETER),
-                     acc, input_precision="ieee")
-        if FUSE_GATE_UP:
-            acc_up = tl.dot(a, _weight_tile(w_desc, expert, N + n0, k0, BLOCK_N, BLOCK_K, INTERPRETER),
-                            acc_up, input_precision="ieee")
-        a_ptrs += BLOCK_K
-    if FUSE_GATE_UP:
-        acc = acc * tl.sigmoid(acc) * acc_up
-    return acc
-
-
-@triton.jit
 def grouped_gemm_kernel(
-    a_ptr, w_ptr, w_desc, out_ptr, topk_weights_ptr,
+    a_ptr, a_desc, w_ptr, w_desc, out_ptr, topk_weights_ptr,
     sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
     N, K, num_slots, a_rows_per_slot_div, max_blocks,
     stride_a, stride_we, stride_wn, stride_out,
     FUSE_GATE_UP: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, B_DESC: tl.constexpr,
-    INTERPRETER: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SORTED_H: tl.constexpr,
+    B_DESC: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -129,21 +139,27 @@ def grouped_gemm_kernel(
         return
 
     expert = tl.load(block_expert_ptr + pid_m)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = pid_m * BLOCK_M
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     slots = tl.load(sorted_slots_ptr + offs_m)
     row_mask = slots < num_slots
+    # down with SORTED_H reads h's block-order rows through a_desc; otherwise A is gathered.
+    A_DESC: tl.constexpr = SORTED_H and not FUSE_GATE_UP
     a_rows = (slots // a_rows_per_slot_div).to(tl.int64)
     a_ptrs = a_ptr + a_rows[:, None] * stride_a + tl.arange(0, BLOCK_K)[None, :]
-    if B_DESC:
-        acc = _mainloop_descriptor(a_ptrs, row_mask, w_desc, expert, pid_n, N, K,
-                                   FUSE_GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INTERPRETER)
-    else:
-        acc = _mainloop_pointers(a_ptrs, row_mask, w_ptr, expert, pid_n, N, K, stride_we, stride_wn,
-                                 FUSE_GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INTERPRETER)
+    acc = _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, expert, pid_n, N, K,
+                    stride_we, stride_wn, FUSE_GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                    A_DESC, B_DESC, INTERPRETER)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = offs_n < N
     if MUL_ROUTING_WEIGHT:
         acc = acc * tl.load(topk_weights_ptr + slots, mask=row_mask, other=0.0)[:, None]
-    out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_out + offs_n[None, :]
-    tl.store(out_ptrs, cast_rne(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=row_mask[:, None] & col_mask[None, :])
+    acc = cast_rne(acc, out_ptr.dtype.element_ty, INTERPRETER)
+    if SORTED_H and FUSE_GATE_UP:
+        # Every row of the block, padding included (zeros there), so down reads no garbage.
+        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_out + offs_n[None, :]
+        tl.store(out_ptrs, acc, mask=col_mask[None, :])
+    else:
+        out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_out + offs_n[None, :]
+        tl.store(out_ptrs, acc, mask=row_mask[:, None] & col_mask[None, :])
