@@ -43,3 +43,15 @@ def test_seeds_are_legal_and_always_sampled():
     drawn = sample(space, [space[0]] + gate_up + [space[0]], 12, seed=0)
     assert drawn[: 1 + len(gate_up)] == [space[0]] + gate_up
     assert len(drawn) == 12 and len(set(drawn)) == 12
+
+
+def test_check_heuristic_times_both_tile_choices(tmp_path):
+    out = tmp_path / "table.json"
+    cmd = [sys.executable, "-m", "tools.tune", "--check-heuristic", "--models", "qwen3-30b-a3b",
+           "--tokens", "2", "--warmup-ms", "1", "--rep-ms", "5", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = [json.loads(line) for line in out.with_name("table.heuristic.jsonl").open()]
+    assert record["T"] == 2 and record["ms"]["heuristic"] > 0 and record["ms"]["table"] > 0
+    for kind in ("heuristic", "table"):
+        assert [TileConfig(**t) for t in record[kind]]

@@ -8,6 +8,7 @@
 #   tools/gpu_session.sh tune     re-tune this GPU's tile table (TUNE_BUDGET_S;
 #                                 TUNE_ARGS, e.g. --tokens 2048 8192), merged
 #                                 into moe_ops/tile_tables/<gpu>.json              (~8 min)
+#   tools/gpu_session.sh heuristic  heuristic tiles vs this GPU's table, every cell  (~2 min)
 #   tools/gpu_session.sh bench    the main job, uniform then Zipf(1.2) routing,
 #                                 and the measured gate+up fusion saving          (~5 min)
 #   tools/gpu_session.sh ep       (2+ GPUs) the expert-parallel tests, then
@@ -53,8 +54,11 @@ for step in "$@"; do
       table="moe_ops/tile_tables/$gpu_slug.json"
       [ ! -f "$table" ] || cp "$table" "$OUT/"
       python -m tools.tune --budget-s "${TUNE_BUDGET_S:-450}" --out "$OUT/$gpu_slug.json" ${TUNE_ARGS:-} 2>&1 \
-        | tee "$OUT/tune.log" | grep -E "chose|variant|budget|cells tuned"
+        | tee "$OUT/tune.log" | { grep -E "chose|variant|budget|cells tuned" || true; }
       cp "$OUT/$gpu_slug.json" "$table" ;;
+    heuristic)
+      python -m tools.tune --check-heuristic --out "$OUT/$gpu_slug.json" ${TUNE_ARGS:-} 2>&1 \
+        | tee "$OUT/heuristic.log" | tail -40 ;;
     bench)
       python benchmarks/bench_moe.py --out "$OUT" 2>&1 | tee "$OUT/bench_uniform.log" | tail -5
       python benchmarks/bench_moe.py --routing zipf --zipf-s 1.2 --out "$OUT" 2>&1 \
@@ -73,6 +77,6 @@ for step in "$@"; do
       [ "$out_given" = yes ] || { echo "pack empties \$OUT: set OUT to a scratch folder" >&2; exit 2; }
       tar czf /tmp/session.tar.gz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/session.tar.gz "$OUT/" ;;
     *)
-      echo "unknown step '$step' (test, probe, tune, bench, ep, pack)" >&2; exit 2 ;;
+      echo "unknown step '$step' (test, probe, tune, heuristic, bench, ep, pack)" >&2; exit 2 ;;
   esac
 done

@@ -26,6 +26,7 @@ The search stops at --budget-s and keeps what it has.
 
     python -m tools.tune --models mixtral-8x7b --tokens 1 8 32 128 --budget-s 540
     python -m tools.tune --models deepseek-v3 qwen3-30b-a3b --out moe_ops/tile_tables/nvidia-h100-80gb-hbm3.json
+    python -m tools.tune --check-heuristic --out /tmp/h.json   # heuristic vs table, per cell
 
 Without CUDA it runs shrunk configs through the Triton interpreter with a few
 candidates: a check of the code path, not a tuning.
@@ -57,7 +58,7 @@ import triton  # noqa: E402
 from moe_ops.configs import MoEConfig, get_config, shrink  # noqa: E402
 from moe_ops.pipeline import fused_experts_impl  # noqa: E402
 from moe_ops.reference import fused_experts_reference  # noqa: E402
-from moe_ops.tiles import TABLE_DIR, TileConfig, heuristic_tile  # noqa: E402
+from moe_ops.tiles import TABLE_DIR, TileConfig, get_tile_config, heuristic_tile  # noqa: E402
 
 DEFAULT_MODELS = ["mixtral-8x7b", "deepseek-v3", "qwen2-57b-a14b", "qwen3-30b-a3b"]
 DEFAULT_TOKENS = [1, 8, 32, 128, 512, 2048, 8192]
@@ -88,11 +89,12 @@ def block_m_choices(num_tokens: int, top_k: int, num_experts: int) -> list[int]:
 
 def candidate_tiles(stage: str, num_tokens: int, top_k: int, num_experts: int,
                     elem_bytes: int, block_ms: list[int]) -> list[TileConfig]:
-    """The pruned cross product for one stage (gate_up loads two weight tiles per step)."""
+    """The pruned cross product for one stage (gate_up loads two weight tiles per step),
+    weights through pointers and through a descriptor (B_DESC)."""
     rows_per_expert = num_tokens * top_k / num_experts
     weight_tiles = 2 if stage == "gate_up" else 1
     out = []
-    for bm in block_ms:
+    for bm, desc in ((bm, desc) for bm in block_ms for desc in (False, True)):
         for bn in (32, 64, 128, 256):
             if bn == 256 and bm < 64:
                 continue  # small T: keep programs many, so enough of them stream the weights
@@ -108,7 +110,7 @@ def candidate_tiles(stage: str, num_tokens: int, top_k: int, num_experts: int,
                             smem = stages * (bm * bk + weight_tiles * bn * bk) * elem_bytes
                             if smem > SMEM_LIMIT:
                                 continue
-                            out.append(TileConfig(bm, bn, bk, group_m, warps, stages))
+                            out.append(TileConfig(bm, bn, bk, group_m, warps, stages, B_DESC=desc))
     return out
 
 
@@ -120,6 +122,7 @@ LARGE_T_SEEDS = {
                 TileConfig(128, 128, 64, 8, 8, 4, B_DESC=True),
                 TileConfig(128, 64, 64, 8, 8, 4, B_DESC=True),
                 TileConfig(64, 128, 64, 8, 8, 4, B_DESC=True),
+                TileConfig(64, 128, 64, 8, 4, 4, B_DESC=True),
                 TileConfig(128, 128, 64, 8, 8, 3)],
     "down": [TileConfig(128, 256, 64, 8, 8, 3, B_DESC=True, A_DESC=True),
              TileConfig(128, 128, 64, 8, 8, 4, B_DESC=True, A_DESC=True),
@@ -378,6 +381,40 @@ def tune_cell(cfg, num_tokens, weights, dtype, device, args, budget, gen):
     return best_gu, best_down, record
 
 
+def check_heuristic(args, gpu: str, out: Path) -> None:
+    """Time the heuristic tiles against the table's (the lookup) in every cell, no search:
+    how far an untuned GPU of this kind would land from its tuned numbers. One JSON line
+    per cell goes to ``<out stem>.heuristic.jsonl``."""
+    dtype, device = DTYPES[args.dtype], torch.device("cuda" if ON_GPU else "cpu")
+    path = out.with_name(out.stem + ".heuristic.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.set_grad_enabled(False)
+    for name in args.models:
+        cfg = get_config(name) if ON_GPU else shrink(name)
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        e, k, h, i = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
+        w_gate_up = torch.randn(e, 2 * i, h, device=device, dtype=dtype, generator=gen).mul_(h**-0.5)
+        w_down = torch.randn(e, h, i, device=device, dtype=dtype, generator=gen).mul_(i**-0.5)
+        for t in args.tokens:
+            x = torch.randn(t, h, device=device, generator=gen).to(dtype)
+            topk_weights, topk_ids = make_routing(t, e, k, 0.0, device, gen)
+            tiles = {"heuristic": [heuristic_tile(s, e, h, i, t, k, dtype) for s in ("gate_up", "down")],
+                     "table": [get_tile_config(s, e, h, i, t, k, dtype, device) for s in ("gate_up", "down")]}
+            ms = {}
+            for kind, (gu, dn) in tiles.items():
+                def run(gu=gu, dn=dn):
+                    return fused_experts_impl(x, topk_weights, topk_ids, w_gate_up, w_down,
+                                              gate_up_tile=gu, down_tile=dn)
+                ms[kind] = time_ms(run, args.warmup_ms, args.rep_ms)
+            log(f"[{cfg.name} T={t}] heuristic {ms['heuristic']:.4f} ms, table {ms['table']:.4f} ms: "
+                f"heuristic/table {ms['heuristic'] / ms['table']:.3f}")
+            with path.open("a") as f:
+                f.write(json.dumps({"model": cfg.name, "T": t, "gpu": gpu, "ms": ms,
+                                    **{kind: [tl.as_dict() for tl in v] for kind, v in tiles.items()}}) + "\n")
+        if ON_GPU:
+            torch.cuda.empty_cache()
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -390,9 +427,9 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=540,
                    help="stop searching after this many seconds and write what is done")
     p.add_argument("--max-configs", type=int, default=None,
-                   help="gate_up candidates per cell (default 24; CPU 2)")
+                   help="gate_up candidates per cell (default 32; CPU 2)")
     p.add_argument("--max-down-configs", type=int, default=None,
-                   help="down candidates per cell (default 16; CPU 2)")
+                   help="down candidates per cell (default 20; CPU 2)")
     p.add_argument("--warmup-ms", type=float, default=10)
     p.add_argument("--rep-ms", type=float, default=50)
     p.add_argument("--check-max-t", type=int, default=128,
@@ -400,11 +437,13 @@ def parse_args(argv=None):
     p.add_argument("--zipf-s", type=float, default=1.2,
                    help="skew of the routing GROUP_M=8 is timed under (0: skip that check)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check-heuristic", action="store_true",
+                   help="no search: time the heuristic tiles against the table's in every cell")
     args = p.parse_args(argv)
     args.models = args.models or (DEFAULT_MODELS if ON_GPU else ["mixtral-8x7b"])
     args.tokens = args.tokens or (DEFAULT_TOKENS if ON_GPU else [1, 5])
-    args.max_configs = args.max_configs or (24 if ON_GPU else 2)
-    args.max_down_configs = args.max_down_configs or (16 if ON_GPU else 2)
+    args.max_configs = args.max_configs or (32 if ON_GPU else 2)
+    args.max_down_configs = args.max_down_configs or (20 if ON_GPU else 2)
     return args
 
 
@@ -420,6 +459,9 @@ def main(argv=None) -> None:
         log("NO CUDA: shrunk configs through the Triton interpreter, a few candidates: "
             "this checks the code path; the timings are NOT performance and the table is "
             "not for use.")
+    if args.check_heuristic:
+        check_heuristic(args, gpu, out)
+        return
     entries = load_table(out, gpu)
     out.parent.mkdir(parents=True, exist_ok=True)
     log(f"tuning on {gpu}; table {out} ({len(entries)} entries already); budget {args.budget_s:.0f} s")
