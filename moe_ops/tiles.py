@@ -57,13 +57,22 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def has_tma(device: torch.device) -> bool:
+    """Whether ``device`` loads tensor-descriptor tiles in hardware (NVIDIA sm_90 and up)."""
+    return (device.type == "cuda" and torch.version.hip is None and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
 def heuristic_tile(stage: str, num_experts: int, hidden: int, inter: int,
-                   num_tokens: int, top_k: int, dtype: torch.dtype) -> TileConfig:
+                   num_tokens: int, top_k: int, dtype: torch.dtype, tma: bool = False) -> TileConfig:
     """Block sizes that work on any device; used where no tuned entry exists.
 
     BLOCK_M follows the rows an expert gets on average, so decode does not pad a
     64-row tile for one token; BLOCK_N shrinks at small T so that enough programs
-    stream the weights.
+    stream the weights. With ``tma`` (Hopper and later) the shapes are the ones the
+    H100 and H200 tables settle on: weights through descriptors at every T, and at
+    128-row blocks wide tiles (gate_up 128x(2x128), down 128x256) with down reading h
+    through a descriptor too.
     """
     rows_per_expert = max(1, num_tokens * top_k // num_experts)
     if interpreter_active():
@@ -74,17 +83,22 @@ def heuristic_tile(stage: str, num_experts: int, hidden: int, inter: int,
     # weights twice.
     block_m = min(128, max(16, _next_pow2(rows_per_expert * 3 // 2)))
     elem = dtype.itemsize
+    tma = tma and elem == 2  # the tuned shapes are 16-bit ones; fp32 keeps the plain tiles
+    a_desc = False
     if block_m <= 32:
         block_n, block_k, group_m, warps = 64, 128 // (elem // 2), 1, 4
     elif block_m == 64:
-        block_n, block_k, group_m, warps = 128, 64, 8, 4
+        block_n, block_k, group_m, warps = 128, 64, 8, 8 if tma else 4
+    elif tma:
+        block_n, block_k, group_m, warps = (256 if stage == "down" else 128), 64, 8, 8
+        a_desc = stage == "down"
     else:
         block_n, block_k, group_m, warps = (128 if stage == "down" else 64), 64, 8, 8
     # As many pipeline stages as fit in ~160 KB of shared memory, 2 to 4.
     b_tiles = 2 if stage == "gate_up" else 1
     stage_bytes = (block_m * block_k + b_tiles * block_k * block_n) * elem
     stages = max(2, min(4, (160 * 1024) // stage_bytes))
-    return TileConfig(block_m, block_n, block_k, group_m, warps, stages)
+    return TileConfig(block_m, block_n, block_k, group_m, warps, stages, B_DESC=tma, A_DESC=a_desc)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -125,4 +139,5 @@ def get_tile_config(stage: str, num_experts: int, hidden: int, inter: int, num_t
             log_t = math.log2(max(1, num_tokens))
             _, config = min(candidates, key=lambda tc: abs(math.log2(tc[0]) - log_t))
             return config
-    return heuristic_tile(stage, num_experts, hidden, inter, num_tokens, top_k, dtype)
+    return heuristic_tile(stage, num_experts, hidden, inter, num_tokens, top_k, dtype,
+                          has_tma(device))

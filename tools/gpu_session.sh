@@ -9,7 +9,7 @@
 #                                 TUNE_ARGS, e.g. --tokens 2048 8192), merged
 #                                 into moe_ops/tile_tables/<gpu>.json              (~8 min)
 #   tools/gpu_session.sh heuristic  heuristic tiles vs this GPU's table, every cell  (~2 min)
-#   tools/gpu_session.sh bench    the main job, uniform then Zipf(1.2) routing,
+#   tools/gpu_session.sh bench    the main job, uniform then Zipf(1.2) routing (BENCH_ARGS),
 #                                 and the measured gate+up fusion saving          (~5 min)
 #   tools/gpu_session.sh ep       (2+ GPUs) the expert-parallel tests, then
 #                                 benchmarks/bench_ep.py under torchrun (EP_ARGS)  (~8 min)
@@ -60,8 +60,8 @@ for step in "$@"; do
       python -m tools.tune --check-heuristic --out "$OUT/$gpu_slug.json" ${TUNE_ARGS:-} 2>&1 \
         | tee "$OUT/heuristic.log" | tail -40 ;;
     bench)
-      python benchmarks/bench_moe.py --out "$OUT" 2>&1 | tee "$OUT/bench_uniform.log" | tail -5
-      python benchmarks/bench_moe.py --routing zipf --zipf-s 1.2 --out "$OUT" 2>&1 \
+      python benchmarks/bench_moe.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_uniform.log" | tail -5
+      python benchmarks/bench_moe.py --routing zipf --zipf-s 1.2 --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
         | tee "$OUT/bench_zipf.log" | tail -5
       python -m tools.roofline --model mixtral-8x7b qwen3-30b-a3b --tokens 1 32 512 8192 \
         --measure-fusion 2>&1 | tee "$OUT/fusion.log" | tail -30 ;;

@@ -58,7 +58,7 @@ import triton  # noqa: E402
 from moe_ops.configs import MoEConfig, get_config, shrink  # noqa: E402
 from moe_ops.pipeline import fused_experts_impl  # noqa: E402
 from moe_ops.reference import fused_experts_reference  # noqa: E402
-from moe_ops.tiles import TABLE_DIR, TileConfig, get_tile_config, heuristic_tile  # noqa: E402
+from moe_ops.tiles import TABLE_DIR, TileConfig, get_tile_config, has_tma, heuristic_tile  # noqa: E402
 
 DEFAULT_MODELS = ["mixtral-8x7b", "deepseek-v3", "qwen2-57b-a14b", "qwen3-30b-a3b"]
 DEFAULT_TOKENS = [1, 8, 32, 128, 512, 2048, 8192]
@@ -325,8 +325,8 @@ def tune_cell(cfg, num_tokens, weights, dtype, device, args, budget, gen):
     zipf_weights, zipf_ids = make_routing(num_tokens, e, k, args.zipf_s, device, gen)
     tag = f"[{cfg.name} T={num_tokens}]"
 
-    heur_gu = heuristic_tile("gate_up", e, h, i, num_tokens, k, dtype)
-    heur_down = heuristic_tile("down", e, h, i, num_tokens, k, dtype)
+    heur_gu = heuristic_tile("gate_up", e, h, i, num_tokens, k, dtype, has_tma(device))
+    heur_down = heuristic_tile("down", e, h, i, num_tokens, k, dtype, has_tma(device))
 
     def run(gate_up_tile, down_tile):
         return fused_experts_impl(x, topk_weights, topk_ids, w_gate_up, w_down,
@@ -398,7 +398,8 @@ def check_heuristic(args, gpu: str, out: Path) -> None:
         for t in args.tokens:
             x = torch.randn(t, h, device=device, generator=gen).to(dtype)
             topk_weights, topk_ids = make_routing(t, e, k, 0.0, device, gen)
-            tiles = {"heuristic": [heuristic_tile(s, e, h, i, t, k, dtype) for s in ("gate_up", "down")],
+            tiles = {"heuristic": [heuristic_tile(s, e, h, i, t, k, dtype, has_tma(device))
+                                   for s in ("gate_up", "down")],
                      "table": [get_tile_config(s, e, h, i, t, k, dtype, device) for s in ("gate_up", "down")]}
             ms = {}
             for kind, (gu, dn) in tiles.items():
