@@ -55,7 +55,9 @@ for step in "$@"; do
       [ ! -f "$table" ] || cp "$table" "$OUT/"
       python -m tools.tune --budget-s "${TUNE_BUDGET_S:-450}" --out "$OUT/$gpu_slug.json" ${TUNE_ARGS:-} 2>&1 \
         | tee "$OUT/tune.log" | { grep -E "chose|variant|budget|cells tuned" || true; }
-      cp "$OUT/$gpu_slug.json" "$table" ;;
+      cp "$OUT/$gpu_slug.json" "$table"
+      # The installed copy ahead on the path (above) reads its own tables: refresh it too.
+      [ ! -d /tmp/tritonmoe-site/moe_ops/tile_tables ] || cp "$table" /tmp/tritonmoe-site/moe_ops/tile_tables/ ;;
     heuristic)
       python -m tools.tune --check-heuristic --out "$OUT/$gpu_slug.json" ${TUNE_ARGS:-} 2>&1 \
         | tee "$OUT/heuristic.log" | tail -40 ;;
