@@ -36,6 +36,7 @@ from .casting import cast_rne
 
 @triton.jit
 def _upcast(t, INTERPRETER: tl.constexpr):
+    """float32 under the interpreter (which gets 16-bit floats wrong), else unchanged."""
     if INTERPRETER:
         t = t.to(tl.float32)
     return t
@@ -43,8 +44,7 @@ def _upcast(t, INTERPRETER: tl.constexpr):
 
 @triton.jit
 def _load_a(a_ptrs, a_desc, row0, row_mask, k0, K, offs_k, A_DESC: tl.constexpr,
-            EVEN_K: tl.constexpr, INTERPRETER: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_K: tl.constexpr):
+            EVEN_K: tl.constexpr, INTERPRETER: tl.constexpr):
     """The [BLOCK_M, BLOCK_K] A tile at K offset k0: block-order rows row0... through the
     descriptor, or the gathered rows a_ptrs (already advanced to k0)."""
     if A_DESC:
@@ -59,6 +59,7 @@ def _load_a(a_ptrs, a_desc, row0, row_mask, k0, K, offs_k, A_DESC: tl.constexpr,
 @triton.jit
 def _weight_tile_pointers(w_ptrs, col_mask, k0, K, offs_k, EVEN_K: tl.constexpr,
                           INTERPRETER: tl.constexpr):
+    """The [BLOCK_K, W_COLS] weight tile at K offset k0 (w_ptrs already there)."""
     if EVEN_K:
         w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
     else:
@@ -96,8 +97,7 @@ def _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, expert, pid_n, N, K
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, W_COLS], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        a = _load_a(a_ptrs, a_desc, row0, row_mask, k0, K, offs_k, A_DESC, EVEN_K, INTERPRETER,
-                    BLOCK_M, BLOCK_K)
+        a = _load_a(a_ptrs, a_desc, row0, row_mask, k0, K, offs_k, A_DESC, EVEN_K, INTERPRETER)
         if B_DESC:
             w = _weight_tile_descriptor(w_desc, expert, pid_n * BLOCK_N, k0, FUSE_GATE_UP,
                                         BLOCK_N, BLOCK_K, INTERPRETER)
