@@ -69,10 +69,10 @@ def heuristic_tile(stage: str, num_experts: int, hidden: int, inter: int,
 
     BLOCK_M follows the rows an expert gets on average, so decode does not pad a
     64-row tile for one token; BLOCK_N shrinks at small T so that enough programs
-    stream the weights. With ``tma`` (Hopper and later) the shapes are the ones the
-    H100 and H200 tables settle on: weights through descriptors at every T, and at
+    stream the weights. With ``tma`` (Hopper and later, 16-bit dtypes) the shapes are
+    the ones the H200 table settles on: weights through descriptors at every T, and at
     128-row blocks wide tiles (gate_up 128x(2x128), down 128x256) with down reading h
-    through a descriptor too.
+    through a descriptor too (measured within 0.86-1.10x of the tuned tiles' time).
     """
     rows_per_expert = max(1, num_tokens * top_k // num_experts)
     if interpreter_active():
