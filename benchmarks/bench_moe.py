@@ -48,7 +48,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from tools.runtime import ON_GPU, capture_graph, rel_l2  # noqa: E402  (before triton: may switch the interpreter on)
+from tools.runtime import ON_GPU, capture_graph, random_expert_weights, rel_l2  # noqa: E402  (before triton: may switch the interpreter on)
 
 import triton  # noqa: E402
 
@@ -87,9 +87,8 @@ def make_layer(cfg: MoEConfig, dtype: torch.dtype, device: torch.device, routing
     logits = N(0, 1) noise + log popularity: zero for uniform routing, -s*log(rank) for
     Zipf(s), ranks a random permutation of the experts.
     """
-    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
-    w_gate_up = torch.randn(e, 2 * i, h, dtype=dtype, device=device, generator=gen).mul_(h**-0.5)
-    w_down = torch.randn(e, h, i, dtype=dtype, device=device, generator=gen).mul_(i**-0.5)
+    e, h = cfg.num_experts, cfg.hidden_size
+    w_gate_up, w_down = random_expert_weights(cfg, dtype, device, gen)
     router = torch.randn(e, h, device=device, generator=gen) * (h - 1) ** -0.5
     log_pop = torch.zeros(e, device=device)
     if routing == "zipf":

@@ -32,7 +32,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from tools.runtime import ON_GPU  # noqa: E402  (before triton: may switch the interpreter on)
+from tools.runtime import ON_GPU, random_expert_weights  # noqa: E402  (before triton: may switch the interpreter on)
 
 from moe_ops.configs import get_config  # noqa: E402
 from moe_ops.pipeline import fused_experts_impl  # noqa: E402
@@ -67,8 +67,7 @@ def probe(name: str, num_tokens: int, variants: list[str], runs: int, dtype, dev
     cfg = get_config(name)
     e, k, h, i = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
     rows = num_tokens * k
-    w_gate_up = torch.randn(e, 2 * i, h, device=device, dtype=dtype) * h**-0.5
-    w_down = torch.randn(e, h, i, device=device, dtype=dtype) * i**-0.5
+    w_gate_up, w_down = random_expert_weights(cfg, dtype, device)
     x = torch.randn(num_tokens, h, device=device, dtype=dtype)
     ids = torch.rand(num_tokens, e, device=device).topk(k, dim=1).indices.to(torch.int32)
     weights = torch.softmax(torch.randn(num_tokens, k, device=device), dim=1)

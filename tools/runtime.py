@@ -1,7 +1,8 @@
-"""What the command-line tools (benchmark, tuner) share; import it before Triton.
+"""What the command-line tools (benchmark, tuner, probe) share; import it before Triton.
 
 Without a usable CUDA device the Triton interpreter is switched on, which must happen
-before the first import of triton. Also: CUDA-graph capture and the relative error.
+before the first import of triton. Also: CUDA-graph capture, the relative error and
+random expert weights.
 """
 import math
 import os
@@ -35,3 +36,11 @@ def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
         return math.nan
     denom = ref.norm().item()
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def random_expert_weights(cfg, dtype: torch.dtype, device, gen: torch.Generator | None = None):
+    """(w_gate_up [E, 2I, H], w_down [E, H, I]) of N(0, 1/fan_in) entries for a MoE config."""
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+    w_gate_up = torch.randn(e, 2 * i, h, dtype=dtype, device=device, generator=gen).mul_(h**-0.5)
+    w_down = torch.randn(e, h, i, dtype=dtype, device=device, generator=gen).mul_(i**-0.5)
+    return w_gate_up, w_down

@@ -51,7 +51,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from tools.runtime import ON_GPU, capture_graph, rel_l2  # noqa: E402  (before triton: may switch the interpreter on)
+from tools.runtime import ON_GPU, capture_graph, random_expert_weights, rel_l2  # noqa: E402  (before triton: may switch the interpreter on)
 
 import triton  # noqa: E402
 
@@ -393,8 +393,7 @@ def check_heuristic(args, gpu: str, out: Path) -> None:
         cfg = get_config(name) if ON_GPU else shrink(name)
         gen = torch.Generator(device=device).manual_seed(args.seed)
         e, k, h, i = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
-        w_gate_up = torch.randn(e, 2 * i, h, device=device, dtype=dtype, generator=gen).mul_(h**-0.5)
-        w_down = torch.randn(e, h, i, device=device, dtype=dtype, generator=gen).mul_(i**-0.5)
+        w_gate_up, w_down = random_expert_weights(cfg, dtype, device, gen)
         for t in args.tokens:
             x = torch.randn(t, h, device=device, generator=gen).to(dtype)
             topk_weights, topk_ids = make_routing(t, e, k, 0.0, device, gen)
@@ -474,8 +473,7 @@ def main(argv=None) -> None:
         cfg = get_config(name) if ON_GPU else shrink(name)
         gen = torch.Generator(device=device).manual_seed(args.seed)
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
-        weights = (torch.randn(e, 2 * i, h, device=device, dtype=dtype, generator=gen).mul_(h**-0.5),
-                   torch.randn(e, h, i, device=device, dtype=dtype, generator=gen).mul_(i**-0.5))
+        weights = random_expert_weights(cfg, dtype, device, gen)
         for t in args.tokens:
             if budget.spent():
                 log(f"budget spent: stopping before {cfg.name} T={t}")
