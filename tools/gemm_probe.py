@@ -21,6 +21,7 @@ tiles (``desc+a``) through tensor descriptors.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from dataclasses import replace
@@ -33,6 +34,8 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from tools.runtime import ON_GPU, random_expert_weights  # noqa: E402  (before triton: may switch the interpreter on)
+
+import triton  # noqa: E402
 
 from moe_ops.configs import get_config  # noqa: E402
 from moe_ops.pipeline import fused_experts_impl  # noqa: E402
@@ -127,8 +130,10 @@ def main(argv=None) -> None:
             rows += probe(name, t, args.variants, args.runs, dtype, device)
             torch.cuda.empty_cache()
     if args.out:
-        stamp = {"gpu": torch.cuda.get_device_name(),
-                 "torch": torch.__version__, "command": "python -m tools.gemm_probe " + " ".join(argv or sys.argv[1:])}
+        stamp = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                 "triton": triton.__version__,
+                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "command": "python -m tools.gemm_probe " + " ".join(argv or sys.argv[1:])}
         Path(args.out).write_text(json.dumps({**stamp, "rows": rows}, indent=1) + "\n")
 
 
