@@ -3,10 +3,19 @@
 Without CUDA, TRITON_INTERPRET=1 is set before anything imports Triton.
 """
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 import torch
+
+# tools/ and benchmarks/ import from the checkout; appended, not prepended, so that an
+# installed moe_ops (the one with moe_ops.distributed) stays first, here and in the
+# ranks the distributed tests spawn with this path.
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if REPO_ROOT not in sys.path:
+    sys.path.append(REPO_ROOT)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -13,6 +13,7 @@ import time
 import traceback
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -54,7 +55,12 @@ def run_on_ranks(fn, world_size: int, *args, deadline_s: float = 600.0,
     """fn(rank, world_size, device, *args) on every rank: [(status, value, traceback)]
     by rank; status is "ok" (value = fn's result), "error" (value = "Type: message"),
     "died" (the process ended without a report: NCCL's watchdog aborts a rank whose
-    collective timed out) or "hung" (still running at the deadline, then killed)."""
+    collective timed out) or "hung" (still running at the deadline, then killed).
+    Skips the test on a GPU host with fewer than world_size GPUs: its CPU ranks would
+    need the interpreter, which a GPU host's numpy may not suit."""
+    if torch.cuda.is_available() and not use_gpus(world_size):
+        pytest.skip(f"{world_size} ranks need {world_size} GPUs here "
+                    "(gloo ranks on the CPU need the Triton interpreter)")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:

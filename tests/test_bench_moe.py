@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 REQUIRED = {"gpu", "model", "T", "routing", "system", "ms", "pct_floor", "floor_ms", "launches"}
 
 

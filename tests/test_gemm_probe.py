@@ -19,7 +19,6 @@ def test_probe_without_a_gpu_says_it_needs_one():
 
 @pytest.mark.skipif(not ON_GPU, reason="times GPU kernels")
 def test_probe_reports_both_stages_of_every_variant():
-    sys.path.insert(0, str(REPO_ROOT))
     from tools.gemm_probe import VARIANTS, probe
     import torch
 

@@ -43,7 +43,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.
 for step in "$@"; do
   case "$step" in
     test)
-      python -m pytest -q -p no:cacheprovider ${TEST_ARGS:-tests} > "$OUT/test.log" 2>&1 \
+      # PYTHONSAFEPATH: `python -m` would put the checkout first on the path, where
+      # moe_ops has no `distributed` (the spawned ranks of the EP tests import it).
+      PYTHONSAFEPATH=1 python -m pytest -q -p no:cacheprovider ${TEST_ARGS:-tests} > "$OUT/test.log" 2>&1 \
         || echo "TESTS FAILED (see test.log)"
       tail -40 "$OUT/test.log" ;;
     probe)
