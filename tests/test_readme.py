@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
+import triton
 
 import moe_ops
 from moe_ops.versions import check_versions
@@ -26,9 +28,6 @@ def test_readme_has_cpu_examples_for_the_ops_and_the_module():
 
 @pytest.mark.parametrize("index", range(len(CPU_EXAMPLES)))
 def test_readme_cpu_example_runs(index, tmp_path):
-    import numpy
-    import triton
-
     try:  # a GPU host's numpy may be one the interpreter (which the examples set) rejects
         check_versions(torch.__version__, triton.__version__, numpy.__version__, interpreter=True)
     except ImportError as unsupported:
