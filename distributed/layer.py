@@ -40,7 +40,7 @@ from moe_ops.module import FusedMoE, shared_expert_output
 from moe_ops.pipeline import fused_experts_impl
 from moe_ops.profiling import stage_range
 from moe_ops.routing import route_impl
-from moe_ops.tiles import interpreter_active
+from moe_ops.interpreter import BLOCKS, interpreter_active
 from moe_ops.validation import FLOAT_DTYPES
 
 from .all_to_all import AllToAllTransport
@@ -240,7 +240,7 @@ class ExpertParallelMoE(nn.Module):
         out = torch.empty_like(x)
         with stage_range("combine"):
             if T:
-                block_t, block_h = (16, 256) if interpreter_active() else (4, 512)
+                block_t, block_h = BLOCKS.combine_t, BLOCKS.combine_h
                 combine_partials_kernel[(triton.cdiv(T, block_t), triton.cdiv(c.hidden_size, block_h))](
                     back, plan.rows, local if local is not None else x,
                     shared.contiguous() if shared is not None else x, out, T, c.hidden_size,

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from moe_ops.tiles import interpreter_active
+from moe_ops.interpreter import BLOCKS
 
 from .kernels import gather_rows_kernel, plan_pack_kernel
 
@@ -39,16 +39,15 @@ def plan_and_pack(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.T
     own_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
     rows = torch.empty(world_size, num_tokens, dtype=torch.int32, device=device)
     src_token = torch.empty(send_x.shape[0], dtype=torch.int32, device=device)
-    interpret = interpreter_active()
     plan_pack_kernel[(1,)](
         topk_ids, topk_weights, counts, own_ids, rows, send_ids, send_weights, src_token,
         num_tokens, capacity or 0, experts_per_rank, rank, send_x.shape[0],
         WORLD=world_size, W_PAD=triton.next_power_of_2(world_size), TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
-        FIXED=capacity is not None, SKIP_OWN=skip_own, BLOCK_T=64 if interpret else 256,
+        FIXED=capacity is not None, SKIP_OWN=skip_own, BLOCK_T=BLOCKS.plan_block_t,
         num_warps=4,
     )
     if send_x.shape[0] and num_tokens:
-        block_r, block_h = (16, 64) if interpret else (8, 512)
+        block_r, block_h = BLOCKS.gather_rows, BLOCKS.gather_h
         gather_rows_kernel[(triton.cdiv(send_x.shape[0], block_r), triton.cdiv(x.shape[1], block_h))](
             x, src_token, send_x, send_x.shape[0], x.shape[1], BLOCK_R=block_r, BLOCK_H=block_h)
     return DispatchPlan(counts, own_ids, rows)

@@ -21,7 +21,8 @@ from .kernels.grouped_gemm import grouped_gemm_kernel
 from .profiling import stage_range
 from .routing import (DECODE_MAX_T, Alignment, TokenBlockRanks, align, decode_align,
                       decode_route_align, rank, route_impl)
-from .tiles import TileConfig, get_tile_config, interpreter_active
+from .interpreter import BLOCKS, interpreter_active
+from .tiles import TileConfig, get_tile_config
 
 
 def descriptor_ok(w: torch.Tensor) -> bool:
@@ -94,7 +95,7 @@ def _experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles, al
     _grouped_gemm("down", h, w_down, y, topk_weights, alignment,
                   num_slots, 1, hidden, inter, down_tile, sorted_h)
     out = torch.empty_like(hidden_states)
-    block_t, block_h = (16, 256) if interpreter_active() else (4, 512)
+    block_t, block_h = BLOCKS.combine_t, BLOCKS.combine_h
     with stage_range("combine"):
         combine_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))](
             y, topk_ids, out, num_tokens, hidden,

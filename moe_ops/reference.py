@@ -11,7 +11,20 @@ not promise an order among equal values).
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (||out - ref|| when ref is zero); NaN when either
+    holds a NaN or an Inf, so that ``rel_l2(...) <= tol`` never passes on non-finite output."""
+    out, ref = out.double(), ref.double()
+    if not (torch.isfinite(out).all() and torch.isfinite(ref).all()):
+        return math.nan
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / denom if denom > 0 else diff
 
 
 def _topk_indices(values: torch.Tensor, k: int) -> torch.Tensor:

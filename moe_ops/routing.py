@@ -15,16 +15,15 @@ from typing import NamedTuple
 
 import torch
 import triton
-import triton.language as tl
 
 from .kernels.align import align_kernel, rank_kernel
 from .kernels.decode_route import router_partials_kernel, select_align_kernel
 from .kernels.route import route_kernel
 from .profiling import stage_range
-from .tiles import interpreter_active
+from .dtypes import TRITON
+from .interpreter import BLOCKS, interpreter_active
 
 DECODE_MAX_T = 16  # up to this many tokens, fused_moe and fused_experts take the decode path
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 class Alignment(NamedTuple):
@@ -52,8 +51,8 @@ class TokenBlockRanks:
 def _rank_block_t(num_tokens: int, num_experts: int, top_k: int) -> int:
     """Tokens per program of the ranking step: its one-hot tile (rows x experts) stays
     near 32K elements; at least 16 rows for the router's dot."""
-    if interpreter_active():
-        return 64
+    if BLOCKS.rank_block_t is not None:
+        return BLOCKS.rank_block_t
     budget = 32768 // (_pow2_at_least(top_k) * _pow2_at_least(num_experts, 16))
     return 16 if num_tokens <= 512 else max(16, min(64, _pow2_at_least(budget)))
 
@@ -89,7 +88,7 @@ def route_impl(hidden_states, router_weight, top_k, scoring, renormalize, n_grou
         block_t = _rank_block_t(num_tokens, num_experts, top_k)  # the ranks' token blocks
         e_pad = _pow2_at_least(num_experts, 16)
         # Keep one pipeline stage of router weights near 32 KB of shared memory.
-        block_h = 64 if interpret else min(128, max(16, 32768 // (e_pad * router_weight.element_size())))
+        block_h = BLOCKS.route_block_h or min(128, max(16, 32768 // (e_pad * router_weight.element_size())))
         with stage_range("route"):
             route_kernel[(triton.cdiv(num_tokens, block_t),)](
                 hidden_states, router_weight,
@@ -152,7 +151,7 @@ def _router_partials(hidden_states, router_weight):
     num_tokens, hidden = hidden_states.shape
     num_experts = router_weight.shape[0]
     interpret = interpreter_active()
-    block_e, block_h = 16, (64 if interpret else 128)
+    block_e, block_h = 16, BLOCKS.router_partials_h
     chunks = triton.cdiv(num_experts, block_e)
     splits = max(1, min(triton.cdiv(hidden, block_h), 128 // chunks))
     h_per_split = triton.cdiv(triton.cdiv(hidden, splits), block_h) * block_h
@@ -193,7 +192,7 @@ def _select_align(topk_ids, num_experts, block_m, stage="align", partials=None,
             topk_weights if select else topk_ids, topk_ids, block_counts, ranks,
             sorted_slots, block_expert, num_blocks,
             num_tokens, float(routed_scaling_factor), max_blocks,
-            SELECT=select, LOGIT_DTYPE=_TL_DTYPES[logit_dtype],
+            SELECT=select, LOGIT_DTYPE=TRITON[logit_dtype],
             H_SPLITS=partials.shape[0] if select else 1,
             NUM_EXPERTS=num_experts, TOP_K=top_k,
             SIGMOID=scoring == "sigmoid", RENORMALIZE=bool(renormalize),

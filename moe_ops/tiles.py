@@ -1,28 +1,20 @@
 """Tile choice for the grouped GEMMs: one lookup, tuned tables first, a heuristic after.
 
-Tables are JSON files in ``moe_ops/tile_tables/`` written by ``tools/tune.py``, one per
-GPU name::
-
-    {"gpu": "NVIDIA H100 80GB HBM3", "entries": [
-        {"stage": "gate_up", "E": 8, "H": 4096, "I": 14336, "dtype": "bfloat16",
-         "T": 32, "config": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
-                             "GROUP_M": 1, "num_warps": 4, "num_stages": 4}}, ...]}
-
+Tables (``moe_ops.tile_table``, one JSON file per GPU) are written by ``tools/tune.py``.
 A lookup takes the entry of the same (stage, E, H, I, dtype) whose T bucket is nearest
 in log scale; anything not in a table falls back to ``heuristic_tile``.
 """
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-TABLE_DIR = Path(__file__).parent / "tile_tables"
+from .dtypes import dtype_name
+from .interpreter import interpreter_active
+from .tile_table import gpu_entries
 
 
 @dataclass(frozen=True)
@@ -46,11 +38,6 @@ class TileConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def interpreter_active() -> bool:
-    """True when Triton runs kernels through its CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _next_pow2(n: int) -> int:
@@ -101,21 +88,13 @@ def heuristic_tile(stage: str, num_experts: int, hidden: int, inter: int,
     return TileConfig(block_m, block_n, block_k, group_m, warps, stages, B_DESC=tma, A_DESC=a_desc)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 @functools.lru_cache(maxsize=None)
 def _load_table(gpu_name: str) -> dict:
-    """Entries of the table for this GPU, keyed by (stage, E, H, I, dtype) -> [(T, cfg)]."""
+    """This GPU's tuned tiles, keyed by (stage, E, H, I, dtype) -> [(T, TileConfig)]."""
     index: dict = {}
-    for path in sorted(TABLE_DIR.glob("*.json")):
-        table = json.loads(path.read_text())
-        if table.get("gpu") != gpu_name:
-            continue
-        for entry in table["entries"]:
-            key = (entry["stage"], entry["E"], entry["H"], entry["I"], entry["dtype"])
-            index.setdefault(key, []).append((entry["T"], TileConfig(**entry["config"])))
+    for entry in gpu_entries(gpu_name):
+        key = (entry["stage"], entry["E"], entry["H"], entry["I"], entry["dtype"])
+        index.setdefault(key, []).append((entry["T"], TileConfig(**entry["config"])))
     return index
 
 
@@ -134,7 +113,7 @@ def get_tile_config(stage: str, num_experts: int, hidden: int, inter: int, num_t
     """
     if not interpreter_active():
         candidates = _load_table(_device_name(device)).get(
-            (stage, num_experts, hidden, inter, _dtype_name(dtype)))
+            (stage, num_experts, hidden, inter, dtype_name(dtype)))
         if candidates:
             log_t = math.log2(max(1, num_tokens))
             _, config = min(candidates, key=lambda tc: abs(math.log2(tc[0]) - log_t))

@@ -9,11 +9,9 @@ eager mode only, outside CUDA-graph capture, and can be switched off with
 from __future__ import annotations
 
 import torch
-from triton.runtime.interpreter import InterpretedFunction
+from .dtypes import FLOAT_DTYPES
+from .interpreter import interpreter_active
 
-from .kernels.route import route_kernel
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ID_DTYPES = (torch.int32, torch.int64)
 SCORINGS = ("softmax", "sigmoid")
 
@@ -49,7 +47,7 @@ def _expect_same_device(reference: torch.Tensor, **tensors: torch.Tensor | None)
 
 def _expect_kernel_device(name: str, tensor: torch.Tensor) -> None:
     # Triton's own error here is "0 active drivers ([]). There should only be one."
-    if tensor.device.type == "cpu" and not isinstance(route_kernel, InterpretedFunction):
+    if tensor.device.type == "cpu" and not interpreter_active():
         raise ValueError(
             f"{name} is on {tensor.device}: the tritonmoe kernels run on a CUDA or ROCm device; "
             "to run them on CPU through Triton's interpreter, set TRITON_INTERPRET=1 before "

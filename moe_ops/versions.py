@@ -10,7 +10,6 @@ the ``cpu`` extra of pyproject.toml pins ``numpy<2.4``.
 """
 from __future__ import annotations
 
-import os
 import re
 
 MIN_TORCH = (2, 11)
@@ -54,5 +53,6 @@ def check_installed() -> None:
     import torch
     import triton
 
-    interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    check_versions(torch.__version__, triton.__version__, numpy.__version__, interpreter)
+    from .interpreter import interpreter_active
+
+    check_versions(torch.__version__, triton.__version__, numpy.__version__, interpreter_active())

@@ -1,26 +1,21 @@
 """One suite for CPU (Triton interpreter, small shapes) and GPU (compiled, real shapes).
 
-Without CUDA, TRITON_INTERPRET=1 is set before anything imports Triton.
+Without CUDA, TRITON_INTERPRET=1 is set before anything imports Triton. Run from the
+checkout root (``python -m pytest``), which puts the checkout's moe_ops, tools and
+benchmarks first on the path, here and in the ranks the distributed tests spawn.
 """
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
 import torch
 
-# tools/ and benchmarks/ import from the checkout; appended, not prepended, so that an
-# installed moe_ops (the one with moe_ops.distributed) stays first, here and in the
-# ranks the distributed tests spawn with this path.
-REPO_ROOT = str(Path(__file__).resolve().parents[1])
-if REPO_ROOT not in sys.path:
-    sys.path.append(REPO_ROOT)
-
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+from moe_ops.interpreter import interpreter_active  # noqa: E402  (after TRITON_INTERPRET is set)
+
+ON_GPU = torch.cuda.is_available() and not interpreter_active()
 
 
 @pytest.fixture

@@ -18,13 +18,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moe_ops.interpreter import interpreter_active
+
 NO_MULTICAST = {"TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NCCL_NVLS_ENABLE": "0",
                 "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def use_gpus(world_size: int) -> bool:
-    return (torch.cuda.is_available() and torch.cuda.device_count() >= world_size
-            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+    return not interpreter_active() and torch.cuda.is_available() and torch.cuda.device_count() >= world_size
 
 
 def _worker(rank, world_size, fn, args, init_file, results, group_timeout_s):

@@ -1,16 +1,11 @@
 """The PyTorch grouped-GEMM baseline of the benchmark matches the reference loop."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.grouped_baseline import grouped_mm_available, grouped_mm_moe, sort_by_expert
+from moe_ops.reference import fused_experts_reference
 
-from benchmarks.grouped_baseline import grouped_mm_available, grouped_mm_moe, sort_by_expert  # noqa: E402
-from moe_ops.reference import fused_experts_reference  # noqa: E402
-
-from helpers import assert_close_l2  # noqa: E402
+from helpers import assert_close_l2
 
 NUM_EXPERTS, TOP_K, HIDDEN, INTER = 8, 2, 64, 48
 # The baseline rounds gate/up and y to bf16 (the grouped GEMMs' output dtype) where the

@@ -1,14 +1,9 @@
 """The roofline's byte/flop model, checked against numbers worked out by hand."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moe_ops.configs import CONFIGS, MoEConfig  # noqa: E402
-from tools.roofline import (Ceilings, distinct_experts, expected_distinct_experts,  # noqa: E402
+from moe_ops.configs import CONFIGS, MoEConfig
+from tools.roofline import (Ceilings, distinct_experts, expected_distinct_experts,
                             floor, fusion_savings, layer_traffic, stage_traffic)
 
 # E=4, K=2, H=4, I=3, 2-byte elements: small enough to count every byte by hand.

@@ -1,0 +1,1 @@
+"""Timing scripts (run from the checkout root as ``python -m benchmarks.<name>``)."""
