@@ -6,15 +6,17 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ON_GPU
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"gpu", "model", "T", "routing", "system", "ms", "pct_floor", "floor_ms", "launches"}
 
 
 def test_bench_writes_rows_for_every_system(tmp_path):
-    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_moe.py"), "--models",
-           "qwen3-30b-a3b", "--tokens", "3", "--systems", "fused_experts", "fused_moe",
-           "grouped_mm", "reference", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "benchmarks.bench_moe", "--models", "qwen3-30b-a3b",
+           "--tokens", "3", "--systems", "fused_experts", "fused_moe", "grouped_mm", "reference",
+           "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     (json_path,) = tmp_path.glob("moe_*_uniform.json")
     rows = json.loads(json_path.read_text())
@@ -30,7 +32,6 @@ def test_bench_writes_rows_for_every_system(tmp_path):
 def test_cpu_results_stay_out_of_the_tracked_gpu_results():
     """On CPU the default output folder is not benchmarks/results/ and git ignores it."""
     from benchmarks.bench_moe import parse_args
-    from tools.runtime import ON_GPU
 
     out = Path(parse_args([]).out)
     if ON_GPU:

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from moe_ops.configs import CONFIGS, MoEConfig
-from tools.roofline import (Ceilings, distinct_experts, expected_distinct_experts,
-                            floor, fusion_savings, layer_traffic, stage_traffic)
+from tools.ceilings import Ceilings
+from tools.roofline import (distinct_experts, expected_distinct_experts, floor, fusion_savings,
+                            layer_traffic, stage_traffic)
 
 # E=4, K=2, H=4, I=3, 2-byte elements: small enough to count every byte by hand.
 TINY = MoEConfig("tiny", hidden_size=4, intermediate_size=3, num_experts=4, top_k=2)

@@ -10,37 +10,38 @@ For a model and T, with R = T*K routed rows (uniform routing):
             structure costs (padding, gather, tile order, weights per expert) and
             dense/cublas what the main loop costs against the vendor GEMM;
     cublas  ``torch.matmul`` of that dense shape;
-    floor   flops / the measured matmul rate (``tools.roofline``).
+    floor   flops / the measured matmul rate (``tools.ceilings``).
 
 Kernel times are medians of torch.profiler GPU activities (L2 flushed before each
 call). Variants re-run the same rows with the weights (``desc``) or also down's A
-tiles (``desc+a``) through tensor descriptors.
+tiles (``desc+a``) through tensor descriptors. Run from the checkout root::
 
     python -m tools.gemm_probe --models mixtral-8x7b deepseek-v3 --tokens 2048 8192
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import sys
-from dataclasses import replace
-from pathlib import Path
+from tools.cli import use_interpreter_without_gpu
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+if __name__ == "__main__":
+    use_interpreter_without_gpu()  # before anything imports triton
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-
-from tools.runtime import ON_GPU, random_expert_weights  # noqa: E402  (before triton: may switch the interpreter on)
-
 import triton  # noqa: E402
 
 from moe_ops.configs import get_config  # noqa: E402
 from moe_ops.pipeline import fused_experts_impl  # noqa: E402
 from moe_ops.tiles import get_tile_config  # noqa: E402
-from tools.roofline import measure_ceilings, profile_kernels  # noqa: E402
+from tools.ceilings import measure_ceilings  # noqa: E402
+from tools.cli import on_gpu  # noqa: E402
+from tools.profiler import profile_kernels  # noqa: E402
+from tools.workloads import MODELS, random_expert_weights, random_routing  # noqa: E402
 
 VARIANTS = {
     "lookup": lambda gu, dn: (gu, dn),
@@ -67,13 +68,13 @@ def matmul_us(a: torch.Tensor, b_t: torch.Tensor, runs: int) -> float:
 
 
 def probe(name: str, num_tokens: int, variants: list[str], runs: int, dtype, device) -> list[dict]:
+    """Rows of (variant, stage) times at one (model, T), printed as they come."""
     cfg = get_config(name)
     e, k, h, i = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
     rows = num_tokens * k
     w_gate_up, w_down = random_expert_weights(cfg, dtype, device)
     x = torch.randn(num_tokens, h, device=device, dtype=dtype)
-    ids = torch.rand(num_tokens, e, device=device).topk(k, dim=1).indices.to(torch.int32)
-    weights = torch.softmax(torch.randn(num_tokens, k, device=device), dim=1)
+    weights, ids = random_routing(num_tokens, e, k, 0.0, device)
     x_rows = torch.randn(rows, h, device=device, dtype=dtype)
     h_rows = torch.randn(rows, i, device=device, dtype=dtype)
     one_ids = torch.zeros(rows, 1, dtype=torch.int32, device=device)
@@ -112,15 +113,15 @@ def probe(name: str, num_tokens: int, variants: list[str], runs: int, dtype, dev
 
 
 def main(argv=None) -> None:
+    """Probe every (model, T) and write the rows, stamped, to --out."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["mixtral-8x7b", "deepseek-v3",
-                                                   "qwen2-57b-a14b", "qwen3-30b-a3b"])
+    p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--tokens", nargs="+", type=int, default=[2048, 8192])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--runs", type=int, default=5, help="profiled calls per measurement")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
-    if not ON_GPU:
+    if not on_gpu():
         raise SystemExit("tools.gemm_probe times GPU kernels: it needs CUDA (or ROCm)")
     device, dtype = torch.device("cuda"), torch.bfloat16
     torch.set_grad_enabled(False)

@@ -1,5 +1,5 @@
-"""Roofline of one MoE layer: the bytes it must move, the flops it must do, the device's
-measured ceilings, and the floor they set.
+"""Roofline of one MoE layer: the bytes it must move, the flops it must do, and the floor
+they set on a device's ceilings (``tools.ceilings``).
 
 For T tokens, top-k K, E experts, hidden H, intermediate I and b bytes per element::
 
@@ -9,41 +9,30 @@ For T tokens, top-k K, E experts, hidden H, intermediate I and b bytes per eleme
     flops             = 2 * T*K * 3*H*I
     floor             = max(bytes / copy bandwidth, flops / matmul rate)
 
-Both ceilings are measured on the device in the same process (``measure_ceilings``):
-a large device-to-device copy (bytes read + written) and an 8192^3 matmul, each the
-median of CUDA-event timings. The per-stage traffic model (``stage_traffic``) follows
-the pipeline of DESIGN.md and contrasts the fused gate+up (SiLU*mul in registers)
-with the unfused one (separate gate and up GEMMs writing [T*K, I] each, read back by an
-elementwise SiLU*mul); ``measure_gate_up_fusion`` times the unfused and concatenated
-PyTorch forms and our fused kernel on a GPU.
-
-CLI::
+The per-stage traffic model (``stage_traffic``) follows the pipeline of DESIGN.md and
+contrasts the fused gate+up (SiLU*mul in registers) with the unfused one (separate gate
+and up GEMMs writing [T*K, I] each, read back by an elementwise SiLU*mul); the measured
+counterpart is ``benchmarks/bench_fusion.py``. Run from the checkout root::
 
     python -m tools.roofline --model deepseek-v3 --tokens 128
-    python -m tools.roofline --model mixtral-8x7b qwen3-30b-a3b --tokens 1 32 512 --measure-fusion
+    python -m tools.roofline --model mixtral-8x7b --tokens 1 512 --bandwidth-tbs 4.2 --tflops 700
 """
 from __future__ import annotations
 
-import argparse
-import functools
-import statistics
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
+from tools.cli import use_interpreter_without_gpu
 
-import torch
+if __name__ == "__main__":
+    use_interpreter_without_gpu()  # before moe_ops imports triton
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import argparse  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import torch  # noqa: E402
 
 from moe_ops.configs import MoEConfig, get_config  # noqa: E402
+from moe_ops.dtypes import BY_NAME  # noqa: E402
+from tools.ceilings import Ceilings, measure_ceilings  # noqa: E402
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-# --------------------------------------------------------------------------- the model
 
 def expected_distinct_experts(num_experts: int, top_k: int, num_tokens: int) -> float:
     """Experts hit at least once when each token picks top_k of num_experts uniformly."""
@@ -89,17 +78,6 @@ def layer_traffic(config: str | MoEConfig, num_tokens: int, distinct: float | No
         weight_bytes += e * h * bytes_per_elem
         flops += 2 * num_tokens * h * e
     return Traffic(float(distinct), float(weight_bytes), float(activation_bytes), float(flops))
-
-
-@dataclass(frozen=True)
-class Ceilings:
-    """A device's measured copy bandwidth (bytes/s) and matmul rate (flop/s)."""
-
-    device: str
-    bandwidth: float
-    matmul_rate: float
-    dtype: str
-    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -199,204 +177,6 @@ def fusion_savings(config: str | MoEConfig, num_tokens: int, distinct: float | N
     }
 
 
-# ------------------------------------------------------------------ measured ceilings
-
-_CEILINGS: dict[tuple[str, torch.dtype], Ceilings] = {}
-
-
-def _median_event_ms(fn, iters: int, warmup: int = 3) -> float:
-    """Median of per-call CUDA-event timings (ms)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for start, end in zip(starts, ends):
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-
-
-def median_wall_ms(fn, iters: int, warmup: int = 1) -> float:
-    """Median wall-clock ms of ``iters`` calls after ``warmup`` (for CPU runs)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def measure_ceilings(device: torch.device | str | None = None,
-                     dtype: torch.dtype = torch.bfloat16) -> Ceilings:
-    """Copy bandwidth (1 GiB device-to-device copy, read + written) and matmul rate
-    (8192^3 in ``dtype``), medians of CUDA-event timings; cached per process.
-
-    On a CPU both are measured small (32 MiB, 512^3 in float32) so code paths run;
-    they say nothing about a GPU.
-    """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (str(device), dtype)
-    if key in _CEILINGS:
-        return _CEILINGS[key]
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            copy_bytes = 1 << 30
-            src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
-            dst = torch.empty_like(src)
-            copy_ms = _median_event_ms(lambda: dst.copy_(src), iters=20)
-            del src, dst
-            n = 8192
-            a = torch.randn(n, n, dtype=dtype, device=device)
-            b = torch.randn(n, n, dtype=dtype, device=device)
-            mm_ms = _median_event_ms(lambda: torch.mm(a, b), iters=10)
-            del a, b
-            torch.cuda.empty_cache()
-        name = torch.cuda.get_device_name(device)
-        note = f"copy {copy_bytes >> 20} MiB, matmul {n}^3 {str(dtype).replace('torch.', '')}"
-        mm_dtype = dtype
-    else:
-        copy_bytes, n, mm_dtype = 32 << 20, 512, torch.float32
-        src = torch.empty(copy_bytes, dtype=torch.uint8)
-        dst = torch.empty_like(src)
-        copy_ms = median_wall_ms(lambda: dst.copy_(src), iters=5)
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        mm_ms = median_wall_ms(lambda: torch.mm(a, b), iters=5)
-        name = "cpu"
-        note = "CPU, tiny sizes: not a GPU ceiling"
-    ceilings = Ceilings(name, 2 * copy_bytes / (copy_ms * 1e-3), 2 * n**3 / (mm_ms * 1e-3),
-                        str(mm_dtype).replace("torch.", ""), note)
-    _CEILINGS[key] = ceilings
-    return ceilings
-
-
-# ------------------------------------------------------- profiled kernels of a forward
-
-def flush_l2(device: torch.device | str = "cuda") -> None:
-    """Overwrite a 256 MiB buffer so no operand stays in L2 (the flush of do_bench)."""
-    buf = getattr(flush_l2, "_buf", None)
-    if buf is None or buf.device != torch.device(device):
-        buf = torch.empty(256 << 20, dtype=torch.uint8, device=device)
-        flush_l2._buf = buf
-    buf.zero_()
-
-
-def profile_kernels(fn, runs: int = 1, flush: bool = True) -> list[tuple[str, float]]:
-    """GPU activities (kernels, memsets, memcpys) of one call of ``fn``, in issue order,
-    as (name, median duration in us over ``runs`` profiled calls). Empty without CUDA.
-
-    Call ``fn`` once before (compilation, caches): this only observes.
-    """
-    if not torch.cuda.is_available():
-        return []
-    from torch.profiler import ProfilerActivity, profile
-    from torch.autograd import DeviceType
-
-    per_run = []
-    for _ in range(runs):
-        if flush:
-            flush_l2()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-        events.sort(key=lambda e: e.time_range.start)
-        per_run.append([(e.name, e.time_range.elapsed_us()) for e in events])
-    names = [name for name, _ in per_run[0]]
-    if any([n for n, _ in run] != names for run in per_run):
-        return per_run[0]  # a data-dependent number of launches: report the first call
-    return [(name, statistics.median(run[j][1] for run in per_run))
-            for j, name in enumerate(names)]
-
-
-# ------------------------------------------------- measured: fused vs unfused gate+up
-
-def measure_gate_up_fusion(config: str | MoEConfig, num_tokens: int,
-                           dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
-                           seed: int = 0) -> dict:
-    """Time gate+up three ways on a GPU, uniform routing, L2 flushed between calls:
-
-    - ``unfused``: gate GEMM, up GEMM (``torch._grouped_mm``), SiLU*mul in eager PyTorch;
-    - ``concat``: one grouped GEMM over [gate; up] -> [R, 2I], then SiLU*mul;
-    - ``fused``: our gate_up kernel (the first grouped-GEMM kernel of ``fused_experts``,
-      its duration from the profiler, median of 5 L2-flushed calls).
-
-    Returns milliseconds, kernel breakdowns and model bytes per variant.
-    """
-    import triton.testing
-
-    from benchmarks.grouped_baseline import sort_by_expert
-
-    cfg = get_config(config)
-    h, i, e, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.top_k
-    gen = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(num_tokens, h, dtype=dtype, device=device, generator=gen)
-    topk_ids = torch.rand(num_tokens, e, device=device, generator=gen).topk(k, dim=1).indices
-    topk_ids = topk_ids.to(torch.int32)
-    topk_weights = torch.rand(num_tokens, k, device=device, generator=gen)
-    w_gate_up = torch.randn(e, 2 * i, h, dtype=dtype, device=device, generator=gen).mul_(h**-0.5)
-    w_down_shape = (e, h, i)
-    distinct = distinct_experts(topk_ids)
-
-    order, token_of_slot, offs = sort_by_expert(topk_ids, e)
-    xs = x[token_of_slot]
-    w_gate = w_gate_up[:, :i].transpose(1, 2)
-    w_up = w_gate_up[:, i:].transpose(1, 2)
-    w_both = w_gate_up.transpose(1, 2)
-    silu = torch.nn.functional.silu
-
-    def unfused():
-        gate = torch._grouped_mm(xs, w_gate, offs=offs)
-        up = torch._grouped_mm(xs, w_up, offs=offs)
-        return silu(gate) * up
-
-    def concat():
-        gu = torch._grouped_mm(xs, w_both, offs=offs)
-        return silu(gu[:, :i]) * gu[:, i:]
-
-    def bench(fn):
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-    result = {"model": cfg.name, "T": num_tokens, "distinct_experts": distinct,
-              "gpu": torch.cuda.get_device_name()}
-    model = fusion_savings(cfg, num_tokens, distinct, x.element_size())
-    result["model_bytes"] = model
-    for name, fn in (("unfused", unfused), ("concat", concat)):
-        try:
-            fn()
-            result[f"{name}_ms"] = bench(fn)
-            result[f"{name}_kernels"] = profile_kernels(fn, runs=3)
-        except Exception as exc:  # torch._grouped_mm missing or refusing this layout
-            result[f"{name}_ms"], result[f"{name}_kernels"] = None, []
-            result[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    try:
-        from moe_ops.pipeline import fused_experts_impl
-
-        w_down = torch.randn(*w_down_shape, dtype=dtype, device=device, generator=gen).mul_(i**-0.5)
-        fused = functools.partial(fused_experts_impl, x, topk_weights, topk_ids, w_gate_up, w_down)
-        fused()
-        kernels = profile_kernels(fused, runs=5)
-        result["fused_kernels"] = kernels
-        gemms = [us for name, us in kernels if "grouped_gemm" in name]  # issue order: gate_up first
-        result["fused_ms"] = gemms[0] * 1e-3 if gemms else None
-        del fused, w_down
-    except Exception as exc:  # the kernels are optional for the byte model
-        result["fused_ms"] = None
-        result["fused_error"] = f"{type(exc).__name__}: {exc}"
-    del w_gate_up
-    torch.cuda.empty_cache()
-    return result
-
-
 # ------------------------------------------------------------------------------ CLI
 
 def _fmt_bytes(n: float) -> str:
@@ -433,19 +213,18 @@ def _report(cfg: MoEConfig, num_tokens: int, ceilings: Ceilings | None, bytes_pe
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Print the byte/flop model, and the floors where ceilings are measured or given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", default=["deepseek-v3"], help="config names")
     parser.add_argument("--tokens", nargs="+", type=int, default=[128])
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(BY_NAME))
     parser.add_argument("--bandwidth-tbs", type=float, default=None,
                         help="assume this copy bandwidth (TB/s) instead of measuring")
     parser.add_argument("--tflops", type=float, default=None,
                         help="assume this matmul rate (TFLOP/s) instead of measuring")
-    parser.add_argument("--measure-fusion", action="store_true",
-                        help="on a GPU, time unfused / concatenated / fused gate+up")
     args = parser.parse_args(argv)
-    dtype = DTYPES[args.dtype]
+    dtype = BY_NAME[args.dtype]
     bytes_per_elem = torch.empty((), dtype=dtype).element_size()
 
     ceilings = None
@@ -461,25 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ceilings ({ceilings.device}; {ceilings.note}): copy "
               f"{ceilings.bandwidth / 1e12:.3f} TB/s, matmul {ceilings.matmul_rate / 1e12:.1f} TFLOP/s")
     for name in args.model:
-        cfg = get_config(name)
         for t in args.tokens:
-            _report(cfg, t, ceilings, bytes_per_elem)
-            if args.measure_fusion:
-                if not torch.cuda.is_available():
-                    print("  (--measure-fusion needs a GPU: skipped)")
-                    continue
-                m = measure_gate_up_fusion(cfg, t, dtype)
-                parts = []
-                for name in ("unfused", "concat", "fused"):
-                    if m.get(f"{name}_ms"):
-                        kernels = m.get(f"{name}_kernels", [])
-                        parts.append(f"{name} {m[f'{name}_ms']:.4f} ms ({len(kernels)} kernels: "
-                                     + ", ".join(f"{n[:40]} {us:.1f} us" for n, us in kernels) + ")")
-                    else:
-                        parts.append(f"{name}: {m.get(f'{name}_error', 'n/a')}")
-                print("  measured gate+up (median, L2 flushed; fused = its kernel's duration):")
-                for part in parts:
-                    print(f"    {part}")
+            _report(get_config(name), t, ceilings, bytes_per_elem)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""The tile configurations the tuner searches (``tools/tune.py``), pruned before any is timed.
+
+    BLOCK_M   <= max(16, next_pow2(2*T*K/E)) and >= a quarter of that cap: a block should
+              not be mostly padding, nor so small that a hot expert needs many
+    BLOCK_N   32..256 (256 only with BLOCK_M >= 64), BLOCK_K 64 or 128
+    GROUP_M   8 only where an expert spans several row blocks (something to group)
+    warps     by tile area; stages 3..5 within SMEM_LIMIT of shared memory
+    B_DESC    weights through pointers and through a tensor descriptor
+
+``LARGE_T_SEEDS`` are shapes Hopper GEMMs are known to like, always timed where legal;
+``sample`` draws the rest reproducibly.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import replace
+
+from moe_ops.tiles import TileConfig
+
+SMEM_LIMIT = 200 * 1024  # bytes; H100/H200 allow 227 KiB per block, keep headroom
+
+
+def _next_pow2(n: float) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1.0, n))))
+
+
+def block_m_choices(num_tokens: int, top_k: int, num_experts: int) -> list[int]:
+    """BLOCK_M <= max(16, next_pow2(2*T*K/E)), and no smaller than a quarter of that cap."""
+    cap = min(128, max(16, _next_pow2(2 * num_tokens * top_k / num_experts)))
+    return [bm for bm in (16, 32, 64, 128) if cap // 4 <= bm <= cap]
+
+
+def candidate_tiles(stage: str, num_tokens: int, top_k: int, num_experts: int,
+                    elem_bytes: int, block_ms: list[int]) -> list[TileConfig]:
+    """The pruned cross product for one stage (gate_up loads two weight tiles per step),
+    weights through pointers and through a descriptor (B_DESC)."""
+    rows_per_expert = num_tokens * top_k / num_experts
+    weight_tiles = 2 if stage == "gate_up" else 1
+    out = []
+    for bm, desc in ((bm, desc) for bm in block_ms for desc in (False, True)):
+        for bn in (32, 64, 128, 256):
+            if bn == 256 and bm < 64:
+                continue  # small T: keep programs many, so enough of them stream the weights
+            for bk in (64, 128):
+                for group_m in (1, 8):
+                    if group_m == 8 and rows_per_expert < 2 * bm:
+                        continue  # one row block per expert: nothing to group
+                    for warps in (4, 8):
+                        area = bm * bn
+                        if (warps == 8 and area < 64 * 128) or (warps == 4 and area > 128 * 128):
+                            continue
+                        for stages in (3, 4, 5):
+                            smem = stages * (bm * bk + weight_tiles * bn * bk) * elem_bytes
+                            if smem > SMEM_LIMIT:
+                                continue
+                            out.append(TileConfig(bm, bn, bk, group_m, warps, stages, B_DESC=desc))
+    return out
+
+
+# Large-T shapes that Hopper GEMMs are known to like (128-row blocks, 8 warps, 64-wide
+# K steps, weights or A through tensor descriptors), always timed where they are legal,
+# whatever the sample draws.
+LARGE_T_SEEDS = {
+    "gate_up": [TileConfig(128, 128, 64, 8, 8, 3, B_DESC=True),
+                TileConfig(128, 128, 64, 8, 8, 4, B_DESC=True),
+                TileConfig(128, 64, 64, 8, 8, 4, B_DESC=True),
+                TileConfig(64, 128, 64, 8, 8, 4, B_DESC=True),
+                TileConfig(64, 128, 64, 8, 4, 4, B_DESC=True),
+                TileConfig(128, 128, 64, 8, 8, 3)],
+    "down": [TileConfig(128, 256, 64, 8, 8, 3, B_DESC=True, A_DESC=True),
+             TileConfig(128, 128, 64, 8, 8, 4, B_DESC=True, A_DESC=True),
+             TileConfig(128, 256, 64, 8, 8, 3)],
+}
+
+
+def seeds(stage: str, num_tokens: int, top_k: int, num_experts: int,
+          block_ms: list[int]) -> list[TileConfig]:
+    """The LARGE_T_SEEDS of ``stage`` whose BLOCK_M is allowed and whose GROUP_M has
+    several row blocks per expert to group (down: BLOCK_M set to ``block_ms[0]``)."""
+    rows_per_expert = num_tokens * top_k / num_experts
+    out = []
+    for tile in LARGE_T_SEEDS[stage]:
+        if stage == "down":
+            tile = replace(tile, BLOCK_M=block_ms[0])
+        if tile.BLOCK_M in block_ms and rows_per_expert >= 2 * tile.BLOCK_M:
+            out.append(tile)
+    return out
+
+
+def sample(candidates: list[TileConfig], keep: list[TileConfig], limit: int, seed: int) -> list[TileConfig]:
+    """``keep`` first (duplicates dropped), then a seeded shuffle of the rest, ``limit`` in
+    all (more only if ``keep`` alone is longer)."""
+    keep = list(dict.fromkeys(keep))
+    rest = [c for c in candidates if c not in keep]
+    random.Random(seed).shuffle(rest)
+    return keep + rest[: max(0, limit - len(keep))]
