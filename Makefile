@@ -22,4 +22,4 @@ test: install
 	$(PYTHON) -m pytest -q -n 2
 
 bench: install
-	$(PYTHON) benchmarks/bench_moe.py
+	$(PYTHON) -m benchmarks.bench_moe

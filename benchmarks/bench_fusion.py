@@ -109,6 +109,7 @@ def print_cell(m: dict) -> None:
             print(f"    {name}: {m.get(f'{name}_error', 'n/a')}")
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> None:
     """Measure every (model, T) and print it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -119,7 +120,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not on_gpu():
         raise SystemExit("benchmarks.bench_fusion times GPU kernels: it needs CUDA (or ROCm)")
-    torch.set_grad_enabled(False)
     for name in args.models:
         for t in args.tokens:
             print_cell(measure_gate_up_fusion(name, t, BY_NAME[args.dtype]))

@@ -113,13 +113,13 @@ def prepare_systems(systems, layer, told: set) -> dict:
     return prepared
 
 
+@torch.no_grad()
 def main(argv=None) -> None:
     """Time every selected system in every (model, T) and write the outputs."""
     gpu = on_gpu()
     args = parse_args(argv, gpu)
     dtype = BY_NAME[args.dtype]
     device = torch.device("cuda" if gpu else "cpu")
-    torch.set_grad_enabled(False)
     if not args.check_ids:
         moe_ops.set_topk_ids_check(False)
     gpu_name = device_label(gpu)

@@ -33,6 +33,7 @@ from tools.workloads import layer_config, random_expert_weights, random_routing 
 STAGES = ("gate_up", "down")
 
 
+@torch.no_grad()
 def main(argv=None) -> None:
     """Time both tile choices in every cell and append one record per cell."""
     gpu = on_gpu()
@@ -45,7 +46,6 @@ def main(argv=None) -> None:
     if not gpu:
         log(CPU_NOTICE)
     timer = tile_timer(args)
-    torch.set_grad_enabled(False)
     for name in args.models:
         cfg = layer_config(name, gpu)
         gen = torch.Generator(device=device).manual_seed(args.seed)

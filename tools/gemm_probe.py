@@ -112,6 +112,7 @@ def probe(name: str, num_tokens: int, variants: list[str], runs: int, dtype, dev
     return out
 
 
+@torch.no_grad()
 def main(argv=None) -> None:
     """Probe every (model, T) and write the rows, stamped, to --out."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -124,7 +125,6 @@ def main(argv=None) -> None:
     if not on_gpu():
         raise SystemExit("tools.gemm_probe times GPU kernels: it needs CUDA (or ROCm)")
     device, dtype = torch.device("cuda"), torch.bfloat16
-    torch.set_grad_enabled(False)
     rows = []
     for name in args.models:
         for t in args.tokens:

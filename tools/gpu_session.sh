@@ -4,48 +4,47 @@
 #   tools/gpu_session.sh test     the test suite, compiled, at real sizes         (~4 min H100)
 #                                 (TEST_ARGS: pytest arguments instead of `tests`)
 #   tools/gpu_session.sh probe    grouped GEMM vs the same kernel dense vs cuBLAS
-#                                 (tools/gemm_probe.py; PROBE_ARGS)               (~2 min)
+#                                 (python -m tools.gemm_probe; PROBE_ARGS)        (~2 min)
 #   tools/gpu_session.sh tune     re-tune this GPU's tile table (TUNE_BUDGET_S;
 #                                 TUNE_ARGS, e.g. --tokens 2048 8192), merged
 #                                 into moe_ops/tile_tables/<gpu>.json              (~8 min)
-#   tools/gpu_session.sh heuristic  heuristic tiles vs this GPU's table, every cell  (~2 min)
-#   tools/gpu_session.sh bench    the main job, uniform then Zipf(1.2) routing (BENCH_ARGS),
+#   tools/gpu_session.sh heuristic  heuristic tiles vs this GPU's table, every cell
+#                                 (python -m tools.check_heuristic; TUNE_ARGS)    (~2 min)
+#   tools/gpu_session.sh bench    the main job, uniform then Zipf(1.2) routing (BENCH_ARGS;
+#                                 vLLM and Megablocks beside ours where installed),
 #                                 and the measured gate+up fusion saving          (~5 min)
+#   tools/gpu_session.sh eager    whole Hugging Face models, eager, transformers' experts
+#                                 vs moe_ops.patch_hf_model (benchmarks/bench_hf_eager.py;
+#                                 EAGER_ARGS)                                      (~3 min)
 #   tools/gpu_session.sh ep       (2+ GPUs) the expert-parallel tests, then
-#                                 benchmarks/bench_ep.py under torchrun (EP_ARGS)  (~8 min)
+#                                 torchrun -m benchmarks.bench_ep (EP_ARGS)        (~8 min)
 #   tools/gpu_session.sh pack     tar everything under $OUT into $OUT/session.tar.gz
 #                                 (for a runner that returns only a few files)
 #
-# Several steps may be given in one call. Results go to $OUT (default
+# Several steps may be given in one call; every step runs from the checkout root with
+# `python -m` (or `torchrun -m`), so the checkout's moe_ops is the one imported. Results go to $OUT (default
 # benchmarks/results): the table `<gpu>.json` to copy into moe_ops/tile_tables/, its
 # tune log, the benchmark's JSON/markdown/PNG, and a log per step.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.."  # the checkout root: every step imports the checkout's moe_ops
 python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'tools/gpu_session.sh needs a GPU (CUDA or ROCm)')"
 out_given="${OUT:+yes}"
 OUT="$(realpath -m "${OUT:-benchmarks/results}")"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# A source checkout lacks moe_ops.distributed (setuptools maps distributed/ there at
-# install time): install a copy ahead of the checkout on the path, and run the steps
-# that need it from outside the checkout (a script's or -c's own folder comes first).
-repo="$PWD"
-if ! (cd /tmp && python -c "import moe_ops.distributed" 2>/dev/null); then
-  rm -rf /tmp/tritonmoe-site  # pip --target keeps an older copy in place
-  pip install --no-deps --no-build-isolation --target /tmp/tritonmoe-site . > "$OUT/install.log" 2>&1 \
+# The checkout imports moe_ops.distributed through the moe_ops/distributed symlink; only a
+# copy that lost it (an archive without symlinks) needs the editable install.
+if ! python -c "import moe_ops.distributed" 2>/dev/null; then
+  pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
     || { tail -20 "$OUT/install.log"; exit 1; }
-  export PYTHONPATH="/tmp/tritonmoe-site:$PYTHONPATH"
-  (cd /tmp && python -c "import moe_ops.distributed") || exit 1
+  python -c "import moe_ops.distributed" || exit 1
 fi
-gpu_slug=$(python -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
+gpu_slug=$(python -c "import torch; from tools.cli import slug; print(slug(torch.cuda.get_device_name()))")
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>/dev/null || true
 
 for step in "$@"; do
   case "$step" in
     test)
-      # PYTHONSAFEPATH: `python -m` would put the checkout first on the path, where
-      # moe_ops has no `distributed` (the spawned ranks of the EP tests import it).
-      PYTHONSAFEPATH=1 python -m pytest -q -p no:cacheprovider ${TEST_ARGS:-tests} > "$OUT/test.log" 2>&1 \
+      python -m pytest -q -p no:cacheprovider ${TEST_ARGS:-tests} > "$OUT/test.log" 2>&1 \
         || echo "TESTS FAILED (see test.log)"
       tail -40 "$OUT/test.log" ;;
     probe)
@@ -57,30 +56,30 @@ for step in "$@"; do
       [ ! -f "$table" ] || cp "$table" "$OUT/"
       python -m tools.tune --budget-s "${TUNE_BUDGET_S:-450}" --out "$OUT/$gpu_slug.json" ${TUNE_ARGS:-} 2>&1 \
         | tee "$OUT/tune.log" | { grep -E "chose|variant|budget|cells tuned" || true; }
-      cp "$OUT/$gpu_slug.json" "$table"
-      # The installed copy ahead on the path (above) reads its own tables: refresh it too.
-      [ ! -d /tmp/tritonmoe-site/moe_ops/tile_tables ] || cp "$table" /tmp/tritonmoe-site/moe_ops/tile_tables/ ;;
+      cp "$OUT/$gpu_slug.json" "$table" ;;
     heuristic)
-      python -m tools.tune --check-heuristic --out "$OUT/$gpu_slug.json" ${TUNE_ARGS:-} 2>&1 \
+      python -m tools.check_heuristic --out "$OUT/$gpu_slug.json" ${TUNE_ARGS:-} 2>&1 \
         | tee "$OUT/heuristic.log" | tail -40 ;;
     bench)
-      python benchmarks/bench_moe.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_uniform.log" | tail -5
-      python benchmarks/bench_moe.py --routing zipf --zipf-s 1.2 --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
+      python -m benchmarks.bench_moe --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_uniform.log" | tail -5
+      python -m benchmarks.bench_moe --routing zipf --zipf-s 1.2 --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
         | tee "$OUT/bench_zipf.log" | tail -5
-      python -m tools.roofline --model mixtral-8x7b qwen3-30b-a3b --tokens 1 32 512 8192 \
-        --measure-fusion 2>&1 | tee "$OUT/fusion.log" | tail -30 ;;
+      python -m benchmarks.bench_fusion --models mixtral-8x7b qwen3-30b-a3b --tokens 1 32 512 8192 \
+        2>&1 | tee "$OUT/fusion.log" | tail -30 ;;
+    eager)
+      python -m benchmarks.bench_hf_eager --out "$OUT" ${EAGER_ARGS:-} 2>&1 | tee "$OUT/hf_eager.log" | tail -40 ;;
     ep)
       ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
       export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
-      (cd /tmp && timeout "${EP_TEST_TIMEOUT_S:-300}" python -m pytest -q -p no:cacheprovider \
-        "$repo/tests/test_distributed.py" ${EP_TEST_ARGS:-}) > "$OUT/test_ep.log" 2>&1 || echo "EP TESTS FAILED (see test_ep.log)"
+      timeout "${EP_TEST_TIMEOUT_S:-300}" python -m pytest -q -p no:cacheprovider \
+        tests/test_distributed.py ${EP_TEST_ARGS:-} > "$OUT/test_ep.log" 2>&1 || echo "EP TESTS FAILED (see test_ep.log)"
       tail -30 "$OUT/test_ep.log"
-      (cd /tmp && timeout "${EP_BENCH_TIMEOUT_S:-420}" torchrun --nproc_per_node="$ngpu" \
-        "$repo/benchmarks/bench_ep.py" --out "$OUT" ${EP_ARGS:-}) 2>&1 | grep -v "^W1\|OMP_NUM\|\*\*\*\*" | tee "$OUT/bench_ep.log" | tail -40 ;;
+      timeout "${EP_BENCH_TIMEOUT_S:-420}" torchrun --nproc_per_node="$ngpu" -m benchmarks.bench_ep \
+        --out "$OUT" ${EP_ARGS:-} 2>&1 | grep -v "^W1\|OMP_NUM\|\*\*\*\*" | tee "$OUT/bench_ep.log" | tail -40 ;;
     pack)
       [ "$out_given" = yes ] || { echo "pack empties \$OUT: set OUT to a scratch folder" >&2; exit 2; }
       tar czf /tmp/session.tar.gz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/session.tar.gz "$OUT/" ;;
     *)
-      echo "unknown step '$step' (test, probe, tune, heuristic, bench, ep, pack)" >&2; exit 2 ;;
+      echo "unknown step '$step' (test, probe, tune, heuristic, bench, eager, ep, pack)" >&2; exit 2 ;;
   esac
 done

@@ -292,6 +292,7 @@ def parse_args(argv=None, gpu: bool = True):
     return args
 
 
+@torch.no_grad()
 def main(argv=None) -> None:
     """Tune every cell within the budget, merging the winners into the table after each."""
     gpu = on_gpu()
@@ -308,7 +309,6 @@ def main(argv=None) -> None:
         raise SystemExit(f"{exc}: pass another --out") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     log(f"tuning on {gpu_name}; table {out} ({len(entries)} entries already); budget {args.budget_s:.0f} s")
-    torch.set_grad_enabled(False)
     done = 0
     for name in args.models:
         if budget.spent():
