@@ -107,4 +107,3 @@ SYSTEMS = [
     System("vllm", vllm_fused_experts, external=True),
     System("vllm+graph", vllm_fused_experts, graph=True, external=True),
 ]
-BY_NAME = {s.name: s for s in SYSTEMS}
