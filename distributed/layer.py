@@ -39,7 +39,7 @@ from moe_ops.configs import MoEConfig, get_config
 from moe_ops.module import FusedMoE, shared_expert_output
 from moe_ops.pipeline import fused_experts_impl
 from moe_ops.profiling import stage_range
-from moe_ops.routing import route_impl
+from moe_ops.routing import Routing, route
 from moe_ops.interpreter import BLOCKS, interpreter_active
 from moe_ops.validation import FLOAT_DTYPES
 
@@ -210,10 +210,9 @@ class ExpertParallelMoE(nn.Module):
         transport.begin()
 
         with stage_range("plan"):
-            topk_weights, topk_ids = route_impl(
-                x, self.router_weight, c.top_k, c.scoring, c.renormalize, c.n_group,
-                c.topk_group, None if self.score_bias is None else self.score_bias.float(),
-                c.routed_scaling_factor)
+            topk_weights, topk_ids, _ = route(
+                x, self.router_weight, Routing(**c.routing_kwargs()),
+                None if self.score_bias is None else self.score_bias.float())
             send = transport.send_buffers(W * (C if C is not None else T), c.hidden_size,
                                           c.top_k, x.dtype, x.device)
             plan = plan_and_pack(x, topk_weights, topk_ids, len(self.expert_range), r, W, C,

@@ -1,40 +1,13 @@
-"""Hugging Face transformers (5.x) drop-in: convert MoE blocks to ``FusedMoE``.
-
-Supported blocks and what each computes (read off transformers 5.23):
-
-    MixtralSparseMoeBlock   softmax top-k, always renormalised; jitter only in training
-    Qwen3MoeSparseMoeBlock  softmax top-k, renormalised iff norm_topk_prob
-    Qwen2MoeSparseMoeBlock  as Qwen3, plus sigmoid(shared_expert_gate(x)) * shared_expert(x)
-    DeepseekV3MoE           sigmoid + fp32 score-correction bias, grouped top-k,
-                            renormalise (+1e-20), routed_scaling_factor, + shared_experts(x)
-
-All four hold their experts as ``experts.gate_up_proj [E, 2I, H]`` and
-``experts.down_proj [E, H, I]`` (the op layout) and return a plain tensor of the input's
-shape; router logits reach ``output_router_logits`` through hooks on the router module,
-which a patched model no longer has, so models configured to output them are refused.
-Blocks are recognised by class name and defining module, so this file never imports
-transformers.
+"""Hugging Face transformers (5.x) drop-in: ``patch_hf_model`` swaps a model's supported MoE
+blocks (``moe_ops.hf_blocks`` lists them) for ``FusedMoE`` layers sharing their weights.
 """
 from __future__ import annotations
-
-import re
 
 import torch
 from torch import nn
 
-from .configs import MoEConfig
+from .hf_blocks import MOE_NAME, SUPPORTED, kind_of
 from .module import FusedMoE
-
-# Block class name -> (transformers module, kind). Matched on the exact type: a subclass
-# may change the forward, so it is refused rather than silently converted.
-_SUPPORTED = {
-    "MixtralSparseMoeBlock": ("transformers.models.mixtral.modeling_mixtral", "mixtral"),
-    "Qwen2MoeSparseMoeBlock": ("transformers.models.qwen2_moe.modeling_qwen2_moe", "qwen2_moe"),
-    "Qwen3MoeSparseMoeBlock": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "qwen3_moe"),
-    "DeepseekV3MoE": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "deepseek_v3"),
-}
-# Names that mark an MoE block we do not know (OlmoeSparseMoeBlock, Qwen3NextSparseMoeBlock, ...).
-_MOE_NAME = re.compile(r"Mo[Ee](Block)?$")
 
 
 class PatchedMoEBlock(nn.Module):
@@ -72,7 +45,7 @@ def patch_hf_model(model: nn.Module) -> int:
     type this package does not know, ``ValueError`` for an option the ops cannot
     reproduce (the message names the block and the option).
     """
-    if _kind_of(model) is not None:
+    if kind_of(model) is not None:
         raise TypeError(f"{type(model).__name__} is itself an MoE block: pass the model that "
                         "contains it, or convert it with FusedMoE.from_hf(block)")
     config = getattr(model, "config", None)
@@ -83,7 +56,7 @@ def patch_hf_model(model: nn.Module) -> int:
 
     replacements = []
     for parent, attr, path, block in _find_blocks(model, ""):
-        moe = convert_block(block, copy=False, where=path)
+        moe = FusedMoE.from_hf(block, copy=False, where=path)
         wrapper = PatchedMoEBlock(moe, f"{path} ({type(block).__name__})",
                                   jitter_noise=getattr(block, "jitter_noise", 0.0) or 0.0)
         wrapper.train(block.training)
@@ -93,141 +66,6 @@ def patch_hf_model(model: nn.Module) -> int:
     return len(replacements)
 
 
-def convert_block(block: nn.Module, copy: bool = True, where: str | None = None) -> FusedMoE:
-    """``FusedMoE.from_hf``: read a supported block's weights and routing into a FusedMoE."""
-    kind = _kind_of(block)
-    name = f"{where} ({type(block).__name__})" if where else type(block).__name__
-    if kind is None:
-        raise TypeError(f"{name}: unsupported MoE block type; supported: {sorted(_SUPPORTED)}")
-
-    experts, router = block.experts, block.gate
-    _check_experts(name, experts)
-    num_experts, two_inter, hidden = experts.gate_up_proj.shape
-    dtype = experts.gate_up_proj.dtype
-    if router.weight.dtype != dtype:
-        raise ValueError(f"{name}: router weight dtype {router.weight.dtype} differs from the "
-                         f"experts' {dtype}; the fused op needs one dtype")
-    routing = dict(top_k=int(router.top_k))
-    shared_inter, shared_gated = 0, False
-
-    if kind == "mixtral":
-        jitter = getattr(block, "jitter_noise", 0.0) or 0.0
-        if jitter > 0 and block.training:
-            raise ValueError(f"{name}: router_jitter_noise={jitter} in training mode is not "
-                             "supported; call .eval() first or set router_jitter_noise=0")
-        routing.update(renormalize=True)
-    elif kind in ("qwen2_moe", "qwen3_moe"):
-        routing.update(renormalize=bool(router.norm_topk_prob))
-    else:  # deepseek_v3
-        routing.update(_deepseek_routing(name, block, num_experts))
-
-    if kind == "qwen2_moe":
-        shared_mlp = block.shared_expert
-        shared_gated = True
-        if block.shared_expert_gate.bias is not None:
-            raise ValueError(f"{name}: shared_expert_gate with a bias is not supported")
-    elif kind == "deepseek_v3":
-        shared_mlp = block.shared_experts
-    else:
-        shared_mlp = None
-    if shared_mlp is not None:
-        _check_mlp(name, shared_mlp, dtype)
-        shared_inter = shared_mlp.down_proj.weight.shape[1]
-
-    config = MoEConfig(
-        name=f"hf-{kind}", hidden_size=hidden, intermediate_size=two_inter // 2,
-        num_experts=num_experts, shared_experts=1 if shared_mlp is not None else 0,
-        shared_intermediate_size=shared_inter, shared_gated=shared_gated, **routing,
-    )
-    moe = FusedMoE(config, dtype=dtype, device="meta")
-
-    def take(tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.detach()
-        return tensor.clone(memory_format=torch.contiguous_format) if copy else tensor.contiguous()
-
-    def weight(tensor: torch.Tensor) -> nn.Parameter:
-        return nn.Parameter(tensor, requires_grad=False)  # forward only, as in FusedMoE
-
-    moe.router_weight = weight(take(router.weight))
-    moe.w_gate_up = weight(take(experts.gate_up_proj))
-    moe.w_down = weight(take(experts.down_proj))
-    if config.score_bias:
-        moe.score_bias = take(router.e_score_correction_bias).float()
-    if shared_mlp is not None:
-        moe.shared_gate_up = weight(torch.cat(
-            [shared_mlp.gate_proj.weight.detach(), shared_mlp.up_proj.weight.detach()], dim=0))
-        moe.shared_down = weight(take(shared_mlp.down_proj.weight))
-    if shared_gated:
-        moe.shared_gate = weight(take(block.shared_expert_gate.weight))
-    moe.train(block.training)
-    return moe
-
-
-def _deepseek_routing(name: str, block: nn.Module, num_experts: int) -> dict:
-    router, hf_config = block.gate, getattr(block, "config", None)
-    # Checkpoints written for DeepSeek's own code may carry these; transformers' block
-    # always computes noaux_tc with sigmoid scores, and so do we.
-    topk_method = getattr(hf_config, "topk_method", "noaux_tc")
-    if topk_method != "noaux_tc":
-        raise ValueError(f"{name}: topk_method={topk_method!r} is not supported (only 'noaux_tc')")
-    scoring_func = getattr(hf_config, "scoring_func", "sigmoid")
-    if scoring_func != "sigmoid":
-        raise ValueError(f"{name}: scoring_func={scoring_func!r} is not supported (only 'sigmoid')")
-    n_group, topk_group = router.num_group, router.topk_group
-    if not isinstance(n_group, int) or n_group < 1 or num_experts % n_group != 0:
-        raise ValueError(f"{name}: n_group={n_group!r} must be a positive int dividing "
-                         f"n_routed_experts={num_experts}")
-    if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
-        raise ValueError(
-            f"{name}: topk_group={topk_group!r} must be an int in [1, n_group={n_group}]")
-    if num_experts // n_group < 2:
-        raise ValueError(f"{name}: groups of {num_experts // n_group} expert(s); the group score "
-                         "is the sum of a group's top-2, so groups need >= 2 experts")
-    return dict(scoring="sigmoid", renormalize=bool(router.norm_topk_prob), n_group=n_group,
-                topk_group=topk_group, score_bias=True,
-                routed_scaling_factor=float(router.routed_scaling_factor))
-
-
-def _check_experts(name: str, experts: nn.Module) -> None:
-    """The experts must be SwiGLU with concatenated [gate; up] rows, no bias, all local."""
-    for attr, expected in (("has_gate", True), ("has_bias", False), ("is_transposed", False),
-                           ("is_concatenated", True), ("_is_expert_parallel", False)):
-        value = getattr(experts, attr, expected)
-        if value != expected:
-            raise ValueError(f"{name}: experts.{attr}={value} is not supported (need {expected})")
-    _check_silu(name, "experts", experts.act_fn)
-    gate_up, down = experts.gate_up_proj, experts.down_proj
-    num_experts, two_inter, hidden = gate_up.shape
-    if tuple(down.shape) != (num_experts, hidden, two_inter // 2) or two_inter % 2:
-        raise ValueError(f"{name}: expert weights gate_up_proj {tuple(gate_up.shape)} and "
-                         f"down_proj {tuple(down.shape)} are not [E, 2I, H] and [E, H, I]")
-
-
-def _check_mlp(name: str, mlp: nn.Module, dtype: torch.dtype) -> None:
-    """A shared expert must be a bias-free SwiGLU MLP in the experts' dtype."""
-    _check_silu(name, "shared expert", mlp.act_fn)
-    for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-        if proj.bias is not None:
-            raise ValueError(f"{name}: a shared expert with biases is not supported")
-        if proj.weight.dtype != dtype:
-            raise ValueError(f"{name}: shared expert dtype {proj.weight.dtype} differs from the "
-                             f"experts' {dtype}")
-
-
-def _check_silu(name: str, where: str, act_fn: nn.Module) -> None:
-    # ACT2FN maps "silu" to SiLUActivation and "swish" to nn.SiLU: the same function.
-    if not (isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"):
-        raise ValueError(f"{name}: {where} activation {type(act_fn).__name__} is not supported "
-                         "(the fused op computes SiLU; hidden_act must be 'silu')")
-
-
-def _kind_of(module: nn.Module) -> str | None:
-    entry = _SUPPORTED.get(type(module).__name__)
-    if entry is None or type(module).__module__ != entry[0]:
-        return None
-    return entry[1]
-
-
 def _find_blocks(module: nn.Module, prefix: str):
     """Yield (parent, attribute, path, block) for each supported block; refuse unknown ones.
     Blocks already patched (or already a ``FusedMoE``) are left as they are."""
@@ -235,12 +73,12 @@ def _find_blocks(module: nn.Module, prefix: str):
         path = f"{prefix}.{attr}" if prefix else attr
         if isinstance(child, (PatchedMoEBlock, FusedMoE)):
             continue
-        if _kind_of(child) is not None:
+        if kind_of(child) is not None:
             yield module, attr, path, child
-        elif _MOE_NAME.search(type(child).__name__) or (
+        elif MOE_NAME.search(type(child).__name__) or (
                 hasattr(child, "experts") and hasattr(child, "gate")):
             raise TypeError(
                 f"{path} ({type(child).__module__}.{type(child).__name__}): unsupported MoE "
-                f"block type; supported: {sorted(_SUPPORTED)}")
+                f"block type; supported: {sorted(SUPPORTED)}")
         else:
             yield from _find_blocks(child, path)

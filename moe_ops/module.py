@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops as _ops  # noqa: F401  (registers torch.ops.tritonmoe.*)
 from .configs import MoEConfig, get_config
+from .hf_blocks import read_block
+from .ops import fused_moe
 
 
 class FusedMoE(nn.Module):
@@ -34,7 +35,8 @@ class FusedMoE(nn.Module):
     ``config.score_bias`` a float32 buffer ``score_bias [E]``; with a shared expert
     ``shared_gate_up [2Is, H]`` (gate rows then up rows) and ``shared_down [H, Is]``;
     with ``config.shared_gated`` also ``shared_gate [1, H]``. Absent ones are ``None``.
-    Construction leaves the weights uninitialised; use ``from_config`` or ``from_hf``.
+    Construction draws the weights as ``reset_parameters`` says (as ``nn.Linear`` does);
+    ``from_hf`` takes a trained block's instead.
 
     Forward only: the ``tritonmoe`` ops register no backward, so the weights are created
     with ``requires_grad=False`` (otherwise ``torch.compile`` would try to trace a backward
@@ -67,23 +69,21 @@ class FusedMoE(nn.Module):
         self.shared_gate_up = make(2 * shared_inter, hidden) if has_shared else None
         self.shared_down = make(hidden, shared_inter) if has_shared else None
         self.shared_gate = make(1, hidden) if config.shared_gated else None
+        self.reset_parameters()
 
     @classmethod
     def from_config(cls, name_or_config: str | MoEConfig, dtype: torch.dtype = torch.float32,
                     device: torch.device | str | None = None) -> "FusedMoE":
-        """A randomly initialised layer of a named model config (``moe_ops.configs``).
-
-        Weights are normal with std 1/sqrt(fan_in), so unit-variance input gives router
-        logits and outputs of order one; DeepSeek's score bias is drawn nonzero so that
-        it changes which experts are selected, as a trained one does.
-        """
-        module = cls(get_config(name_or_config), dtype=dtype, device=device)
-        module.reset_parameters()
-        return module
+        """A randomly initialised layer of a named model config (``moe_ops.configs``)."""
+        return cls(get_config(name_or_config), dtype=dtype, device=device)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Draw every weight from N(0, 1/fan_in) (the bias from N(0, 0.1^2))."""
+        """Draw every weight from N(0, 1/fan_in) (the bias from N(0, 0.1^2)).
+
+        Unit-variance input then gives router logits and outputs of order one; DeepSeek's
+        score bias is drawn nonzero so that it changes which experts are selected, as a
+        trained one does."""
         for weight in (self.router_weight, self.w_gate_up, self.w_down, self.shared_gate_up,
                        self.shared_down, self.shared_gate):
             if weight is not None:
@@ -92,17 +92,23 @@ class FusedMoE(nn.Module):
             self.score_bias.normal_(0.0, 0.1)
 
     @classmethod
-    def from_hf(cls, block: nn.Module, copy: bool = True) -> "FusedMoE":
+    def from_hf(cls, block: nn.Module, copy: bool = True, where: str | None = None) -> "FusedMoE":
         """Convert a transformers 5.x MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3).
 
         Raises ``TypeError`` for another block type and ``ValueError`` for an option the
-        ops cannot reproduce. With ``copy=False`` the new module shares the block's
-        (contiguous) weight storage instead of cloning it, which is what
-        ``patch_hf_model`` does to avoid holding every expert twice.
+        ops cannot reproduce (naming the block, or ``where`` it sits in a model). With
+        ``copy=False`` the new module shares the block's (contiguous) weight storage
+        instead of cloning it, which is what ``patch_hf_model`` does to avoid holding
+        every expert twice.
         """
-        from .hf_patch import convert_block  # hf_patch imports this module
-
-        return convert_block(block, copy=copy)
+        config, weights = read_block(block, copy=copy, where=where)
+        module = cls(config, dtype=weights["w_gate_up"].dtype, device="meta")
+        for name, tensor in weights.items():
+            if name == "score_bias":
+                module.score_bias = tensor
+            elif tensor is not None:
+                setattr(module, name, nn.Parameter(tensor, requires_grad=False))
+        return module.train(block.training)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [..., H]: routed experts plus the (gated) shared expert."""
@@ -111,7 +117,7 @@ class FusedMoE(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         # module.to(dtype) casts every float buffer; the op takes the bias in float32.
         score_bias = None if self.score_bias is None else self.score_bias.float()
-        out = torch.ops.tritonmoe.fused_moe(
+        out = fused_moe(
             x, self.router_weight, self.w_gate_up, self.w_down, config.top_k,
             config.scoring, config.renormalize, config.n_group, config.topk_group,
             score_bias, config.routed_scaling_factor,

@@ -1,12 +1,20 @@
-"""Launchers of routing and alignment: who goes to which expert, and in which row block.
+"""Routing and alignment: which expert each token goes to, and in which row block.
 
-    route_impl        the router kernel, one program per token block (optionally with
-                      the first alignment step, ``TokenBlockRanks``)
-    rank / align      the alignment of given or routed ids (``kernels.align``)
-    decode_*          T <= DECODE_MAX_T: the router GEMM split over ~128 programs, and
-                      selection, ranks and alignment in one program (``kernels.decode_route``)
+One entry point each way:
 
-Buffers are sized from shapes alone; nothing synchronises with the host.
+    route(x, router_weight, routing, score_bias, block_m)   routed ids and weights, and
+                                                            (with block_m) their alignment
+    align_ids(topk_ids, num_experts, block_m)               the alignment of given ids
+
+Both pick the launches by token count in one place (``_is_decode``):
+
+    T <= DECODE_MAX_T   the router GEMM split over ~128 programs, then selection, ranks
+                        and alignment in one program (``kernels.decode_route``)
+    T >  DECODE_MAX_T   one router program per token block that also ranks its slots
+                        (``kernels.route``), then the alignment (``kernels.align``)
+
+The route op and fused_moe take the same path for the same T, so they pick the same
+experts. Buffers are sized from shapes alone; nothing synchronises with the host.
 """
 from __future__ import annotations
 
@@ -16,14 +24,48 @@ from typing import NamedTuple
 import torch
 import triton
 
+from .dtypes import TRITON
+from .interpreter import BLOCKS, interpreter_active
 from .kernels.align import align_kernel, rank_kernel
 from .kernels.decode_route import router_partials_kernel, select_align_kernel
 from .kernels.route import route_kernel
 from .profiling import stage_range
-from .dtypes import TRITON
-from .interpreter import BLOCKS, interpreter_active
 
-DECODE_MAX_T = 16  # up to this many tokens, fused_moe and fused_experts take the decode path
+DECODE_MAX_T = 16  # up to this many tokens, routing and alignment take the decode path
+_DECODE_BLOCK_M = 16  # the decode path's alignment block when only the routing is wanted
+
+
+def _pow2_at_least(n: int, floor: int = 1) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+def _is_decode(num_tokens: int) -> bool:
+    return 0 < num_tokens <= DECODE_MAX_T
+
+
+@dataclass(frozen=True)
+class Routing:
+    """A model's routing settings (``MoEConfig.routing_kwargs()`` or the ops' arguments).
+
+    softmax: softmax over the router logits rounded to the hidden dtype, top-k, optional
+    renormalisation (Mixtral, Qwen). sigmoid: sigmoid scores, selection by score + bias
+    among the best ``topk_group`` of ``n_group`` groups (group score = sum of its top-2),
+    weights = unbiased scores, renormalised (+1e-20), times ``routed_scaling_factor``
+    (DeepSeek-V3). The bias is a tensor and travels beside this object."""
+
+    top_k: int
+    scoring: str = "softmax"
+    renormalize: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+
+    def selection_constexprs(self, num_experts: int, has_bias: bool) -> dict:
+        """The constexprs of ``kernels.route.select_topk`` (shared by both router kernels)."""
+        return dict(NUM_EXPERTS=num_experts, TOP_K=self.top_k, SIGMOID=self.scoring == "sigmoid",
+                    RENORMALIZE=bool(self.renormalize), HAS_BIAS=has_bias, N_GROUP=self.n_group,
+                    TOPK_GROUP=self.topk_group, E_PAD=_pow2_at_least(num_experts, 16),
+                    K_PAD=_pow2_at_least(self.top_k), G_PAD=_pow2_at_least(self.n_group))
 
 
 class Alignment(NamedTuple):
@@ -35,18 +77,53 @@ class Alignment(NamedTuple):
     max_blocks: int
 
 
-def _pow2_at_least(n: int, floor: int = 1) -> int:
-    return max(floor, triton.next_power_of_2(n))
+class Routed(NamedTuple):
+    """What ``route`` returns: fp32 weights [T, K], int32 ids [T, K], and the alignment
+    when a block size was asked for (else None)."""
+
+    topk_weights: torch.Tensor
+    topk_ids: torch.Tensor
+    alignment: Alignment | None
 
 
 @dataclass(frozen=True)
-class TokenBlockRanks:
+class _TokenBlockRanks:
     """Step 1 of the alignment: per-token-block expert counts and per-slot ranks."""
 
     block_counts: torch.Tensor  # int32 [cdiv(T, block_t), E]
     ranks: torch.Tensor  # int32 [T*K]
     block_t: int
 
+
+def max_blocks_for(num_slots: int, num_experts: int, block_m: int) -> int:
+    """Worst-case number of BLOCK_M-row blocks: every non-empty expert pads one block."""
+    return (num_slots + min(num_experts, num_slots) * (block_m - 1)) // block_m
+
+
+def route(hidden_states, router_weight, routing: Routing, score_bias=None,
+          block_m: int | None = None) -> Routed:
+    """Route T tokens (x [T, H], router [E, H]); with ``block_m`` also align them."""
+    num_tokens = hidden_states.shape[0]
+    if _is_decode(num_tokens):
+        # Without an alignment wanted, its by-product is dropped: the launch is the routing.
+        weights, ids, alignment = _decode_route_align(
+            hidden_states, router_weight, routing, score_bias, block_m or _DECODE_BLOCK_M,
+            stage="align" if block_m else "route")
+        return Routed(weights, ids, alignment if block_m else None)
+    weights, ids, ranks = _route_blocks(hidden_states, router_weight, routing, score_bias,
+                                       with_ranks=block_m is not None)
+    alignment = None if block_m is None else _align(ids, ranks, router_weight.shape[0], block_m)
+    return Routed(weights, ids, alignment)
+
+
+def align_ids(topk_ids, num_experts: int, block_m: int) -> Alignment:
+    """The alignment of given int32 topk_ids [T, K]."""
+    if _is_decode(topk_ids.shape[0]):
+        return _select_align(topk_ids, num_experts, block_m)
+    return _align(topk_ids, _rank(topk_ids, num_experts), num_experts, block_m)
+
+
+# ------------------------------------------------------------------ T > DECODE_MAX_T
 
 def _rank_block_t(num_tokens: int, num_experts: int, top_k: int) -> int:
     """Tokens per program of the ranking step: its one-hot tile (rows x experts) stays
@@ -57,59 +134,45 @@ def _rank_block_t(num_tokens: int, num_experts: int, top_k: int) -> int:
     return 16 if num_tokens <= 512 else max(16, min(64, _pow2_at_least(budget)))
 
 
-def _empty_ranks(num_tokens, num_experts, top_k, device) -> TokenBlockRanks:
+def _empty_ranks(num_tokens, num_experts, top_k, device) -> _TokenBlockRanks:
     block_t = _rank_block_t(num_tokens, num_experts, top_k)
-    return TokenBlockRanks(
+    return _TokenBlockRanks(
         torch.empty(triton.cdiv(num_tokens, block_t), num_experts, dtype=torch.int32, device=device),
         torch.empty(num_tokens * top_k, dtype=torch.int32, device=device),
         block_t)
 
 
-def route_impl(hidden_states, router_weight, top_k, scoring, renormalize, n_group,
-               topk_group, score_bias, routed_scaling_factor, with_ranks=False):
-    """Launch the router kernel: (topk_weights fp32 [T,K], topk_ids int32 [T,K]), plus the
-    first alignment step (``TokenBlockRanks``) when with_ranks.
-
-    Without ranks, up to DECODE_MAX_T tokens route through the decode path (its
-    alignment unused), so the ``route`` op picks the same experts as ``fused_moe``."""
+def _route_blocks(hidden_states, router_weight, routing: Routing, score_bias, with_ranks: bool):
+    """``route_kernel``: (weights, ids, the first alignment step or None)."""
     num_tokens, hidden = hidden_states.shape
-    if not with_ranks and 0 < num_tokens <= DECODE_MAX_T:
-        topk_weights, topk_ids, _ = decode_route_align(
-            hidden_states, router_weight, top_k, scoring, renormalize, n_group, topk_group,
-            score_bias, routed_scaling_factor, block_m=16, select_stage="route")
-        return topk_weights, topk_ids
     num_experts = router_weight.shape[0]
+    top_k = routing.top_k
     device = hidden_states.device
     topk_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
     topk_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
     ranks = _empty_ranks(num_tokens, num_experts, top_k, device) if with_ranks else None
-    if num_tokens > 0:
-        interpret = interpreter_active()
-        block_t = _rank_block_t(num_tokens, num_experts, top_k)  # the ranks' token blocks
-        e_pad = _pow2_at_least(num_experts, 16)
-        # Keep one pipeline stage of router weights near 32 KB of shared memory.
-        block_h = BLOCKS.route_block_h or min(128, max(16, 32768 // (e_pad * router_weight.element_size())))
-        with stage_range("route"):
-            route_kernel[(triton.cdiv(num_tokens, block_t),)](
-                hidden_states, router_weight,
-                score_bias if score_bias is not None else topk_weights,  # unread without bias
-                topk_weights, topk_ids,
-                ranks.block_counts if with_ranks else topk_ids,  # unread without ranks
-                ranks.ranks if with_ranks else topk_ids,
-                num_tokens, hidden, float(routed_scaling_factor),
-                NUM_EXPERTS=num_experts, TOP_K=top_k,
-                SIGMOID=scoring == "sigmoid", RENORMALIZE=bool(renormalize),
-                HAS_BIAS=score_bias is not None,
-                N_GROUP=n_group, TOPK_GROUP=topk_group,
-                E_PAD=e_pad, K_PAD=_pow2_at_least(top_k),
-                G_PAD=_pow2_at_least(n_group), BLOCK_T=block_t, BLOCK_H=block_h,
-                WRITE_RANKS=with_ranks, INTERPRETER=interpret,
-                num_warps=8 if block_t >= 32 else 4,
-            )
-    return (topk_weights, topk_ids, ranks) if with_ranks else (topk_weights, topk_ids)
+    if num_tokens == 0:
+        return topk_weights, topk_ids, ranks
+    block_t = _rank_block_t(num_tokens, num_experts, top_k)  # the ranks' token blocks
+    selection = routing.selection_constexprs(num_experts, score_bias is not None)
+    # Keep one pipeline stage of router weights near 32 KB of shared memory.
+    block_h = BLOCKS.route_block_h or min(
+        128, max(16, 32768 // (selection["E_PAD"] * router_weight.element_size())))
+    with stage_range("route"):
+        route_kernel[(triton.cdiv(num_tokens, block_t),)](
+            hidden_states, router_weight,
+            score_bias if score_bias is not None else topk_weights,  # unread without bias
+            topk_weights, topk_ids,
+            ranks.block_counts if with_ranks else topk_ids,  # unread without ranks
+            ranks.ranks if with_ranks else topk_ids,
+            num_tokens, hidden, float(routing.routed_scaling_factor),
+            **selection, BLOCK_T=block_t, BLOCK_H=block_h, WRITE_RANKS=with_ranks,
+            INTERPRETER=interpreter_active(), num_warps=8 if block_t >= 32 else 4,
+        )
+    return topk_weights, topk_ids, ranks
 
 
-def rank(topk_ids, num_experts) -> TokenBlockRanks:
+def _rank(topk_ids, num_experts) -> _TokenBlockRanks:
     num_tokens, top_k = topk_ids.shape
     ranks = _empty_ranks(num_tokens, num_experts, top_k, topk_ids.device)
     with stage_range("rank"):
@@ -121,36 +184,35 @@ def rank(topk_ids, num_experts) -> TokenBlockRanks:
     return ranks
 
 
-def max_blocks_for(num_slots: int, num_experts: int, block_m: int) -> int:
-    """Worst-case number of BLOCK_M-row blocks: every non-empty expert pads one block."""
-    return (num_slots + min(num_experts, num_slots) * (block_m - 1)) // block_m
-
-
-def align(topk_ids, ranks: TokenBlockRanks, num_experts, block_m):
-    num_slots = topk_ids.numel()
+def _empty_alignment(num_slots, num_experts, block_m, device) -> Alignment:
     max_blocks = max_blocks_for(num_slots, num_experts, block_m)
-    device = topk_ids.device
-    sorted_slots = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
-    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
-    num_blocks = torch.empty(1, dtype=torch.int32, device=device)
+    return Alignment(torch.empty(max_blocks * block_m, dtype=torch.int32, device=device),
+                     torch.empty(max_blocks, dtype=torch.int32, device=device),
+                     torch.empty(1, dtype=torch.int32, device=device), max_blocks)
+
+
+def _align(topk_ids, ranks: _TokenBlockRanks, num_experts, block_m) -> Alignment:
+    alignment = _empty_alignment(topk_ids.numel(), num_experts, block_m, topk_ids.device)
     e_pad = _pow2_at_least(num_experts, 16)
     with stage_range("align"):
         align_kernel[(1,)](
-            topk_ids, ranks.block_counts, ranks.ranks, sorted_slots, block_expert, num_blocks,
-            num_slots, ranks.block_counts.shape[0], max_blocks,
+            topk_ids, ranks.block_counts, ranks.ranks, alignment.sorted_slots,
+            alignment.block_expert, alignment.num_blocks,
+            topk_ids.numel(), ranks.block_counts.shape[0], alignment.max_blocks,
             NUM_EXPERTS=num_experts, TOP_K=topk_ids.shape[1], RANK_BLOCK_T=ranks.block_t,
             E_PAD=e_pad, BLOCK_M=block_m, TB_CHUNK=max(1, 4096 // e_pad),
             BLOCK_CHUNK=max(16, 4096 // e_pad), CHUNK=1024, num_warps=8,
         )
-    return Alignment(sorted_slots, block_expert, num_blocks, max_blocks)
+    return alignment
 
+
+# ----------------------------------------------------------------- T <= DECODE_MAX_T
 
 def _router_partials(hidden_states, router_weight):
-    """Launch ``router_partials_kernel``: fp32 [splits, DECODE_MAX_T, E] partial logits of
+    """``router_partials_kernel``: fp32 [splits, DECODE_MAX_T, E] partial logits of
     T <= DECODE_MAX_T tokens, the router GEMM spread over ~128 programs."""
     num_tokens, hidden = hidden_states.shape
     num_experts = router_weight.shape[0]
-    interpret = interpreter_active()
     block_e, block_h = 16, BLOCKS.router_partials_h
     chunks = triton.cdiv(num_experts, block_e)
     splits = max(1, min(triton.cdiv(hidden, block_h), 128 // chunks))
@@ -162,66 +224,49 @@ def _router_partials(hidden_states, router_weight):
         router_partials_kernel[(chunks, splits)](
             hidden_states, router_weight, partials, num_tokens, hidden, h_per_split,
             NUM_EXPERTS=num_experts, BLOCK_T=DECODE_MAX_T, BLOCK_E=block_e, BLOCK_H=block_h,
-            INTERPRETER=interpret, num_warps=4,
+            INTERPRETER=interpreter_active(), num_warps=4,
         )
     return partials
 
 
-def _select_align(topk_ids, num_experts, block_m, stage="align", partials=None,
-                  topk_weights=None, score_bias=None, routed_scaling_factor=1.0,
-                  logit_dtype=torch.float32, scoring="softmax", renormalize=False, n_group=1,
-                  topk_group=1) -> Alignment:
-    """Launch ``select_align_kernel`` (NVTX range ``stage``). With router ``partials`` it
-    first selects the experts (writing topk_ids and topk_weights); without, it reads the
-    given topk_ids."""
+def _select_align(topk_ids, num_experts, block_m, partials=None, topk_weights=None,
+                  routing: Routing | None = None, score_bias=None,
+                  logit_dtype=torch.float32, stage="align") -> Alignment:
+    """``select_align_kernel`` (NVTX range ``stage``). With router ``partials`` (and ``routing``) it first selects
+    the experts, writing topk_ids and topk_weights; without, it reads the given topk_ids."""
     num_tokens, top_k = topk_ids.shape
     device = topk_ids.device
-    num_slots = num_tokens * top_k
-    max_blocks = max_blocks_for(num_slots, num_experts, block_m)
+    alignment = _empty_alignment(num_tokens * top_k, num_experts, block_m, device)
     block_counts = torch.empty(1, num_experts, dtype=torch.int32, device=device)
-    ranks = torch.empty(num_slots, dtype=torch.int32, device=device)
-    sorted_slots = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
-    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
-    num_blocks = torch.empty(1, dtype=torch.int32, device=device)
+    ranks = torch.empty(num_tokens * top_k, dtype=torch.int32, device=device)
     select = partials is not None
-    e_pad = _pow2_at_least(num_experts, 16)
+    selection = (routing or Routing(top_k, renormalize=False)).selection_constexprs(
+        num_experts, score_bias is not None)
     with stage_range(stage):
         select_align_kernel[(1,)](
             partials if select else topk_ids,  # each placeholder is unread when its flag is off
             score_bias if score_bias is not None else topk_ids,
             topk_weights if select else topk_ids, topk_ids, block_counts, ranks,
-            sorted_slots, block_expert, num_blocks,
-            num_tokens, float(routed_scaling_factor), max_blocks,
+            alignment.sorted_slots, alignment.block_expert, alignment.num_blocks,
+            num_tokens, float(routing.routed_scaling_factor if select else 1.0), alignment.max_blocks,
             SELECT=select, LOGIT_DTYPE=TRITON[logit_dtype],
-            H_SPLITS=partials.shape[0] if select else 1,
-            NUM_EXPERTS=num_experts, TOP_K=top_k,
-            SIGMOID=scoring == "sigmoid", RENORMALIZE=bool(renormalize),
-            HAS_BIAS=score_bias is not None, N_GROUP=n_group, TOPK_GROUP=topk_group,
-            E_PAD=e_pad, K_PAD=_pow2_at_least(top_k), G_PAD=_pow2_at_least(n_group),
-            BLOCK_T=DECODE_MAX_T, BLOCK_M=block_m, BLOCK_CHUNK=max(16, 4096 // e_pad),
-            CHUNK=1024, INTERPRETER=interpreter_active(), num_warps=8,
+            H_SPLITS=partials.shape[0] if select else 1, **selection,
+            BLOCK_T=DECODE_MAX_T, BLOCK_M=block_m,
+            BLOCK_CHUNK=max(16, 4096 // selection["E_PAD"]), CHUNK=1024,
+            INTERPRETER=interpreter_active(), num_warps=8,
         )
-    return Alignment(sorted_slots, block_expert, num_blocks, max_blocks)
+    return alignment
 
 
-def decode_align(topk_ids, num_experts, block_m) -> Alignment:
-    """Ranks and alignment of given topk_ids [T <= DECODE_MAX_T, K] in one launch."""
-    return _select_align(topk_ids, num_experts, block_m)
-
-
-def decode_route_align(hidden_states, router_weight, top_k, scoring, renormalize, n_group,
-                       topk_group, score_bias, routed_scaling_factor, block_m,
-                       select_stage="align"):
-    """Routing and alignment of T <= DECODE_MAX_T tokens in two launches:
-    (topk_weights fp32 [T,K], topk_ids int32 [T,K], Alignment)."""
+def _decode_route_align(hidden_states, router_weight, routing: Routing, score_bias, block_m,
+                        stage):
+    """Routing and alignment of T <= DECODE_MAX_T tokens in two launches."""
     num_tokens = hidden_states.shape[0]
     device = hidden_states.device
-    topk_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
-    topk_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
+    topk_weights = torch.empty(num_tokens, routing.top_k, dtype=torch.float32, device=device)
+    topk_ids = torch.empty(num_tokens, routing.top_k, dtype=torch.int32, device=device)
     alignment = _select_align(
-        topk_ids, router_weight.shape[0], block_m, select_stage,
+        topk_ids, router_weight.shape[0], block_m,
         partials=_router_partials(hidden_states, router_weight), topk_weights=topk_weights,
-        score_bias=score_bias, routed_scaling_factor=routed_scaling_factor,
-        logit_dtype=hidden_states.dtype, scoring=scoring, renormalize=renormalize,
-        n_group=n_group, topk_group=topk_group)
+        routing=routing, score_bias=score_bias, logit_dtype=hidden_states.dtype, stage=stage)
     return topk_weights, topk_ids, alignment

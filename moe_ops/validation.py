@@ -63,15 +63,27 @@ def _expect_contiguous(**tensors: torch.Tensor) -> None:
                 f"call .contiguous() once when loading, got strides {tensor.stride()}")
 
 
-def _expect_float_dtype(hidden_states: torch.Tensor, **tensors: torch.Tensor) -> None:
-    if hidden_states.dtype not in FLOAT_DTYPES:
+def _expect_weight_dtypes(hidden_states: torch.Tensor, first_name: str, first: torch.Tensor,
+                          **others: torch.Tensor) -> None:
+    """The weights share one float dtype (``first``'s), and the input has it too: a
+    mismatch names the input when the weights agree among themselves."""
+    if first.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{first_name} must be float32, float16 or bfloat16, got {first.dtype}")
+    for name, tensor in others.items():
+        if tensor.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {tensor.dtype}, expected {first_name}'s dtype "
+                            f"{first.dtype} (the weights share one dtype)")
+    if hidden_states.dtype != first.dtype:
         raise TypeError(
-            f"hidden_states must be float32, float16 or bfloat16, got {hidden_states.dtype}")
-    for name, tensor in tensors.items():
-        if tensor.dtype != hidden_states.dtype:
-            raise TypeError(
-                f"{name} has dtype {tensor.dtype}, expected hidden_states' dtype "
-                f"{hidden_states.dtype} (hidden states and weights share one dtype)")
+            f"hidden_states must be float32, float16 or bfloat16 and have the weights' dtype "
+            f"{first.dtype}, got {hidden_states.dtype}")
+
+
+def _expect_hidden_size(hidden_states: torch.Tensor, weight_name: str, hidden: int) -> None:
+    if hidden_states.shape[1] != hidden:
+        raise ValueError(
+            f"hidden_states has hidden size {hidden_states.shape[1]} (dim 1 of shape "
+            f"{tuple(hidden_states.shape)}), expected {hidden}, the hidden size of {weight_name}")
 
 
 def check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk_group,
@@ -79,10 +91,10 @@ def check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk
     """Checks of ``tritonmoe::route``'s arguments."""
     _expect_rank("hidden_states", hidden_states, 2, "[num_tokens, hidden]")
     _expect_rank("router_weight", router_weight, 2, "[num_experts, hidden]")
-    _expect_float_dtype(hidden_states, router_weight=router_weight)
+    _expect_weight_dtypes(hidden_states, "router_weight", router_weight)
     _expect_same_device(hidden_states, router_weight=router_weight, score_bias=score_bias)
     _expect_kernel_device("hidden_states", hidden_states)
-    _expect_dim("router_weight", router_weight, 1, hidden_states.shape[1], "hidden size")
+    _expect_hidden_size(hidden_states, "router_weight", router_weight.shape[1])
     _expect_contiguous(router_weight=router_weight)
     num_experts = router_weight.shape[0]
     if scoring not in SCORINGS:
@@ -115,18 +127,18 @@ def check_expert_weights(hidden_states, w_gate_up, w_down) -> None:
     _expect_rank("hidden_states", hidden_states, 2, "[num_tokens, hidden]")
     _expect_rank("w_gate_up", w_gate_up, 3, "[num_experts, 2 * intermediate, hidden]")
     _expect_rank("w_down", w_down, 3, "[num_experts, hidden, intermediate]")
-    _expect_float_dtype(hidden_states, w_gate_up=w_gate_up, w_down=w_down)
+    _expect_weight_dtypes(hidden_states, "w_gate_up", w_gate_up, w_down=w_down)
     _expect_same_device(hidden_states, w_gate_up=w_gate_up, w_down=w_down)
     _expect_kernel_device("hidden_states", hidden_states)
-    num_experts, hidden = w_gate_up.shape[0], hidden_states.shape[1]
-    _expect_dim("w_gate_up", w_gate_up, 2, hidden, "hidden size")
+    num_experts, hidden = w_gate_up.shape[0], w_gate_up.shape[2]
     if w_gate_up.shape[1] % 2 != 0:
         raise ValueError(f"w_gate_up dim 1 must be 2 * intermediate (gate rows then up rows), "
                          f"got {w_gate_up.shape[1]}")
     _expect_dim("w_down", w_down, 0, num_experts, "num_experts of w_gate_up")
-    _expect_dim("w_down", w_down, 1, hidden, "hidden size")
+    _expect_dim("w_down", w_down, 1, hidden, "hidden size of w_gate_up")
     _expect_dim("w_down", w_down, 2, w_gate_up.shape[1] // 2, "intermediate size of w_gate_up")
     _expect_contiguous(w_gate_up=w_gate_up, w_down=w_down)
+    _expect_hidden_size(hidden_states, "w_gate_up", hidden)
 
 
 def check_experts_args(hidden_states, topk_weights, topk_ids, w_gate_up, w_down) -> None:
@@ -166,9 +178,12 @@ def check_topk_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
 
 def check_moe_args(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring, n_group,
                    topk_group, score_bias) -> None:
-    """Checks of ``tritonmoe::fused_moe``: the router's and the experts' together."""
-    check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk_group, score_bias)
+    """Checks of ``tritonmoe::fused_moe``: the experts' weights and the input, the router
+    against the experts, then the routing options."""
     check_expert_weights(hidden_states, w_gate_up, w_down)
+    _expect_rank("router_weight", router_weight, 2, "[num_experts, hidden]")
+    _expect_dim("router_weight", router_weight, 1, w_gate_up.shape[2], "hidden size of w_gate_up")
     if router_weight.shape[0] != w_gate_up.shape[0]:
         raise ValueError(f"router_weight has {router_weight.shape[0]} experts, w_gate_up has "
                          f"{w_gate_up.shape[0]}; expected the same num_experts")
+    check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk_group, score_bias)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moe_ops.configs import CONFIGS, get_config, shrink
-from moe_ops.routing import DECODE_MAX_T, decode_align, decode_route_align
+from moe_ops.routing import DECODE_MAX_T, Routing, align_ids, route
 from moe_ops.reference import route_reference
 
 from conftest import ON_GPU
@@ -42,9 +42,7 @@ def test_decode_routing_matches_reference(name, num_tokens, device):
     bias = torch.randn(config.num_experts, device=device) * 0.1 if config.score_bias else None
     x = torch.randn(num_tokens, config.hidden_size, device=device)
     block_m = 16
-    weights, ids, alignment = decode_route_align(
-        x, router, config.top_k, config.scoring, config.renormalize, config.n_group,
-        config.topk_group, bias, config.routed_scaling_factor, block_m)
+    weights, ids, alignment = route(x, router, Routing(**config.routing_kwargs()), bias, block_m)
     ref_weights, ref_ids = route_reference(x, router, score_bias=bias, **config.routing_kwargs())
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
@@ -57,4 +55,4 @@ def test_decode_alignment_of_given_ids_drops_the_out_of_range_ones(num_experts, 
                                                                    device):
     ids = torch.randint(0, num_experts, (DECODE_MAX_T, top_k), dtype=torch.int32, device=device)
     ids[3, 0], ids[7, top_k - 1], ids[11, 1] = num_experts, -1, 2**30
-    check_alignment(ids, decode_align(ids, num_experts, block_m), block_m, num_experts)
+    check_alignment(ids, align_ids(ids, num_experts, block_m), block_m, num_experts)

@@ -8,7 +8,8 @@ import torch
 import moe_ops  # noqa: F401
 from moe_ops.pipeline import descriptor_ok, fused_experts_impl
 from moe_ops.reference import fused_experts_reference
-from moe_ops.tiles import TABLE_DIR, TileConfig, get_tile_config, heuristic_tile
+from moe_ops.tile_table import TABLE_DIR
+from moe_ops.tiles import TileConfig, get_tile_config, heuristic_tile
 
 from conftest import ON_GPU
 from helpers import assert_close_l2

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-import moe_ops  # noqa: F401
+import moe_ops
 
 E, H, I, T, K = 8, 64, 48, 5, 2
 
@@ -49,7 +49,22 @@ def test_hidden_states_wrong_rank(args):
 
 def test_router_hidden_size_mismatch(args):
     args["router_weight"] = args["router_weight"][:, :32].contiguous()
-    with pytest.raises(ValueError, match=r"router_weight .* expected 64 \(hidden size\)"):
+    with pytest.raises(ValueError, match=r"router_weight .* expected 64 \(hidden size of w_gate_up\)"):
+        fused_moe(**args)
+
+
+def test_input_hidden_size_mismatch_names_the_input(args):
+    args["hidden_states"] = torch.randn(T, H + 8, device=args["hidden_states"].device)
+    with pytest.raises(ValueError, match=rf"hidden_states has hidden size {H + 8} .* expected {H}"):
+        fused_moe(**args)
+    with pytest.raises(ValueError, match=rf"hidden_states has hidden size {H + 8} .* router_weight"):
+        moe_ops.route(args["hidden_states"], args["router_weight"], top_k=2)
+
+
+def test_input_dtype_mismatch_names_the_input(args):
+    args["hidden_states"] = args["hidden_states"].half()
+    with pytest.raises(TypeError, match=r"hidden_states must be .* weights' dtype torch.float32, "
+                                        r"got torch.float16"):
         fused_moe(**args)
 
 

@@ -5,22 +5,21 @@ programs sharing a weight tile run together. Program (m, n) handles block m (exp
 e = block_expert[m]; rows r = sorted_slots[m*BLOCK_M : (m+1)*BLOCK_M], sentinel rows
 masked) and output columns n*BLOCK_N ... Blocks past num_blocks exit at once.
 
-    gate_up (FUSE_GATE_UP):  A row = x[slot // top_k]            (gathered, never copied)
+    GATE_UP (the gate_up stage):  A row = x[slot // top_k]   (gathered, never copied)
         h[row, n] = silu(A . Wgu[e, n, :]) * (A . Wgu[e, N + n, :])
         only the product is written; SiLU runs in registers.
-    down (MUL_ROUTING_WEIGHT): A row = h[row]
+    not GATE_UP (the down stage):  A row = h[row]
         out[slot, n] = topk_weight[slot] * (A . Wd[e, n, :])
 
-h is indexed by slot, or with SORTED_H by the row's place in the block order (h then
-has max_blocks*BLOCK_M rows, padding rows written as zeros): down then reads its A
+h is indexed by slot, or with H_BLOCK_ORDER by the row's place in the block order (h
+then has max_blocks*BLOCK_M rows, padding rows written as zeros): down then reads its A
 tiles through a tensor descriptor (TMA on Hopper) instead of gathered pointer loads.
 
-Weight tiles come one of two ways (B_DESC):
-    pointers:    gate and up rows interleaved into one B tile, a single dot of
-                 2*BLOCK_N columns per K step, split in registers;
-    descriptor:  a tensor descriptor over W (gate_up: viewed as [E, 2, N, K], so one
-                 [2, BLOCK_N, BLOCK_K] box holds the gate and the up rows), again a
-                 single dot of 2*BLOCK_N columns, gate columns first.
+gate_up's B tile holds 2*BLOCK_N columns, the BLOCK_N gate rows n0... first and then
+the BLOCK_N up rows N+n0..., so each K step is a single dot and the epilogue splits the
+accumulator in halves. The tile comes one of two ways (B_DESC): pointer loads, or a
+tensor descriptor over W viewed as [E, 2, N, K] whose [2, BLOCK_N, BLOCK_K] box holds
+both halves.
 
 In INTERPRETER mode (the Triton CPU interpreter) loads are upcast to float32 and bf16
 stores rounded to nearest, because the interpreter gets 16-bit floats wrong. float32
@@ -68,12 +67,12 @@ def _weight_tile_pointers(w_ptrs, col_mask, k0, K, offs_k, EVEN_K: tl.constexpr,
 
 
 @triton.jit
-def _weight_tile_descriptor(w_desc, expert, n0, k0, FUSE_GATE_UP: tl.constexpr,
+def _weight_tile_descriptor(w_desc, expert, n0, k0, GATE_UP: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             INTERPRETER: tl.constexpr):
     """[BLOCK_K, W_COLS]: W[e, n0:n0+BLOCK_N, k0:k0+BLOCK_K]^T, gate_up's gate rows then its
     up rows; zeros past the ends."""
-    if FUSE_GATE_UP:
+    if GATE_UP:
         w = tl.reshape(w_desc.load([expert, 0, n0, k0]), [2 * BLOCK_N, BLOCK_K])
     else:
         w = tl.reshape(w_desc.load([expert, n0, k0]), [BLOCK_N, BLOCK_K])
@@ -83,23 +82,23 @@ def _weight_tile_descriptor(w_desc, expert, n0, k0, FUSE_GATE_UP: tl.constexpr,
 @triton.jit
 def _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, expert, pid_n, N, K,
               stride_we, stride_wn,
-              FUSE_GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, A_DESC: tl.constexpr,
               B_DESC: tl.constexpr, INTERPRETER: tl.constexpr):
     """[BLOCK_M, BLOCK_N] fp32: A . W^T (gate_up: already silu(gate) * up)."""
-    W_COLS: tl.constexpr = 2 * BLOCK_N if FUSE_GATE_UP else BLOCK_N
+    W_COLS: tl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
     offs_k = tl.arange(0, BLOCK_K)
-    # Pointer tiles interleave gate and up rows: column 2j is gate row n_j, 2j+1 up row N + n_j.
+    # Column j < BLOCK_N: gate (or down) row n0 + j; column BLOCK_N + j: up row N + n0 + j.
     offs_w = tl.arange(0, W_COLS)
-    offs_n = pid_n * BLOCK_N + offs_w // (W_COLS // BLOCK_N)
-    w_rows = offs_n + (offs_w % 2) * N if FUSE_GATE_UP else offs_n
+    offs_n = pid_n * BLOCK_N + offs_w % BLOCK_N
+    w_rows = offs_n + (offs_w // BLOCK_N) * N
     col_mask = offs_n < N
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, W_COLS], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = _load_a(a_ptrs, a_desc, row0, row_mask, k0, K, offs_k, A_DESC, EVEN_K, INTERPRETER)
         if B_DESC:
-            w = _weight_tile_descriptor(w_desc, expert, pid_n * BLOCK_N, k0, FUSE_GATE_UP,
+            w = _weight_tile_descriptor(w_desc, expert, pid_n * BLOCK_N, k0, GATE_UP,
                                         BLOCK_N, BLOCK_K, INTERPRETER)
         else:
             w = _weight_tile_pointers(w_ptrs, col_mask, k0, K, offs_k, EVEN_K, INTERPRETER)
@@ -108,11 +107,8 @@ def _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, expert, pid_n, N, K
             a_ptrs += BLOCK_K
         if not B_DESC:
             w_ptrs += BLOCK_K
-    if FUSE_GATE_UP:
-        if B_DESC:
-            gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
-        else:
-            gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+    if GATE_UP:
+        gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
         acc = gate * tl.sigmoid(gate) * up
     return acc
 
@@ -123,9 +119,9 @@ def grouped_gemm_kernel(
     sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
     N, K, num_slots, a_rows_per_slot_div, max_blocks,
     stride_a, stride_we, stride_wn, stride_out,
-    FUSE_GATE_UP: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr,
+    GATE_UP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SORTED_H: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, H_BLOCK_ORDER: tl.constexpr,
     B_DESC: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -143,20 +139,20 @@ def grouped_gemm_kernel(
     offs_m = row0 + tl.arange(0, BLOCK_M)
     slots = tl.load(sorted_slots_ptr + offs_m)
     row_mask = slots < num_slots
-    # down with SORTED_H reads h's block-order rows through a_desc; otherwise A is gathered.
-    A_DESC: tl.constexpr = SORTED_H and not FUSE_GATE_UP
+    # down with H_BLOCK_ORDER reads h's block-order rows through a_desc; otherwise A is gathered.
+    A_DESC: tl.constexpr = H_BLOCK_ORDER and not GATE_UP
     a_rows = (slots // a_rows_per_slot_div).to(tl.int64)
     a_ptrs = a_ptr + a_rows[:, None] * stride_a + tl.arange(0, BLOCK_K)[None, :]
     acc = _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, expert, pid_n, N, K,
-                    stride_we, stride_wn, FUSE_GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                    stride_we, stride_wn, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                     A_DESC, B_DESC, INTERPRETER)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = offs_n < N
-    if MUL_ROUTING_WEIGHT:
+    if not GATE_UP:
         acc = acc * tl.load(topk_weights_ptr + slots, mask=row_mask, other=0.0)[:, None]
     acc = cast_rne(acc, out_ptr.dtype.element_ty, INTERPRETER)
-    if SORTED_H and FUSE_GATE_UP:
+    if H_BLOCK_ORDER and GATE_UP:
         # Every row of the block, padding included (zeros there), so down reads no garbage.
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_out + offs_n[None, :]
         tl.store(out_ptrs, acc, mask=col_mask[None, :])
