@@ -12,6 +12,7 @@ check_installed()  # before anything imports what an older Triton lacks
 
 from . import configs, ops, reference  # noqa: E402
 from .configs import CONFIGS, MoEConfig, get_config, shrink  # noqa: E402
+from .eager_graphs import set_eager_graphs  # noqa: E402
 from .hf_patch import patch_hf_model  # noqa: E402
 from .module import FusedMoE  # noqa: E402
 from .ops import fused_experts, fused_moe, route  # noqa: E402
@@ -19,5 +20,5 @@ from .validation import set_topk_ids_check  # noqa: E402
 
 __all__ = [
     "CONFIGS", "FusedMoE", "MoEConfig", "configs", "fused_experts", "fused_moe", "get_config", "ops",
-    "patch_hf_model", "reference", "route", "set_topk_ids_check", "shrink",
+    "patch_hf_model", "reference", "route", "set_eager_graphs", "set_topk_ids_check", "shrink",
 ]

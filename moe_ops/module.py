@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configs import MoEConfig, get_config
+from .eager_graphs import EagerGraphs
 from .hf_blocks import read_block
-from .ops import fused_moe
+from .ops import fused_moe, plain_eager
 
 
 class FusedMoE(nn.Module):
@@ -69,6 +70,7 @@ class FusedMoE(nn.Module):
         self.shared_gate_up = make(2 * shared_inter, hidden) if has_shared else None
         self.shared_down = make(hidden, shared_inter) if has_shared else None
         self.shared_gate = make(1, hidden) if config.shared_gated else None
+        self.eager_graphs = EagerGraphs()
         self.reset_parameters()
 
     @classmethod
@@ -111,10 +113,25 @@ class FusedMoE(nn.Module):
         return module.train(block.training)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[..., H] -> [..., H]: routed experts plus the (gated) shared expert."""
-        config = self.config
+        """[..., H] -> [..., H]: routed experts plus the (gated) shared expert.
+
+        In plain eager mode on a GPU, small token counts that recur replay a CUDA graph
+        of this computation (``moe_ops.eager_graphs``); the result is the same."""
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
+        if not torch.compiler.is_compiling() and self.eager_graphs.usable(x):
+            weights = self._weights()
+            if plain_eager(x, *weights):
+                return self.eager_graphs.run(self._forward_tokens, x, weights).reshape(shape)
+        return self._forward_tokens(x).reshape(shape)
+
+    def _weights(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.router_weight, self.w_gate_up, self.w_down, self.score_bias,
+                self.shared_gate_up, self.shared_down, self.shared_gate)
+
+    def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H]."""
+        config = self.config
         # module.to(dtype) casts every float buffer; the op takes the bias in float32.
         score_bias = None if self.score_bias is None else self.score_bias.float()
         out = fused_moe(
@@ -125,7 +142,7 @@ class FusedMoE(nn.Module):
         shared = self.shared_expert(x)
         if shared is not None:
             out = out + shared
-        return out.reshape(shape)
+        return out
 
     def shared_expert(self, x: torch.Tensor) -> torch.Tensor | None:
         """The (gated) shared expert's output for x [T, H], or None without one."""

@@ -10,7 +10,7 @@ The real implementations validate (``moe_ops.validation``) and launch
 (``moe_ops.pipeline``); the fakes validate the same metadata and describe the output,
 so ``torch.compile(fullgraph=True)`` captures each op as one node, static or dynamic.
 The Python functions call the op; in plain eager mode, where the dispatcher would only
-add host time, they call the real implementation directly (``_direct_call_ok``).
+add host time, they call the real implementation directly (``plain_eager``).
 """
 from __future__ import annotations
 
@@ -125,16 +125,19 @@ def _fused_moe_fake(hidden_states, router_weight, w_gate_up, w_down, top_k, scor
 
 # ---------------------------------------------------------- the documented functions
 
-def _direct_call_ok(*tensors) -> bool:
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(*tensors) -> bool:
     """Whether the real implementation may run without the dispatcher: plain eager mode
     (not tracing, no dispatch mode such as FakeTensorMode or make_fx active), plain
-    tensors (no subclass), and no autograd graph to record (so that the op's
-    forward-only error still fires where a backward would be wanted)."""
+    tensors or parameters (no other subclass), and no autograd graph to record (so that
+    the op's forward-only error still fires where a backward would be wanted)."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     grad = torch.is_grad_enabled()
     for tensor in tensors:
-        if tensor is not None and (type(tensor) is not torch.Tensor or (grad and tensor.requires_grad)):
+        if tensor is not None and (type(tensor) not in _PLAIN_TYPES or (grad and tensor.requires_grad)):
             return False
     return True
 
@@ -163,7 +166,7 @@ def route(hidden_states: Tensor, router_weight: Tensor, top_k: int, scoring: str
         topk_weights [T, top_k] float32 and topk_ids [T, top_k] int32, the experts in
         descending score order, ties toward the lower expert index.
     """
-    if _direct_call_ok(hidden_states, router_weight, score_bias):
+    if plain_eager(hidden_states, router_weight, score_bias):
         return _route_real(hidden_states, router_weight, top_k, scoring, renormalize, n_group,
                            topk_group, score_bias, routed_scaling_factor)
     return torch.ops.tritonmoe.route(hidden_states, router_weight, top_k, scoring, renormalize,
@@ -189,7 +192,7 @@ def fused_experts(hidden_states: Tensor, topk_weights: Tensor, topk_ids: Tensor,
     Returns:
         out [T, H] in the hidden dtype.
     """
-    if _direct_call_ok(hidden_states, topk_weights, topk_ids, w_gate_up, w_down):
+    if plain_eager(hidden_states, topk_weights, topk_ids, w_gate_up, w_down):
         return _fused_experts_real(hidden_states, topk_weights, topk_ids, w_gate_up, w_down)
     return torch.ops.tritonmoe.fused_experts(hidden_states, topk_weights, topk_ids, w_gate_up,
                                              w_down)
@@ -207,7 +210,7 @@ def fused_moe(hidden_states: Tensor, router_weight: Tensor, w_gate_up: Tensor, w
     Returns:
         out [T, H] in the hidden dtype (without any shared expert: see ``FusedMoE``).
     """
-    if _direct_call_ok(hidden_states, router_weight, w_gate_up, w_down, score_bias):
+    if plain_eager(hidden_states, router_weight, w_gate_up, w_down, score_bias):
         return _fused_moe_real(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring,
                                renormalize, n_group, topk_group, score_bias,
                                routed_scaling_factor)
