@@ -13,14 +13,15 @@ or moved gets a new graph; one updated in place is read afresh at every replay).
 Each call copies its input into the graph's static input, replays, and returns a
 clone of the static output, so no two calls share an output. A token count is
 captured the second time it is seen, so one-off prefill sizes never pay for capture.
-Graphs of one device and stream share one memory pool: their replays are serialised
-on that stream and each output is cloned before the next replay.
+A layer's graphs of one device and stream share one memory pool (their replays are
+serialised on that stream and each output is cloned before the next replay).
 
 Never used while the caller captures a graph of its own, while compiling or tracing;
 ``moe_ops.set_eager_graphs(False)`` switches them off.
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Callable
 
@@ -31,7 +32,6 @@ MAX_GRAPHS = 8  # per layer; the least recently used graph goes first
 CAPTURE_ON_SIGHTING = 2  # capture a key the second time it is seen
 
 _enabled = True
-_pools: dict = {}  # (device index, stream id) -> graph memory pool
 
 
 def set_eager_graphs(enabled: bool) -> None:
@@ -43,11 +43,9 @@ def set_eager_graphs(enabled: bool) -> None:
 class _Captured:
     """One captured forward: replay after copying the input into ``static_x``."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, stream_key):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, place, pool):
+        self.place, self.pool = place, pool
         self.static_x = x.clone(memory_format=torch.contiguous_format)
-        pool = _pools.get(stream_key)
-        if pool is None:
-            pool = _pools[stream_key] = torch.cuda.graph_pool_handle()
         # Warm-up on a side stream, as graph capture requires; kernels are compiled by now.
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
@@ -97,9 +95,8 @@ class EagerGraphs:
         """``fn(x)``, replayed from a graph when this key has one (captured on its
         second sighting), else run eagerly."""
         stream = torch.cuda.current_stream(x.device)
-        stream_key = (x.device.index, stream.stream_id)
-        key = (tuple(x.shape), x.dtype, stream_key,
-               tuple(None if w is None else (w.data_ptr(), w.shape, w.dtype) for w in weights))
+        place = (x.device.index, stream.stream_id)
+        key = (tuple(x.shape), x.dtype, place, tuple(None if w is None else (w.data_ptr(), w.shape, w.dtype) for w in weights))
         captured = self._graphs.get(key)
         if captured is not None:
             self._graphs.move_to_end(key)
@@ -111,12 +108,17 @@ class EagerGraphs:
             self._sightings[key] = seen
             return fn(x)
         self._sightings.pop(key, None)
+        # One pool per device and stream, reused only while a graph in it lives (a
+        # handle whose graphs are all gone must not be captured into again).
+        pool = next((g.pool for g in self._graphs.values() if g.place == place), None)
         try:
-            captured = _Captured(fn, x, stream_key)
-        except RuntimeError:
+            captured = _Captured(fn, x, place, pool or torch.cuda.graph_pool_handle())
+        except RuntimeError as error:
             # A forward that cannot be captured here (another thread capturing on the
             # legacy stream, ...) keeps running eagerly, as it did before.
             self._failed = True
+            warnings.warn(f"moe_ops: eager CUDA graphs are off for this layer, its capture "
+                          f"failed: {error}", RuntimeWarning, stacklevel=3)
             return fn(x)
         self._graphs[key] = captured
         if len(self._graphs) > MAX_GRAPHS:
