@@ -93,24 +93,13 @@ def fused_experts_reference(
     return out.to(hidden_states.dtype)
 
 
-def moe_reference(
-    hidden_states: torch.Tensor,
-    router_weight: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    top_k: int,
-    scoring: str = "softmax",
-    renormalize: bool = True,
-    n_group: int = 1,
-    topk_group: int = 1,
-    score_bias: torch.Tensor | None = None,
-    routed_scaling_factor: float = 1.0,
-) -> torch.Tensor:
-    """Routing followed by the expert loop: the truth for ``tritonmoe::fused_moe``."""
-    topk_weights, topk_ids = route_reference(
-        hidden_states, router_weight, top_k, scoring, renormalize,
-        n_group, topk_group, score_bias, routed_scaling_factor,
-    )
+def moe_reference(hidden_states: torch.Tensor, router_weight: torch.Tensor,
+                  w_gate_up: torch.Tensor, w_down: torch.Tensor, *routing_args,
+                  **routing_kwargs) -> torch.Tensor:
+    """Routing followed by the expert loop: the truth for ``tritonmoe::fused_moe``. The
+    routing arguments (top_k, scoring, ...) are ``route_reference``'s."""
+    topk_weights, topk_ids = route_reference(hidden_states, router_weight, *routing_args,
+                                             **routing_kwargs)
     return fused_experts_reference(hidden_states, topk_weights, topk_ids, w_gate_up, w_down)
 
 

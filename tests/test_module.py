@@ -25,6 +25,15 @@ def module_reference(moe: FusedMoE, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape)
 
 
+def test_construction_initialises_the_weights(device):
+    """FusedMoE(config) draws its weights as nn.Linear would: the output is finite."""
+    moe = FusedMoE(shrink("deepseek-v3"), device=device)
+    with torch.no_grad():
+        out = moe(torch.randn(5, moe.config.hidden_size, device=device))
+    assert torch.isfinite(out).all() and out.abs().sum() > 0
+    assert moe.score_bias.abs().sum() > 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_from_config_matches_reference(name, dtype, device):
