@@ -18,6 +18,7 @@ experts. Buffers are sized from shapes alone; nothing synchronises with the host
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -60,8 +61,10 @@ class Routing:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
 
+    @functools.lru_cache(maxsize=256)
     def selection_constexprs(self, num_experts: int, has_bias: bool) -> dict:
-        """The constexprs of ``kernels.route.select_topk`` (shared by both router kernels)."""
+        """The constexprs of ``kernels.route.select_topk`` (shared by both router kernels);
+        cached, so callers unpack the dict and never change it."""
         return dict(NUM_EXPERTS=num_experts, TOP_K=self.top_k, SIGMOID=self.scoring == "sigmoid",
                     RENORMALIZE=bool(self.renormalize), HAS_BIAS=has_bias, N_GROUP=self.n_group,
                     TOPK_GROUP=self.topk_group, E_PAD=_pow2_at_least(num_experts, 16),
