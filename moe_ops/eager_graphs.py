@@ -17,7 +17,9 @@ A layer's graphs of one device and stream share one memory pool (their replays a
 serialised on that stream and each output is cloned before the next replay).
 
 Never used while the caller captures a graph of its own, while compiling or tracing;
-``moe_ops.set_eager_graphs(False)`` switches them off.
+``moe_ops.set_eager_graphs(False)`` switches them off. A replay reuses the layer's static
+buffers, so one layer must not be called from several host threads at once (as with
+any CUDA-graph runner).
 """
 from __future__ import annotations
 
