@@ -7,6 +7,8 @@ transports: ``nvlink`` (PyTorch symmetric memory on one node, no host sync) or
 """
 from . import ops  # noqa: F401  (registers torch.ops.tritonmoe.expert_parallel_moe)
 from .layer import ExpertParallelMoE
+from .protocol import ExpertParallelError, ExpertParallelTimeout
 from .sharding import expert_range, random_fused_moe
 
-__all__ = ["ExpertParallelMoE", "expert_range", "random_fused_moe"]
+__all__ = ["ExpertParallelError", "ExpertParallelMoE", "ExpertParallelTimeout", "expert_range",
+           "random_fused_moe"]

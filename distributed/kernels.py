@@ -1,8 +1,9 @@
 """Triton kernels of the expert-parallel layer.
 
 ``plan_pack_kernel`` (one program): the dispatch plan of topk_ids [T, K] over W ranks
-of E_l experts each, packed. Block d of the send buffer starts at ``off_d`` (d * capacity
-when FIXED, else after block d-1's tokens); the tokens that need rank d fill it in order::
+of E_l experts each, packed. Block d of the send buffer starts at ``off_d`` (d * block_rows
+when FIXED, else after block d-1's tokens and HEADER_ROWS header rows); the tokens that
+need rank d fill it in order (a block's header rows follow its tokens)::
 
     counts [W]          tokens sent to rank d
     rows [W, T]         off_d + position of token t in block d, -1 if d owns none of its ids
@@ -23,6 +24,17 @@ this rank's own experts and the shared expert, in float32, in a fixed order::
     rows  [W, T]   int32: token t's row in back for owner d, -1 where d owns none of
                    t's experts (or when t's own-rank partial is in ``local``)
     grid  (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H))
+    every output is NaN when the layer's state says this forward is poisoned
+
+Header kernels of the protocol (``protocol``; one program each, no host sync). The header
+of block d sits at row ``d * block_rows + capacity`` when FIXED, else right after block d's
+tokens (``counts[d]`` of them, blocks of ``counts[e] + HEADER_ROWS`` rows in rank order);
+``buf`` is the block buffer viewed as int64 words, ``row_words`` per row::
+
+    stamp_headers_kernel   [MAGIC, layer, count, status] into every block; with BUMP the
+                           call count is bumped first (never past 2**63 - 1)
+    check_headers_kernel   compare every peer's header with this call; record the first
+                           failure in the state and poison the forward
 
 Signal kernels of the NVLink transport (one program each; GPU only). Flags and the
 epoch live in device memory so that a CUDA-graph replay signals the replay's epoch:
@@ -36,6 +48,33 @@ import triton
 import triton.language as tl
 
 from moe_ops.kernels.casting import cast_rne
+
+from . import protocol as P
+
+# The protocol's numbers, as constants Triton can read.
+_MAGIC: tl.constexpr = tl.constexpr(P.MAGIC)
+_INT64_MAX: tl.constexpr = tl.constexpr(P.INT64_MAX)
+_COUNT: tl.constexpr = tl.constexpr(P.COUNT)
+_POISON: tl.constexpr = tl.constexpr(P.POISON)
+_CODE: tl.constexpr = tl.constexpr(P.CODE)
+_PEER: tl.constexpr = tl.constexpr(P.PEER)
+_CALL: tl.constexpr = tl.constexpr(P.CALL)
+_GOT_LAYER: tl.constexpr = tl.constexpr(P.GOT_LAYER)
+_GOT_COUNT: tl.constexpr = tl.constexpr(P.GOT_COUNT)
+_GOT_STATUS: tl.constexpr = tl.constexpr(P.GOT_STATUS)
+_PHASE: tl.constexpr = tl.constexpr(P.PHASE)
+_STICKY: tl.constexpr = tl.constexpr(P.STICKY)
+_OK: tl.constexpr = tl.constexpr(P.OK)
+_INPUT: tl.constexpr = tl.constexpr(P.INPUT)
+_FAILED: tl.constexpr = tl.constexpr(P.FAILED)
+_PENDING: tl.constexpr = tl.constexpr(P.PENDING)
+_BROKEN: tl.constexpr = tl.constexpr(P.BROKEN)
+_NONE: tl.constexpr = tl.constexpr(P.NONE)
+_OTHER_LAYER: tl.constexpr = tl.constexpr(P.OTHER_LAYER)
+_OTHER_CALL: tl.constexpr = tl.constexpr(P.OTHER_CALL)
+_NO_HEADER: tl.constexpr = tl.constexpr(P.NO_HEADER)
+_PEER_STATUS: tl.constexpr = tl.constexpr(P.PEER_STATUS)
+_EXHAUSTED: tl.constexpr = tl.constexpr(P.EXHAUSTED)
 
 
 @triton.jit
@@ -52,9 +91,9 @@ def _needs_rank(owned, mask, d, rank, SKIP_OWN: tl.constexpr):
 @triton.jit
 def plan_pack_kernel(
     topk_ids_ptr, topk_weights_ptr, counts_ptr, own_ids_ptr, rows_ptr, send_ids_ptr,
-    send_weights_ptr, src_token_ptr, num_tokens, capacity, experts_per_rank, rank, total_rows,
+    send_weights_ptr, src_token_ptr, num_tokens, block_rows, experts_per_rank, rank, total_rows,
     WORLD: tl.constexpr, W_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
-    FIXED: tl.constexpr, SKIP_OWN: tl.constexpr, BLOCK_T: tl.constexpr,
+    FIXED: tl.constexpr, SKIP_OWN: tl.constexpr, HEADER_ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     offs_k = tl.arange(0, K_PAD)
     offs_w = tl.arange(0, W_PAD)
@@ -94,9 +133,9 @@ def plan_pack_kernel(
             owned = (owner == d) & mask
             need = _needs_rank(owned, mask, d, rank, SKIP_OWN)
             if FIXED:
-                first = d * capacity
+                first = d * block_rows
             else:
-                first = tl.sum(tl.where(offs_w < d, totals, 0), axis=0)
+                first = tl.sum(tl.where(offs_w < d, totals, 0), axis=0) + d * HEADER_ROWS
             base = first + tl.sum(tl.where(offs_w == d, running, 0), axis=0)
             row = base + tl.cumsum(need, axis=0) - need
             needed = need > 0
@@ -124,7 +163,7 @@ def gather_rows_kernel(x_ptr, src_token_ptr, out_ptr, num_rows, hidden,
 
 @triton.jit
 def combine_partials_kernel(
-    back_ptr, rows_ptr, local_ptr, shared_ptr, out_ptr, num_tokens, hidden,
+    back_ptr, rows_ptr, local_ptr, shared_ptr, state_ptr, out_ptr, num_tokens, hidden,
     WORLD: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_SHARED: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
@@ -143,8 +182,105 @@ def combine_partials_kernel(
         acc += part.to(tl.float32)
     if HAS_SHARED:
         acc += tl.load(shared_ptr + token_offsets, mask=mask, other=0.0).to(tl.float32)
+    acc = tl.where(tl.load(state_ptr + _POISON) != 0, float("nan"), acc)
     tl.store(out_ptr + token_offsets, cast_rne(acc, out_ptr.dtype.element_ty, INTERPRETER),
              mask=mask)
+
+
+@triton.jit
+def _header_row(d, counts_ptr, prefix, block_rows, capacity,
+                HEADER_ROWS: tl.constexpr, FIXED: tl.constexpr):
+    """(row of block d's header, prefix of the next block): see the module docstring."""
+    if FIXED:
+        row = d * block_rows + capacity
+        following = prefix
+    else:
+        tokens = tl.load(counts_ptr + d)
+        row = prefix + tokens
+        following = row + HEADER_ROWS
+    return row.to(tl.int64), following
+
+
+@triton.jit
+def stamp_headers_kernel(buf_ptr, counts_ptr, state_ptr, layer_id, status, row_words,
+                         block_rows, capacity, WORLD: tl.constexpr, HEADER_ROWS: tl.constexpr,
+                         FIXED: tl.constexpr, BUMP: tl.constexpr, REPORT_PENDING: tl.constexpr):
+    count = tl.load(state_ptr + _COUNT)
+    code = tl.load(state_ptr + _CODE)
+    sticky = tl.load(state_ptr + _STICKY)
+    if BUMP:  # a new call: its count, and it starts poisoned only if the layer is failed
+        exhausted = count == _INT64_MAX
+        count = tl.where(exhausted, count, count + 1)
+        record = exhausted & ((code == 0) | (sticky == 0))
+        code = tl.where(record, _EXHAUSTED, code)
+        tl.store(state_ptr + _CODE, code)
+        tl.store(state_ptr + _CALL, tl.where(record, count, tl.load(state_ptr + _CALL)))
+        sticky = tl.where(exhausted, 1, sticky)
+        tl.store(state_ptr + _COUNT, count)
+        tl.store(state_ptr + _STICKY, sticky)
+        tl.store(state_ptr + _POISON, sticky)
+    send = tl.where(status != 0, status, tl.where(sticky != 0, _BROKEN, _OK))
+    if REPORT_PENDING:
+        send = tl.where((send == 0) & (code != 0), _PENDING, send)
+    prefix = 0
+    for d in tl.static_range(WORLD):
+        row, prefix = _header_row(d, counts_ptr, prefix, block_rows, capacity, HEADER_ROWS, FIXED)
+        header = buf_ptr + row * row_words
+        tl.store(header + 0, tl.full([], _MAGIC, tl.int64))
+        tl.store(header + 1, tl.full([], layer_id, tl.int64))
+        tl.store(header + 2, count)
+        tl.store(header + 3, send.to(tl.int64))
+
+
+@triton.jit
+def check_headers_kernel(buf_ptr, counts_ptr, state_ptr, layer_id, self_rank, row_words,
+                         block_rows, capacity, phase, WORLD: tl.constexpr,
+                         HEADER_ROWS: tl.constexpr, FIXED: tl.constexpr):
+    expected = tl.load(state_ptr + _COUNT)
+    poison = tl.load(state_ptr + _POISON)
+    code = tl.load(state_ptr + _CODE)
+    sticky = tl.load(state_ptr + _STICKY)
+    peer = tl.load(state_ptr + _PEER)
+    call = tl.load(state_ptr + _CALL)
+    got_layer = tl.load(state_ptr + _GOT_LAYER)
+    got_count = tl.load(state_ptr + _GOT_COUNT)
+    got_status = tl.load(state_ptr + _GOT_STATUS)
+    at_phase = tl.load(state_ptr + _PHASE)
+    prefix = 0
+    for src in tl.static_range(WORLD):
+        row, prefix = _header_row(src, counts_ptr, prefix, block_rows, capacity, HEADER_ROWS, FIXED)
+        header = buf_ptr + row * row_words
+        magic = tl.load(header + 0)
+        layer = tl.load(header + 1)
+        count = tl.load(header + 2)
+        status = tl.load(header + 3)
+        new = tl.where(magic != _MAGIC, _NO_HEADER,
+                       tl.where(layer != layer_id, _OTHER_LAYER,
+                                tl.where(count != expected, _OTHER_CALL,
+                                         tl.where(status != _OK, _PEER_STATUS, _NONE))))
+        new = tl.where(self_rank == src, _NONE, new)
+        transient = (new == _PEER_STATUS) & ((status == _INPUT) | (status == _FAILED)
+                                              | (status == _PENDING))
+        new_sticky = (new != _NONE) & (transient == 0)
+        take = (new != _NONE) & ((code == _NONE) | ((sticky == 0) & new_sticky))
+        code = tl.where(take, new, code)
+        peer = tl.where(take, src, peer)
+        call = tl.where(take, expected, call)
+        got_layer = tl.where(take, layer, got_layer)
+        got_count = tl.where(take, count, got_count)
+        got_status = tl.where(take, status, got_status)
+        at_phase = tl.where(take, phase, at_phase)
+        sticky = tl.where(new_sticky, 1, sticky)
+        poison = tl.where(new != _NONE, 1, poison)
+    tl.store(state_ptr + _POISON, poison)
+    tl.store(state_ptr + _CODE, code)
+    tl.store(state_ptr + _STICKY, sticky)
+    tl.store(state_ptr + _PEER, peer)
+    tl.store(state_ptr + _CALL, call)
+    tl.store(state_ptr + _GOT_LAYER, got_layer)
+    tl.store(state_ptr + _GOT_COUNT, got_count)
+    tl.store(state_ptr + _GOT_STATUS, got_status)
+    tl.store(state_ptr + _PHASE, at_phase)
 
 
 @triton.jit

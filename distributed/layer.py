@@ -27,7 +27,6 @@ the tokens.
 """
 from __future__ import annotations
 
-import itertools
 import weakref
 
 import torch
@@ -43,6 +42,7 @@ from moe_ops.routing import Routing, route
 from moe_ops.interpreter import BLOCKS, interpreter_active
 from moe_ops.validation import FLOAT_DTYPES
 
+from . import protocol as P
 from .all_to_all import AllToAllTransport
 from .kernels import combine_partials_kernel
 from .nvlink import NVLinkTransport, nvlink_available
@@ -53,7 +53,7 @@ from .sharding import (check_ranks_agree, draw_experts, expert_range, layer_desc
 TRANSPORTS = ("auto", "nvlink", "all_to_all")
 
 _LAYERS: dict[int, "weakref.ref[ExpertParallelMoE]"] = {}
-_NEXT_ID = itertools.count()
+_next_id = 0  # above every id this process has used; ids are agreed by the group
 
 
 def layer_by_id(layer_id: int) -> "ExpertParallelMoE":
@@ -82,11 +82,19 @@ class ExpertParallelMoE(nn.Module):
             once per forward (a small collective the host waits for).
         overlap: compute this rank's own tokens in place during the dispatch (see the
             module docstring: measured slower, so off by default).
+        timeout: seconds a forward waits for its peers before it raises
+            ``ExpertParallelTimeout`` (and tells them); ``None``: the process group's
+            time-out. See ``moe_ops.distributed.all_to_all`` for which waits it bounds.
+
+    Every forward carries the layer's id and call count (``protocol``): it returns the
+    right output on every rank or fails on every rank. Where a failure raises (at once,
+    or through ``check()`` when CUDA tensors and fixed buffers keep the host out) is
+    written in ``protocol``; ``reset()`` makes a failed layer usable again.
     """
 
     def __init__(self, moe: FusedMoE, group=None, transport: str = "auto",
                  max_tokens_per_rank: int | None = None, *, overlap: bool = False,
-                 _local_experts=None):
+                 timeout: float | None = None, _local_experts=None):
         super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("ExpertParallelMoE needs torch.distributed initialised "
@@ -96,10 +104,18 @@ class ExpertParallelMoE(nn.Module):
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         config = moe.config
         self.config = config
-        check_ranks_agree(self.group, layer_description(
-            config, moe.router_weight.dtype, moe.router_weight, transport, max_tokens_per_rank))
+        global _next_id
+        description = layer_description(config, moe.router_weight.dtype, moe.router_weight,
+                                        transport, max_tokens_per_rank)
+        description["_layer_id"] = _next_id
+        gathered = check_ranks_agree(self.group, description)
+        # The layer's id, the same on every rank (they build their layers collectively).
+        self.layer_id = max(g["_layer_id"] for g in gathered)
+        _next_id = self.layer_id + 1
         self.expert_range = expert_range(config.num_experts, self.world_size, self.rank)
         first, last = self.expert_range.start, self.expert_range.stop
 
@@ -117,8 +133,16 @@ class ExpertParallelMoE(nn.Module):
         self.w_down = keep(_local_experts[1].contiguous())
 
         self.overlap = overlap
+        self.timeout = timeout
+        # Call count and failure record (protocol.STATE_WORDS int64): an op argument that
+        # the op mutates, so that compilers keep and order every call.
+        self.register_buffer("protocol_state", P.new_state(self.router_weight.device),
+                             persistent=False)
+        self._failed: str | None = None  # a failure every rank raised: no more exchanges
+        # Read the state after each forward and raise there: free on CPU. On CUDA it would
+        # be a host sync (and impossible under graph capture): check() does it instead.
+        self._raise_after_forward = self.router_weight.device.type == "cpu"
         self.set_transport(transport, max_tokens_per_rank)
-        self.layer_id = next(_NEXT_ID)
         _LAYERS[self.layer_id] = weakref.ref(self, lambda _, key=self.layer_id: _LAYERS.pop(key, None))
 
     def set_transport(self, transport: str = "auto", max_tokens_per_rank: int | None = None) -> None:
@@ -143,15 +167,19 @@ class ExpertParallelMoE(nn.Module):
                 raise ValueError(f"transport='nvlink' needs CUDA tensors, the layer is on {device}")
             self.transport = NVLinkTransport(self.group, self.rank, self.world_size,
                                              max_tokens_per_rank, self.config.hidden_size,
-                                             self.config.top_k, self.router_weight.dtype, device)
+                                             self.config.top_k, self.router_weight.dtype, device,
+                                             timeout=self.timeout)
         else:
-            self.transport = AllToAllTransport(self.group, self.world_size)
+            self.transport = AllToAllTransport(self.group, self.rank, self.world_size,
+                                               max_tokens_per_rank, self.config.hidden_size,
+                                               self.router_weight.dtype, device, self.timeout)
         self.max_tokens_per_rank = max_tokens_per_rank
 
     @classmethod
     def from_config(cls, name_or_config: str | MoEConfig, group=None, dtype=torch.float32,
                     device=None, transport: str = "auto", max_tokens_per_rank: int | None = None,
-                    *, seed: int = 0, overlap: bool = False) -> "ExpertParallelMoE":
+                    *, seed: int = 0, overlap: bool = False, timeout: float | None = None
+                    ) -> "ExpertParallelMoE":
         """A random layer that allocates only this rank's experts; router and shared
         weights are drawn identically on every rank. The whole layer is
         ``moe_ops.distributed.random_fused_moe(config, seed)``."""
@@ -159,20 +187,72 @@ class ExpertParallelMoE(nn.Module):
         group = group if group is not None else dist.group.WORLD
         experts = expert_range(config.num_experts, dist.get_world_size(group),
                                dist.get_rank(group))
-        return cls(replicated_shell(config, seed, dtype, device), group, transport, max_tokens_per_rank, overlap=overlap,
+        return cls(replicated_shell(config, seed, dtype, device), group, transport,
+                   max_tokens_per_rank, overlap=overlap, timeout=timeout,
                    _local_experts=draw_experts(config, seed, experts, dtype, device))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [..., H]: routed experts (over all ranks) plus the shared expert."""
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1]) if hidden_states.dim() >= 1 else hidden_states
-        out = torch.ops.tritonmoe.expert_parallel_moe(flat, self.layer_id)
+        if not torch.compiler.is_compiling():
+            # A rejected input still takes part in the exchange (a meta or foreign-device
+            # tensor would never reach the op's real implementation).
+            error = self._input_error(flat)
+            if error is not None:
+                self.forward_impl(flat, self.protocol_state)
+        out = torch.ops.tritonmoe.expert_parallel_moe(flat, self.protocol_state, self.layer_id)
         return out.reshape(shape)
+
+    # -- the contract: failures, check, reset ----------------------------------------
+
+    def check(self) -> None:
+        """Raise ``ExpertParallelError`` if a forward of this layer failed since the last
+        ``check`` (or is failed until ``reset``): the call to make after CUDA-graph
+        replays, and after forwards with fixed buffers on CUDA, whose failures only turn
+        the outputs into NaN. Reads the layer's device state: a host sync. Local: every
+        rank that checks sees the same failure."""
+        values = self.protocol_state.tolist()
+        if self._failed is not None:
+            raise P.ExpertParallelError(self._failed)
+        if values[P.CODE]:
+            P.clear_reported(self.protocol_state)
+            raise P.failure(values, self.layer_id, self.rank)
+
+    def reset(self) -> None:
+        """Make a failed layer usable again. Collective: every rank of the group calls it
+        (after the failure was raised there). Finishes and waits for the exchanges failed
+        forwards left in flight (up to the group's time-out), checks that every rank
+        resets this same layer, and restarts the call count at 0."""
+        self.transport.reset()
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, self.layer_id, group=self.group)
+        if any(other != self.layer_id for other in gathered):
+            raise P.ExpertParallelError(
+                f"ExpertParallelMoE.reset: the ranks reset different layers {gathered}")
+        self.protocol_state.zero_()
+        self._failed = None
+
+    def _input_error(self, x) -> Exception | None:
+        try:
+            self.check_input(x)
+        except (ValueError, TypeError) as error:
+            return error
+        return None
+
+    def _raise_failure(self, values: list[int]) -> None:
+        """Raise a failure every rank raises now; a sticky one ends the exchanges."""
+        error = P.failure(values, self.layer_id, self.rank)
+        if P.is_sticky(values):
+            self._failed = str(error)
+        P.clear_reported(self.protocol_state)
+        raise error
 
     # -- the op body -------------------------------------------------------------------
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Metadata checks of one forward's hidden states [T, H]."""
+        """Metadata checks of one forward's hidden states [T, H]; ``torch._check`` for the
+        token count, so that an unbacked count traces."""
         H = self.config.hidden_size
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != H:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -183,58 +263,85 @@ class ExpertParallelMoE(nn.Module):
         if x.device != self.router_weight.device:
             raise ValueError(f"hidden_states is on {x.device}, expected the layer's device "
                              f"{self.router_weight.device} (rank {self.rank})")
-        if self.max_tokens_per_rank is not None and x.shape[0] > self.max_tokens_per_rank:
-            raise ValueError(f"hidden_states has {x.shape[0]} tokens, more than "
-                             f"max_tokens_per_rank={self.max_tokens_per_rank}")
+        C = self.max_tokens_per_rank
+        if C is not None:
+            torch._check_value(x.shape[0] <= C, lambda: (
+                f"hidden_states has {x.shape[0]} tokens, more than max_tokens_per_rank={C}"))
 
-    def forward_impl(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward of x [T, H] (contiguous); see the module docstring."""
+    def forward_impl(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward of x [T, H] (contiguous); see the module docstring. ``state`` is the
+        layer's protocol state (the op passes it; the compiler may pass a copy)."""
+        state = self.protocol_state if state is None else state
+        if self._failed is not None:
+            raise P.ExpertParallelError(self._failed)
+        device, transport = self.router_weight.device, self.transport
+        call = P.Call(self.layer_id, state, fixed=self.max_tokens_per_rank is not None)
+        rejected = self._input_error(x)
+        if rejected is not None:  # take part with no tokens, telling the peers
+            call.status = P.INPUT
+            x = torch.empty(0, self.config.hidden_size, dtype=self.router_weight.dtype,
+                            device=device)
+        transport.order.enter(device)
+        try:
+            out = self._exchange_and_compute(x.contiguous(), call)
+        except BaseException as error:
+            if not call.everyone_raised:
+                call.status = call.status or P.FAILED
+                try:
+                    transport.abort(call, self.config.hidden_size, self.config.top_k,
+                                    self.router_weight.dtype, device)
+                except Exception:  # noqa: BLE001  (the original error says more)
+                    pass
+            if isinstance(error, P.ExpertParallelError) and P.is_sticky(state.tolist()):
+                self._failed = str(error)
+            if rejected is not None:
+                raise rejected from None
+            raise
+        finally:
+            transport.order.exit(device)
+        if rejected is not None:
+            if self._raise_after_forward:
+                P.clear_reported(state)
+            raise rejected
+        if self._raise_after_forward:  # every rank sees the failure in this forward
+            values = state.tolist()
+            if values[P.POISON]:
+                self._raise_failure(values)
+        return out
+
+    def _exchange_and_compute(self, x: torch.Tensor, call: P.Call) -> torch.Tensor:
         transport, c = self.transport, self.config
         W, r, C = self.world_size, self.rank, self.max_tokens_per_rank
-        try:
-            self.check_input(x)
-            failed = None
-        except (ValueError, TypeError) as error:
-            failed = error
-        if failed is not None:
-            if C is None:  # tell the peers through the count exchange: every rank raises
-                try:
-                    transport.exchange_counts(
-                        torch.zeros(W, dtype=torch.long, device=self.router_weight.device), True)
-                except RuntimeError:
-                    pass  # this rank's own error says more
-            raise failed
-        x = x.contiguous()
+        h = getattr(transport, "header_rows", 0)
         T = x.shape[0]
         overlap = self.overlap
-        transport.begin()
+        transport.begin(call)
 
         with stage_range("plan"):
             topk_weights, topk_ids, _ = route(
                 x, self.router_weight, Routing(**c.routing_kwargs()),
                 None if self.score_bias is None else self.score_bias.float())
-            send = transport.send_buffers(W * (C if C is not None else T), c.hidden_size,
+            send = transport.send_buffers(W * ((C if C is not None else T) + h), c.hidden_size,
                                           c.top_k, x.dtype, x.device)
             plan = plan_and_pack(x, topk_weights, topk_ids, len(self.expert_range), r, W, C,
-                                 *send, skip_own=overlap)
+                                 *send, skip_own=overlap, header_rows=h)
             if C is None:
-                send_rows = plan.counts.tolist()
-                recv_rows = transport.exchange_counts(plan.counts.long(), False)
-                filled = send_rows
+                send_rows, recv_rows = transport.exchange_counts(call, plan.counts.long())
                 send = tuple(buf[:sum(send_rows)] for buf in send)
             else:
-                send_rows = recv_rows = [C] * W
-                filled = [0 if overlap and d == r else T for d in range(W)]
-        pending = transport.dispatch(*send, send_rows, recv_rows, filled)
+                send_rows = recv_rows = call.send_rows = call.recv_rows = [C + h] * W
+            filled = [0 if overlap and d == r else T for d in range(W)]
+        pending = transport.dispatch(*send, send_rows, recv_rows, filled, call=call)
 
         local = (fused_experts_impl(x, topk_weights, plan.own_ids, self.w_gate_up,
                                     self.w_down) if overlap else None)
         shared = shared_expert_output(x, self.shared_gate_up, self.shared_down, self.shared_gate)
 
-        recv_x, recv_ids, recv_weights = transport.receive(pending)
+        recv_x, recv_ids, recv_weights = transport.receive(pending, call=call)
         partials = fused_experts_impl(recv_x, recv_weights, recv_ids, self.w_gate_up, self.w_down)
         back_filled = [0 if overlap and d == r else rows for d, rows in enumerate(recv_rows)]
-        back = transport.receive_back(transport.send_back(partials, send_rows, recv_rows, back_filled))
+        back = transport.receive_back(
+            transport.send_back(partials, send_rows, recv_rows, back_filled, call=call), call=call)
 
         out = torch.empty_like(x)
         with stage_range("combine"):
@@ -242,11 +349,12 @@ class ExpertParallelMoE(nn.Module):
                 block_t, block_h = BLOCKS.combine_t, BLOCKS.combine_h
                 combine_partials_kernel[(triton.cdiv(T, block_t), triton.cdiv(c.hidden_size, block_h))](
                     back, plan.rows, local if local is not None else x,
-                    shared.contiguous() if shared is not None else x, out, T, c.hidden_size,
-                    WORLD=W, HAS_LOCAL=local is not None, HAS_SHARED=shared is not None,
-                    BLOCK_T=block_t, BLOCK_H=block_h, INTERPRETER=interpreter_active(),
+                    shared.contiguous() if shared is not None else x, call.state, out, T,
+                    c.hidden_size, WORLD=W, HAS_LOCAL=local is not None,
+                    HAS_SHARED=shared is not None, BLOCK_T=block_t, BLOCK_H=block_h,
+                    INTERPRETER=interpreter_active(),
                 )
-        transport.end()
+        transport.end(call)
         return out
 
     def extra_repr(self) -> str:

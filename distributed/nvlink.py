@@ -34,6 +34,7 @@ import torch.distributed as dist
 from moe_ops.profiling import stage_range
 
 from .kernels import bump_epoch_kernel, put_flag_kernel, wait_flags_kernel
+from .streams import StreamOrder
 
 DEFAULT_MAX_POLLS = 1 << 25  # each poll is one system-scope atomic: tens of seconds in all
 _ALIGN = 256
@@ -81,7 +82,8 @@ class _Slot:
 
 
 class _Workspace:
-    """Two slots, the device epoch, the time-out status and the side stream."""
+    """Two slots, the device epoch, the time-out status, the side stream, and the order
+    of the forwards that share them (``streams``)."""
 
     def __init__(self, group, rank, world, capacity, hidden, top_k, dtype, device):
         self.slots = [_Slot(group, rank, world, capacity, hidden, top_k, dtype, device)
@@ -91,6 +93,7 @@ class _Workspace:
         self.status = torch.zeros(1, dtype=torch.int32, device=device)
         self.status_host = torch.zeros(1, dtype=torch.int32).pin_memory()
         self.side = torch.cuda.Stream(device=device)
+        self.order = StreamOrder()
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every rank's flags are zero before anyone signals
 
@@ -99,20 +102,29 @@ _WORKSPACES: dict = {}
 
 
 class NVLinkTransport:
+    """The steps of ``all_to_all.AllToAllTransport`` over symmetric memory. It does not
+    carry the protocol's header yet (``header_rows = 0``): the layer's identity and call
+    count are not checked on this transport, and ``timeout`` is not used (the waits are
+    bounded by ``max_polls``)."""
     name = "nvlink"
+    header_rows = 0
 
     def __init__(self, group, rank: int, world_size: int, capacity: int, hidden: int,
-                 top_k: int, dtype, device, max_polls: int = DEFAULT_MAX_POLLS):
-        key = (group.group_name, capacity, hidden, top_k, dtype, torch.device(device))
+                 top_k: int, dtype, device, max_polls: int = DEFAULT_MAX_POLLS,
+                 timeout: float | None = None):
+        key = (group.group_name, world_size, rank, capacity, hidden, top_k, dtype,
+               torch.device(device))
         if key not in _WORKSPACES:
             _WORKSPACES[key] = _Workspace(group, rank, world_size, capacity, hidden, top_k,
                                           dtype, device)
         self.workspace = _WORKSPACES[key]
         self.group, self.rank, self.world_size = group, rank, world_size
         self.capacity, self.max_polls = capacity, max_polls
+        self.timeout = timeout
+        self.order = self.workspace.order
         self.slot = None
 
-    def begin(self) -> None:
+    def begin(self, call=None) -> None:
         """Raise if a wait of an earlier forward timed out; bump the epoch; take a slot."""
         ws = self.workspace
         silent = int(ws.status_host[0])
@@ -156,49 +168,91 @@ class NVLinkTransport:
             wait_flags_kernel[(1,)](ws.epoch, self.slot.local["flags"][flag_row], ws.status,
                                     self.rank, self.max_polls, WORLD=self.world_size)
 
-    def dispatch(self, send_x, send_ids, send_weights, send_rows, recv_rows, filled_rows):
+    def dispatch(self, send_x, send_ids, send_weights, send_rows, recv_rows, filled_rows,
+                 call=None):
         with stage_range("dispatch"):
             self._push("recv_x", 0, send_x, filled_rows, meta=True)
 
-    def receive(self, pending):
+    def receive(self, pending, call=None):
         self._wait(0, "dispatch_wait")
         local, rows = self.slot.local, self.world_size * self.capacity
         return (local["recv_x"].view(rows, -1), local["recv_ids"].view(rows, -1),
                 local["recv_weights"].view(rows, -1))
 
-    def send_back(self, partials, send_rows, recv_rows, filled_rows):
+    def send_back(self, partials, send_rows, recv_rows, filled_rows, call=None):
         with stage_range("combine"):
             self._push("back", 1, partials, filled_rows, meta=False)
 
-    def receive_back(self, pending) -> torch.Tensor:
+    def receive_back(self, pending, call=None) -> torch.Tensor:
         self._wait(1, "combine_wait")
         return self.slot.local["back"].view(self.world_size * self.capacity, -1)
 
-    def end(self) -> None:
+    def end(self, call=None) -> None:
         """Join the side stream; record the time-out status for the next ``begin``."""
         ws = self.workspace
         torch.cuda.current_stream().wait_stream(ws.side)
         ws.status_host.copy_(ws.status, non_blocking=True)
 
+    def abort(self, call, hidden, top_k, dtype, device) -> None:
+        """After a failure inside a forward: join the side stream (the peers are not told
+        on this transport: their waits end at ``max_polls``)."""
+        torch.cuda.current_stream().wait_stream(self.workspace.side)
 
-def nvlink_available(group, device: torch.device) -> bool:
-    """Every rank of the group on one host, on a CUDA device with peer access to every
-    other rank's, and symmetric memory importable. Collective: call on every rank."""
+    def reset(self) -> None:
+        """Forget an earlier time-out (the flags' epochs are not realigned)."""
+        self.workspace.status.zero_()
+        self.workspace.status_host.zero_()
+
+
+def peer_access_ok(gathered: list[dict], local: dict, can_access) -> bool:
+    """The nvlink decision from every rank's ``gpu_identity`` (gathered) and this rank's:
+    one host, CUDA everywhere, distinct GPUs, and peer access from this rank's GPU to
+    every other rank's. GPUs are matched by UUID among the devices this process sees
+    (indices differ between processes, e.g. under per-process CUDA_VISIBLE_DEVICES); a
+    GPU this process cannot see counts as not reachable. ``can_access(i, j)`` answers
+    for local device indices."""
+    if local["uuid"] is None or any(g["host"] != local["host"] or g["uuid"] is None
+                                    for g in gathered):
+        return False
+    uuids = [g["uuid"] for g in gathered]
+    if len(set(uuids)) != len(uuids):
+        return False
+    visible = local["visible"]  # uuid -> local index
+    for uuid in uuids:
+        if uuid == local["uuid"]:
+            continue
+        if uuid not in visible or not can_access(local["index"], visible[uuid]):
+            return False
+    return True
+
+
+def gpu_identity(device: torch.device) -> dict:
+    """This rank's host, its GPU's UUID and local index, and the UUIDs of the GPUs it
+    can see (no UUIDs off CUDA)."""
     import socket
 
-    local = dict(host=socket.gethostname(), index=device.index if device.type == "cuda" else None)
+    identity = dict(host=socket.gethostname(), uuid=None, index=None, visible={})
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        visible = {str(torch.cuda.get_device_properties(i).uuid): i
+                   for i in range(torch.cuda.device_count())}
+        identity.update(uuid=str(torch.cuda.get_device_properties(index).uuid), index=index,
+                        visible=visible)
+    return identity
+
+
+def nvlink_available(group, device: torch.device) -> bool:
+    """Every rank of the group on one host, on distinct CUDA devices with peer access
+    from every rank, and symmetric memory importable. Collective: call on every rank."""
+    local = gpu_identity(device)
     gathered = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, local, group=group)
-    ok = device.type == "cuda" and all(g["host"] == local["host"] and g["index"] is not None
-                                       for g in gathered)
+    ok = peer_access_ok(gathered, local, torch.cuda.can_device_access_peer)
     if ok:
         try:
             import torch.distributed._symmetric_memory  # noqa: F401
         except ImportError:
             ok = False
-    if ok:
-        ok = all(g["index"] == device.index or torch.cuda.can_device_access_peer(device.index, g["index"])
-                 for g in gathered)
     votes = [None] * len(gathered)
     dist.all_gather_object(votes, ok, group=group)
     return all(votes)

@@ -3,8 +3,10 @@
 Rank d owns the experts ``[d*E_l, (d+1)*E_l)``. A token is sent once to every rank that
 owns at least one of its top-k experts, with all K ids rewritten to that rank's local
 numbering (-1 for the experts it does not own, which the kernels skip) and its K
-weights. Per destination the tokens keep their order; block d of the send buffer starts
-at row ``d * capacity`` with fixed buffers, right after block d-1's tokens otherwise.
+weights. Per destination the tokens keep their order; each block ends with
+``header_rows`` rows for the transport's header (ids -1: no token); block d of the send
+buffer starts at row ``d * (capacity + header_rows)`` with fixed buffers, right after
+block d-1's tokens and header otherwise.
 Two launches (``kernels.plan_pack_kernel``, ``kernels.gather_rows_kernel``), no host sync.
 """
 from __future__ import annotations
@@ -28,9 +30,10 @@ class DispatchPlan(NamedTuple):
 def plan_and_pack(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                   experts_per_rank: int, rank: int, world_size: int, capacity: int | None,
                   send_x: torch.Tensor, send_ids: torch.Tensor, send_weights: torch.Tensor,
-                  skip_own: bool) -> DispatchPlan:
+                  skip_own: bool, header_rows: int = 0) -> DispatchPlan:
     """Plan the dispatch of x [T, H] and pack the send blocks (send_x [R, H], send_ids
-    and send_weights [R, K], R = W * capacity, or W * T without a capacity). With
+    and send_weights [R, K], R = W * (capacity + header_rows), or W * (T + header_rows)
+    without a capacity). With
     ``skip_own`` this rank sends itself nothing (it computes its tokens in place from
     ``own_ids``). Rows of a block past its tokens get ids -1; their x is not written."""
     num_tokens, top_k = topk_ids.shape
@@ -41,9 +44,10 @@ def plan_and_pack(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.T
     src_token = torch.empty(send_x.shape[0], dtype=torch.int32, device=device)
     plan_pack_kernel[(1,)](
         topk_ids, topk_weights, counts, own_ids, rows, send_ids, send_weights, src_token,
-        num_tokens, capacity or 0, experts_per_rank, rank, send_x.shape[0],
-        WORLD=world_size, W_PAD=triton.next_power_of_2(world_size), TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
-        FIXED=capacity is not None, SKIP_OWN=skip_own, BLOCK_T=BLOCKS.plan_block_t,
+        num_tokens, (capacity or 0) + header_rows, experts_per_rank, rank, send_x.shape[0],
+        WORLD=world_size, W_PAD=triton.next_power_of_2(world_size), TOP_K=top_k,
+        K_PAD=triton.next_power_of_2(top_k), FIXED=capacity is not None, SKIP_OWN=skip_own,
+        HEADER_ROWS=header_rows, BLOCK_T=BLOCKS.plan_block_t,
         num_warps=4,
     )
     if send_x.shape[0] and num_tokens:

@@ -94,12 +94,12 @@ def layer_description(config: MoEConfig, dtype: torch.dtype, router_weight: torc
 
 def check_ranks_agree(group, description: dict) -> list:
     """Gather every rank's description; raise the same ValueError on every rank where two
-    differ. Returns the gathered list."""
+    differ (keys starting with "_" are gathered, not compared). Returns the gathered list."""
     gathered = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, description, group=group)
     first = gathered[0]
     for rank, other in enumerate(gathered[1:], start=1):
-        for key in first:
+        for key in (k for k in first if not k.startswith("_")):
             a, b = first[key], other[key]
             if key == "router_checksum":
                 same = math.isclose(a, b, rel_tol=1e-6)

@@ -1,0 +1,391 @@
+"""The contract of ExpertParallelMoE (``moe_ops.distributed.protocol``): every forward is
+right on every rank or raises on every rank, whatever one rank does wrong.
+
+CPU: gloo ranks, the Triton interpreter, a tiny layer (H=16, 4 experts) and a few tokens,
+``transport="all_to_all"`` with and without ``max_tokens_per_rank``. One process group
+runs every case of a buffer mode in turn (spawning ranks costs more than the cases); each
+case ends with the layers right again (after ``reset()`` where the failure is sticky).
+"""
+from __future__ import annotations
+
+import functools
+import time
+import traceback
+
+import pytest
+import torch
+
+from distributed_harness import run_on_ranks, use_gpus
+from helpers import rel_l2
+
+SEED = 1234
+CAPACITY = 4
+TOL = 1e-5
+
+
+def tiny_config(world: int):
+    from dataclasses import replace
+
+    from moe_ops.configs import shrink
+
+    return replace(shrink("mixtral-8x7b", hidden_size=16, intermediate_size=16),
+                   num_experts=2 * world)
+
+
+class Rig:
+    """Layers A, B, ... (different weights) on this rank, one input each and the
+    single-process output for it; ``step`` runs one forward and says what happened."""
+
+    def __init__(self, rank, world, device, fixed, layers=2, timeout=None):
+        from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
+
+        config = tiny_config(world)
+        self.rank, self.config, self.device = rank, config, device
+        generator = torch.Generator().manual_seed(SEED + rank)
+        self.x = torch.randn(2 + rank, config.hidden_size, generator=generator).to(device)
+        self.layers, self.expected = [], []
+        for i in range(layers):
+            self.layers.append(ExpertParallelMoE.from_config(
+                config, device=device, transport="all_to_all", seed=SEED + i, timeout=timeout,
+                max_tokens_per_rank=CAPACITY if fixed else None))
+            with torch.no_grad():
+                self.expected.append(random_fused_moe(config, SEED + i, device=device)(self.x))
+
+    def step(self, i: int, x=None):
+        """("ok", relative error) or ("error", "Type: message")."""
+        try:
+            with torch.no_grad():
+                out = self.layers[i](self.x if x is None else x)
+            return ("ok", rel_l2(out, self.expected[i]) if x is None else None)
+        except Exception as error:  # noqa: BLE001  (the parent checks the message)
+            return ("error", f"{type(error).__name__}: {error}")
+
+    def reset(self):
+        for layer in self.layers:
+            layer.reset()
+
+    def lockstep(self, steps=1):
+        return [self.step(i) for _ in range(steps) for i in range(len(self.layers))]
+
+
+# -- the cases (run on every rank; each returns what the parent checks) ----------------
+
+SEQUENCES = {  # per rank: the layers called, up to and including the first failing call
+    "extra_call": ([0, 0], [0, 1]),     # rank 0 adds a call of A: its 2nd A meets B
+    "skipped_call": ([0, 1], [0, 0]),   # rank 1 skips B: rank 0's B meets its 2nd A
+    "other_order": ([0, 1], [1, 0]),    # A then B against B then A
+}
+
+
+def case_sequence(rig, name):
+    if name == "other_order_3":  # ranks 0 and 1: A then B; rank 2: B then A
+        steps = [rig.step(1 if rig.rank == 2 else 0)]
+    else:
+        steps = [rig.step(i) for i in SEQUENCES[name][rig.rank]]
+    rig.reset()
+    return dict(steps=steps, after=rig.lockstep())
+
+
+def case_counter_2_31(rig):
+    """Counts cross 2**31 untruncated: right; then counts equal in their low 32 bits but
+    2**32 apart are told apart."""
+    from moe_ops.distributed import protocol as P
+
+    layer = rig.layers[0]
+    layer.protocol_state[P.COUNT] = 2**31 - 2
+    crossing = [rig.step(0) for _ in range(2)]
+    count = int(layer.protocol_state[P.COUNT])
+    layer.protocol_state[P.COUNT] = 2**31 + 5 + (2**32 if rig.rank == 1 else 0)
+    mismatch = rig.step(0)
+    rig.reset()
+    return dict(crossing=crossing, count=count, mismatch=mismatch, after=rig.lockstep())
+
+
+def case_counter_2_63(rig):
+    """The last count 2**63 - 1 works; the next call fails on every rank, no wrap."""
+    from moe_ops.distributed import protocol as P
+
+    layer = rig.layers[0]
+    layer.protocol_state[P.COUNT] = P.INT64_MAX - 1
+    last = rig.step(0)
+    exhausted = rig.step(0)
+    count = int(layer.protocol_state[P.COUNT])
+    again = rig.step(0)  # failed until reset: raises at once
+    check = _raises(layer.check)
+    rig.reset()
+    return dict(last=last, exhausted=exhausted, count=count, again=again, check=check,
+                after=rig.lockstep())
+
+
+def bad_input(rig, kind):
+    H = rig.config.hidden_size
+    if kind == "hidden":
+        return torch.randn(3, H + 1, device=rig.device)
+    if kind == "dtype":
+        return torch.randn(3, H, device=rig.device, dtype=torch.float64)
+    if kind == "device":  # a meta tensor for a CPU layer (never reaches the op's real code)
+        return torch.randn(3, H, device="meta")
+    if kind == "tokens":
+        return torch.randn(CAPACITY + 1, H, device=rig.device)
+    raise ValueError(kind)
+
+
+def case_bad_input(rig, kind):
+    """The README's scenario: rank 1 rejects one input, the program catches the error and
+    goes on; every later forward must be right on every rank (no reset)."""
+    bad = rig.step(0, bad_input(rig, kind) if rig.rank == 1 else None)
+    return dict(bad=bad, after=rig.lockstep(), check=_raises(rig.layers[0].check))
+
+
+def case_exception_inside(rig, where):
+    """An exception on rank 1 inside the forward, before (route) or after (the expert
+    GEMMs of the received rows) the dispatch left."""
+    import moe_ops.distributed.layer as layer_module
+
+    name = {"before_dispatch": "route", "after_dispatch": "fused_experts_impl"}[where]
+    original = getattr(layer_module, name)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError(f"injected failure in {name}")
+
+    if rig.rank == 1:
+        setattr(layer_module, name, failing)
+    try:
+        failed = rig.step(0)
+    finally:
+        setattr(layer_module, name, original)
+    return dict(failed=failed, after=rig.lockstep(), check=_raises(rig.layers[0].check))
+
+
+def case_timeout(rig):
+    """A 0.5 s stall is waited for. Then rank 1 stalls 3.5 s; rank 0 gives up after its
+    2 s time-out and raises, rank 1 is told; reset() on both makes the layer right."""
+    if rig.rank == 1:
+        time.sleep(0.5)
+    waited = rig.step(0)
+    if rig.rank == 1:
+        time.sleep(3.5)
+    start = time.monotonic()
+    late = rig.step(0)
+    seconds = time.monotonic() - start
+    refused = rig.step(0)  # failed until reset: raises at once, moves nothing
+    rig.reset()
+    return dict(waited=waited, late=late, seconds=seconds, refused=refused, after=rig.lockstep())
+
+
+def case_nan_and_check(rig):
+    """The CUDA fixed-buffer path, on CPU: nothing raises in the forward; a failure turns
+    the outputs into NaN and check() raises on every rank."""
+    for layer in rig.layers:
+        layer._raise_after_forward = False
+    try:
+        outs = []
+        for i in ([0, 1] if rig.rank == 0 else [1, 0]):
+            with torch.no_grad():
+                outs.append(rig.layers[i](rig.x))
+        nan = [bool(out.isnan().all()) for out in outs]
+        checks = [_raises(layer.check) for layer in rig.layers]
+        still = _raises(rig.layers[0].check)  # sticky: raises until reset
+        rig.reset()
+        after = rig.lockstep()
+        clean = _raises(rig.layers[0].check)
+    finally:
+        for layer in rig.layers:
+            layer._raise_after_forward = True
+    return dict(nan=nan, checks=checks, still=still, after=after, clean=clean)
+
+
+def case_reset_other_layer(rig):
+    """Ranks resetting different layers: every rank raises (and nothing hangs)."""
+    return _raises(rig.layers[rig.rank % 2].reset)
+
+
+def _raises(fn):
+    try:
+        fn()
+        return None
+    except Exception as error:  # noqa: BLE001
+        return f"{type(error).__name__}: {error}"
+
+
+CASE_FUNCTIONS = {"sequence": case_sequence, "counter_2_31": case_counter_2_31,
+                  "counter_2_63": case_counter_2_63, "bad_input": case_bad_input,
+                  "exception_inside": case_exception_inside, "timeout": case_timeout,
+                  "nan_and_check": case_nan_and_check, "reset_other_layer": case_reset_other_layer}
+
+
+def contract_suite(rank, world, device, cases):
+    """Every case in turn on one group, on rigs shared by the cases of a buffer mode (each
+    case leaves its layers right); a case that raises is reported, not fatal."""
+    rigs, results = {}, {}
+    for case in cases:
+        fixed, name, *args = case
+        timeout = 2.0 if name == "timeout" else None
+        key = (fixed, timeout)
+        try:
+            if key not in rigs:
+                rigs[key] = Rig(rank, world, device, fixed, timeout=timeout)
+            results[case] = CASE_FUNCTIONS[name](rigs[key], *args)
+        except BaseException as error:  # noqa: BLE001
+            results[case] = ("crashed", f"{type(error).__name__}: {error}", traceback.format_exc())
+    return results
+
+
+# -- the parent: one run per world size, one test per case -------------------------------
+# Mechanisms shared by both buffer modes are tested in one of them; those that differ
+# (where the header travels, where the failure raises) in both.
+
+CASES = {
+    2: [(False, "sequence", "extra_call"), (True, "sequence", "skipped_call"),
+        (False, "sequence", "other_order"), (True, "sequence", "other_order"),
+        (True, "counter_2_31"), (False, "counter_2_63"), (True, "counter_2_63"),
+        (False, "bad_input", "hidden"), (False, "bad_input", "device"),
+        (True, "bad_input", "dtype"), (True, "bad_input", "tokens"),
+        (False, "exception_inside", "before_dispatch"), (False, "exception_inside", "after_dispatch"),
+        (True, "exception_inside", "before_dispatch"), (True, "exception_inside", "after_dispatch"),
+        (False, "timeout"), (True, "timeout"), (True, "nan_and_check"),
+        (True, "reset_other_layer")],
+    3: [(True, "sequence", "other_order_3"), (True, "bad_input", "tokens"),
+        (False, "bad_input", "hidden"), (False, "exception_inside", "after_dispatch")],
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _suite(world: int):
+    """Each rank's results by case (or the run's failure), computed once per module."""
+    return run_on_ranks(contract_suite, world, CASES[world], deadline_s=300)
+
+
+def _results(world, case):
+    out = []
+    for rank, (status, value, tb) in enumerate(_suite(world)):
+        assert status == "ok", f"rank {rank}: {status} {value}\n{tb}"
+        result = value[case]
+        assert not (isinstance(result, tuple) and result and result[0] == "crashed"), \
+            f"rank {rank}: {result[1]}\n{result[2]}"
+        out.append(result)
+    return out
+
+
+def _right(steps):
+    return all(status == "ok" and (err is None or err <= TOL) for status, err in steps)
+
+
+def _cases(world, name):
+    return [pytest.param(case, id="-".join(
+        ["max_tokens" if case[0] else "sized_per_call"] + [str(a) for a in case[2:]]))
+        for case in CASES[world] if case[1] == name]
+
+
+pytestmark = pytest.mark.skipif(use_gpus(2), reason="the CPU contract suite (gloo)")
+
+
+@pytest.mark.parametrize("case", _cases(2, "sequence"))
+def test_identity_and_sequence_mismatch_raises_on_every_rank(case):
+    fail_at = 0 if case[2] == "other_order" else 1
+    for rank, result in enumerate(_results(2, case)):
+        steps = result["steps"]
+        assert _right(steps[:fail_at]), (rank, steps)
+        status, message = steps[fail_at]
+        assert status == "error" and message.startswith("ExpertParallelError"), (rank, message)
+        assert f"rank {rank} ran call" in message and f"rank {1 - rank} ran call" in message
+        assert "of layer" in message and "reset()" in message, message
+        assert _right(result["after"]), (rank, result["after"])
+
+
+@pytest.mark.parametrize("case", _cases(2, "counter_2_31"))
+def test_counter_crosses_2_31_and_compares_64_bits(case):
+    for rank, result in enumerate(_results(2, case)):
+        assert _right(result["crossing"]) and result["count"] == 2**31, result
+        status, message = result["mismatch"]
+        assert status == "error", message
+        mine, theirs = 2**31 + 6 + 2**32 * rank, 2**31 + 6 + 2**32 * (1 - rank)
+        assert f"ran call {mine} of layer" in message and f"ran call {theirs} of it" in message
+        assert _right(result["after"]), result
+
+
+@pytest.mark.parametrize("case", _cases(2, "counter_2_63"))
+def test_counter_stops_at_2_63_without_wrapping(case):
+    for rank, result in enumerate(_results(2, case)):
+        assert _right([result["last"]]), result
+        status, message = result["exhausted"]
+        assert status == "error" and "reached 2**63 - 1" in message, result
+        assert result["count"] == 2**63 - 1
+        assert result["again"][0] == "error" and "reset()" in result["again"][1]
+        assert result["check"] is not None and "reset()" in result["check"]
+        assert _right(result["after"]), result
+
+
+BAD_INPUT_ERRORS = {"hidden": "ValueError: hidden_states must be",
+                    "dtype": "TypeError: hidden_states has dtype",
+                    "device": "ValueError: hidden_states is on meta",
+                    "tokens": "ValueError: hidden_states has 5 tokens"}
+
+
+@pytest.mark.parametrize("case", _cases(2, "bad_input"))
+def test_bad_input_on_one_rank_raises_everywhere_then_later_forwards_are_right(case):
+    ranks = _results(2, case)
+    bad = ranks[1]["bad"]
+    assert bad[0] == "error" and bad[1].startswith(BAD_INPUT_ERRORS[case[2]]), bad
+    status, message = ranks[0]["bad"]
+    assert status == "error" and "rank 1 rejected its input" in message, message
+    for rank, result in enumerate(ranks):
+        assert _right(result["after"]) and result["check"] is None, (rank, result)
+
+
+@pytest.mark.parametrize("case", _cases(2, "exception_inside"))
+def test_exception_inside_forward_tells_the_peers(case):
+    ranks = _results(2, case)
+    assert ranks[1]["failed"][0] == "error" and "injected failure" in ranks[1]["failed"][1]
+    status, message = ranks[0]["failed"]
+    assert status == "error" and "rank 1 raised inside the forward" in message, message
+    for rank, result in enumerate(ranks):
+        assert _right(result["after"]) and result["check"] is None, (rank, result)
+
+
+@pytest.mark.parametrize("case", _cases(2, "timeout"))
+def test_timeout_raises_on_every_rank_and_reset_recovers(case):
+    for rank, result in enumerate(_results(2, case)):
+        assert _right([result["waited"]]), result
+        status, message = result["late"]
+        assert status == "error", result
+        if rank == 0:
+            assert message.startswith("ExpertParallelTimeout") and "2.0 s" in message, message
+            assert result["seconds"] < 3.5, result
+        else:
+            assert "rank 0 timed out" in message, message
+        assert result["refused"][0] == "error" and "reset()" in result["refused"][1], result
+        assert _right(result["after"]), result
+
+
+@pytest.mark.parametrize("case", _cases(2, "nan_and_check"))
+def test_without_host_reads_outputs_are_nan_and_check_raises(case):
+    for result in _results(2, case):
+        assert result["nan"] == [True, True], result
+        assert all(c is not None and "ExpertParallelError" in c for c in result["checks"]), result
+        assert result["still"] is not None
+        assert _right(result["after"]) and result["clean"] is None, result
+
+
+@pytest.mark.parametrize("case", _cases(2, "reset_other_layer"))
+def test_reset_of_different_layers_raises_on_every_rank(case):
+    for result in _results(2, case):
+        assert result is not None and "reset different layers" in result, result
+
+
+def test_three_ranks_every_rank_raises():
+    """One rank of three calls the layers in another order / rejects its input / fails
+    inside the forward: both others raise, naming it, and later forwards are right."""
+    for rank, result in enumerate(_results(3, CASES[3][0])):
+        status, message = result["steps"][0]
+        assert status == "error" and "ExpertParallelError" in message, (rank, message)
+        assert _right(result["after"]), (rank, result)
+    for case in CASES[3][1:]:
+        ranks = _results(3, case)
+        key = "bad" if case[1] == "bad_input" else "failed"
+        expected = "rank 1 rejected its input" if key == "bad" else "rank 1 raised inside"
+        assert ranks[1][key][0] == "error", ranks[1]
+        for rank in (0, 2):
+            assert expected in ranks[rank][key][1], (case, rank, ranks[rank])
+        for rank in range(3):
+            assert _right(ranks[rank]["after"]), (case, rank, ranks[rank])
