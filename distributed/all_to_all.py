@@ -81,13 +81,17 @@ class AllToAllTransport:
             BUMP=bump, REPORT_PENDING=report_pending, **kwargs)
         call.stamped = call.stamped or bump
 
-    def _check(self, call, rows: torch.Tensor, counts, phase: int, layout=None):
+    def _check(self, call, rows: torch.Tensor, counts, phase: int, layout=None, reply=None):
+        """Check the headers in ``rows``; with ``reply`` stamp the answer's headers into
+        it (same layout) in the same launch."""
         words = rows.view(torch.int64)
         kwargs, counts = layout or self._layout(counts)
         check_headers_kernel[(1,)](
             words, counts if counts is not None else call.state, call.state, call.layer_id,
-            self.rank, words.shape[1], phase=phase, WORLD=self.world_size,
-            HEADER_ROWS=self.header_rows, **kwargs)
+            self.rank, words.shape[1], phase=phase,
+            reply_ptr=reply.view(torch.int64) if reply is not None else words,
+            status=call.status, WORLD=self.world_size, HEADER_ROWS=self.header_rows,
+            REPLY=reply is not None, **kwargs)
 
     def _issue(self, call, name, recv, send, recv_rows=None, send_rows=None) -> Pending:
         work = dist.all_to_all_single(recv, send, recv_rows, send_rows, group=self.group,
@@ -176,13 +180,13 @@ class AllToAllTransport:
         with stage_range("dispatch_wait"):
             self._wait(call, pending, P.DISPATCH)
         recv_x, recv_meta = pending.tensors[:2]
-        self._check(call, recv_x, call.recv_counts, P.DISPATCH)
+        call.received = recv_x  # its headers are checked with send_back's stamp: one launch
         top_k = recv_meta.shape[1] // 2
         return (recv_x, recv_meta[:, :top_k].contiguous(),
                 recv_meta[:, top_k:].contiguous().view(torch.float32))
 
     def send_back(self, partials, send_rows, recv_rows, filled_rows=None, call=None) -> Pending:
-        self._stamp(call, partials, call.recv_counts, bump=False)
+        self._check(call, call.received, call.recv_counts, P.DISPATCH, reply=partials)
         back = partials.new_empty(sum(send_rows), partials.shape[1])
         with stage_range("combine"):
             work = self._issue(call, "back", back, partials, send_rows, recv_rows)

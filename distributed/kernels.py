@@ -34,7 +34,8 @@ tokens (``counts[d]`` of them, blocks of ``counts[e] + HEADER_ROWS`` rows in ran
     stamp_headers_kernel   [MAGIC, layer, count, status] into every block; with BUMP the
                            call count is bumped first (never past 2**63 - 1)
     check_headers_kernel   compare every peer's header with this call; record the first
-                           failure in the state and poison the forward
+                           failure in the state and poison the forward; with REPLY also
+                           stamp the headers of the answer (same rows of ``reply``)
 
 Signal kernels of the NVLink transport (one program each; GPU only). Flags and the
 epoch live in device memory so that a CUDA-graph replay signals the replay's epoch:
@@ -234,8 +235,9 @@ def stamp_headers_kernel(buf_ptr, counts_ptr, state_ptr, layer_id, status, row_w
 
 @triton.jit
 def check_headers_kernel(buf_ptr, counts_ptr, state_ptr, layer_id, self_rank, row_words,
-                         block_rows, capacity, phase, WORLD: tl.constexpr,
-                         HEADER_ROWS: tl.constexpr, FIXED: tl.constexpr):
+                         block_rows, capacity, phase, reply_ptr, status,
+                         WORLD: tl.constexpr, HEADER_ROWS: tl.constexpr, FIXED: tl.constexpr,
+                         REPLY: tl.constexpr):
     expected = tl.load(state_ptr + _COUNT)
     poison = tl.load(state_ptr + _POISON)
     code = tl.load(state_ptr + _CODE)
@@ -272,6 +274,17 @@ def check_headers_kernel(buf_ptr, counts_ptr, state_ptr, layer_id, self_rank, ro
         at_phase = tl.where(take, phase, at_phase)
         sticky = tl.where(new_sticky, 1, sticky)
         poison = tl.where(new != _NONE, 1, poison)
+    if REPLY:  # stamp the answer's headers at the same rows of reply (after the check)
+        send = tl.where(status != 0, status, tl.where(sticky != 0, _BROKEN, _OK))
+        prefix = 0
+        for dest in tl.static_range(WORLD):
+            row, prefix = _header_row(dest, counts_ptr, prefix, block_rows, capacity,
+                                      HEADER_ROWS, FIXED)
+            header = reply_ptr + row * row_words
+            tl.store(header + 0, tl.full([], _MAGIC, tl.int64))
+            tl.store(header + 1, tl.full([], layer_id, tl.int64))
+            tl.store(header + 2, expected)
+            tl.store(header + 3, send.to(tl.int64))
     tl.store(state_ptr + _POISON, poison)
     tl.store(state_ptr + _CODE, code)
     tl.store(state_ptr + _STICKY, sticky)

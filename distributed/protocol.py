@@ -22,7 +22,8 @@ Sender status (header word 3)
 
 Receiver checks (``check_headers_kernel``, on the device, no host sync)
     each peer's header must carry MAGIC, this layer's id, exactly this call's count and
-    status OK. The first failure is recorded in ``state`` (what, which peer, both sides'
+    status OK (the dispatch's headers are checked in the launch that stamps the answer's:
+    three small launches per forward in all). The first failure is recorded in ``state`` (what, which peer, both sides'
     layer and count, the phase) and poisons this forward: the combine writes NaN.
     Failures from another layer or count, a missing header, an exhausted counter, a time-
     out or a broken transport are *sticky*: every later forward is poisoned (and tells
@@ -107,6 +108,7 @@ class Call:
     recv_counts: torch.Tensor | None = None  # int64 [W], device: tokens per receive block
     counts_pending: object = None  # the count exchange in flight (transport's)
     shapes: tuple | None = None  # (hidden, top_k, dtype, device) of a failed call's blocks
+    received: torch.Tensor | None = None  # the dispatch's rows, headers checked at send-back
 
 
 def is_sticky(values: list[int]) -> bool:
