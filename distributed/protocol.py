@@ -57,7 +57,7 @@ HEADER_WORDS = 4  # magic, layer id, call count, sender status
 OK, INPUT, FAILED, TIMED_OUT, BROKEN, PENDING = range(6)
 STATUS_NAMES = {OK: "ok", INPUT: "rejected its input", FAILED: "raised inside the forward",
                 TIMED_OUT: "timed out waiting for a peer", BROKEN: "is in a failed state since "
-                "an earlier call", PENDING: "holds the error of an earlier call"}
+                "an earlier call", PENDING: "reports a failure of an earlier call"}
 
 # What the record in the state says happened (state[CODE]).
 NONE, OTHER_LAYER, OTHER_CALL, NO_HEADER, PEER_STATUS, EXHAUSTED, TIMEOUT, TRANSPORT = range(8)
@@ -132,9 +132,11 @@ def describe(values: list[int], layer_id: int, rank: int) -> str:
                 f"disagree on the sequence of collectives")
     if code == PEER_STATUS:
         status = values[GOT_STATUS]
-        return (f"{here}; rank {peer} {STATUS_NAMES.get(status, f'reported status {status}')} "
-                f"in that call ({where})" + (" (see the error raised there)"
-                                            if status in (INPUT, FAILED, PENDING) else ""))
+        what = STATUS_NAMES.get(status, f"reported status {status}")
+        if status == PENDING:
+            return f"{here}; rank {peer} {what} ({where}; see the error raised there)"
+        return (f"{here}; rank {peer} {what} in that call ({where})"
+                + (" (see the error raised there)" if status in (INPUT, FAILED) else ""))
     if code == EXHAUSTED:
         return f"the call count of layer {layer_id} on rank {rank} reached 2**63 - 1"
     if code == TIMEOUT:

@@ -253,6 +253,30 @@ def test_dying_rank_fails_its_peer_in_bounded_time(max_tokens):
         assert "ExpertParallelError" in reports[0][1], reports[0]
 
 
+def test_nvlink_decision_matches_gpus_by_uuid_not_index():
+    """Per-process CUDA_VISIBLE_DEVICES gives every rank index 0: GPUs are told apart by
+    UUID; a GPU this process cannot see, or one shared by two ranks, rules nvlink out."""
+    from moe_ops.distributed.nvlink import peer_access_ok
+
+    def rank(uuid, index, visible, host="node0"):
+        return dict(host=host, uuid=uuid, index=index, visible=visible)
+
+    every = {"GPU-a": 0, "GPU-b": 1}
+    granted = lambda i, j: True  # noqa: E731
+    assert peer_access_ok([rank("GPU-a", 0, every), rank("GPU-b", 1, every)],
+                          rank("GPU-a", 0, every), granted)
+    assert not peer_access_ok([rank("GPU-a", 0, every), rank("GPU-b", 1, every)],
+                              rank("GPU-a", 0, every), lambda i, j: False)
+    isolated = [rank("GPU-a", 0, {"GPU-a": 0}), rank("GPU-b", 0, {"GPU-b": 0})]
+    assert not peer_access_ok(isolated, isolated[0], granted)  # index 0 == 0 is no proof
+    shared = [rank("GPU-a", 0, every), rank("GPU-a", 0, every)]
+    assert not peer_access_ok(shared, shared[0], granted)
+    two_hosts = [rank("GPU-a", 0, every), rank("GPU-b", 1, every, host="node1")]
+    assert not peer_access_ok(two_hosts, two_hosts[0], granted)
+    cpu = [rank(None, None, {}), rank(None, None, {})]
+    assert not peer_access_ok(cpu, cpu[0], granted)
+
+
 # -- GPU: NCCL and nvlink, bf16, graph capture, no host sync -----------------------------
 
 needs_two_gpus = pytest.mark.skipif(not use_gpus(2), reason="needs 2 GPUs")

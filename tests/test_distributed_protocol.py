@@ -195,6 +195,30 @@ def case_nan_and_check(rig):
     return dict(nan=nan, checks=checks, still=still, after=after, clean=clean)
 
 
+def case_deferred_raise(rig):
+    """The CUDA path without max_tokens_per_rank, on CPU: rank 1 fails after the count
+    exchange; rank 0's output is NaN (no host read); the next forward raises on every
+    rank at its count exchange, before any token moves; the one after is right."""
+    import moe_ops.distributed.layer as layer_module
+
+    rig.layers[0]._raise_after_forward = False
+    original = layer_module.fused_experts_impl
+    if rig.rank == 1:
+        layer_module.fused_experts_impl = lambda *a, **k: (_ for _ in ()).throw(
+            RuntimeError("injected failure in fused_experts_impl"))
+    try:
+        with torch.no_grad():
+            failed = rig.step(0) if rig.rank == 1 else ("ok", bool(rig.layers[0](rig.x).isnan().all()))
+    finally:
+        layer_module.fused_experts_impl = original
+    try:
+        told = rig.step(0)
+        after = rig.lockstep()
+    finally:
+        rig.layers[0]._raise_after_forward = True
+    return dict(failed=failed, told=told, after=after)
+
+
 def case_reset_other_layer(rig):
     """Ranks resetting different layers: every rank raises (and nothing hangs)."""
     return _raises(rig.layers[rig.rank % 2].reset)
@@ -211,7 +235,8 @@ def _raises(fn):
 CASE_FUNCTIONS = {"sequence": case_sequence, "counter_2_31": case_counter_2_31,
                   "counter_2_63": case_counter_2_63, "bad_input": case_bad_input,
                   "exception_inside": case_exception_inside, "timeout": case_timeout,
-                  "nan_and_check": case_nan_and_check, "reset_other_layer": case_reset_other_layer}
+                  "nan_and_check": case_nan_and_check, "deferred_raise": case_deferred_raise,
+                  "reset_other_layer": case_reset_other_layer}
 
 
 def contract_suite(rank, world, device, cases):
@@ -244,7 +269,7 @@ CASES = {
         (False, "exception_inside", "before_dispatch"), (False, "exception_inside", "after_dispatch"),
         (True, "exception_inside", "before_dispatch"), (True, "exception_inside", "after_dispatch"),
         (False, "timeout"), (True, "timeout"), (True, "nan_and_check"),
-        (True, "reset_other_layer")],
+        (False, "deferred_raise"), (True, "reset_other_layer")],
     3: [(True, "sequence", "other_order_3"), (True, "bad_input", "tokens"),
         (False, "bad_input", "hidden"), (False, "exception_inside", "after_dispatch")],
 }
@@ -365,6 +390,17 @@ def test_without_host_reads_outputs_are_nan_and_check_raises(case):
         assert all(c is not None and "ExpertParallelError" in c for c in result["checks"]), result
         assert result["still"] is not None
         assert _right(result["after"]) and result["clean"] is None, result
+
+
+@pytest.mark.parametrize("case", _cases(2, "deferred_raise"))
+def test_failure_after_count_exchange_raises_everywhere_at_next_forward(case):
+    ranks = _results(2, case)
+    assert ranks[1]["failed"][0] == "error" and "injected" in ranks[1]["failed"][1], ranks[1]
+    assert ranks[0]["failed"] == ("ok", True), ranks[0]  # NaN, nothing raised yet
+    assert "rank 1 raised inside the forward" in ranks[0]["told"][1], ranks[0]
+    assert "rank 0 reports a failure of an earlier call" in ranks[1]["told"][1], ranks[1]
+    for rank, result in enumerate(ranks):
+        assert result["told"][0] == "error" and _right(result["after"]), (rank, result)
 
 
 @pytest.mark.parametrize("case", _cases(2, "reset_other_layer"))
