@@ -137,7 +137,8 @@ class AllToAllTransport:
         W = self.world_size
         payload = torch.zeros(W, 8, dtype=torch.int64, device=counts.device)
         one_row = (dict(block_rows=1, capacity=0, FIXED=True), None)
-        self._stamp(call, payload, None, bump=True, layout=one_row, report_pending=True)
+        self._stamp(call, payload, None, bump=not call.stamped, layout=one_row,
+                    report_pending=True)
         payload[:, 4] = counts
         received = torch.empty_like(payload)
         with stage_range("dispatch"):
@@ -167,7 +168,7 @@ class AllToAllTransport:
 
     def dispatch(self, send_x, send_ids, send_weights, send_rows, recv_rows,
                  filled_rows=None, call=None) -> Pending:
-        self._stamp(call, send_x, call.send_counts, bump=call.fixed)
+        self._stamp(call, send_x, call.send_counts, bump=call.fixed and not call.stamped)
         meta = torch.cat([send_ids, send_weights.view(torch.int32)], dim=1)
         recv_x = send_x.new_empty(sum(recv_rows), send_x.shape[1])
         recv_meta = meta.new_empty(sum(recv_rows), meta.shape[1])

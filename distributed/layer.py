@@ -17,6 +17,10 @@ One forward, in the order the data moves (W ranks, this rank r, its tokens x [T,
 The expert computation is ``moe_ops.pipeline.fused_experts_impl`` on the local shard:
 ids a rank does not own arrive as -1 and are skipped by its kernels.
 
+Every exchange carries the layer's id, its call count and the sender's status
+(``protocol``, which also says where and when each failure raises); whatever fails, a
+rank finishes the forward's exchanges, so the ranks stay in step.
+
 ``overlap=True`` computes the own tokens while the others travel, at the price of
 reading the local experts' weights twice (once per source) and running two smaller
 grouped GEMMs. Measured on 2 x H200 (README, "Expert parallel") it was slower in 22 of
@@ -292,8 +296,10 @@ class ExpertParallelMoE(nn.Module):
                                     self.router_weight.dtype, device)
                 except Exception:  # noqa: BLE001  (the original error says more)
                     pass
-            if isinstance(error, P.ExpertParallelError) and P.is_sticky(state.tolist()):
-                self._failed = str(error)
+            capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+            if (isinstance(error, P.ExpertParallelError) and not capturing
+                    and P.is_sticky(state.tolist())):
+                self._failed = str(error)  # every rank raised it (or timed out): refuse now
             if rejected is not None:
                 raise rejected from None
             raise
