@@ -38,12 +38,14 @@ tokens (``counts[d]`` of them, blocks of ``counts[e] + HEADER_ROWS`` rows in ran
                            stamp the headers of the answer (same rows of ``reply``)
 
 Signal kernels of the NVLink transport (one program each; GPU only). Flags and the
-epoch live in device memory so that a CUDA-graph replay signals the replay's epoch:
+64-bit epoch live in device memory so that a CUDA-graph replay signals the replay's epoch:
 
-    bump_epoch_kernel   epoch += 1 (once per forward, before anything is sent)
-    put_flag_kernel     peer_flag <- epoch, release at system scope, after the data
-    wait_flags_kernel   spin (acquire, system scope) until flags[src] >= epoch for every
-                        peer src, at most max_polls polls each; on time-out set status
+    bump_epoch_kernel   epoch += 1 and the layer's call count (once per forward)
+    put_flag_kernel     peer_flag <- epoch (or FLAG_FAILED), release at system scope,
+                        after the data
+    wait_flags_kernel   spin (acquire, system scope) until flags[src] == epoch exactly for
+                        every peer src, bounded in nanoseconds of the global clock; on a
+                        failure mark the workspace failed and record it in the layer state
 """
 import triton
 import triton.language as tl
@@ -76,6 +78,10 @@ _OTHER_CALL: tl.constexpr = tl.constexpr(P.OTHER_CALL)
 _NO_HEADER: tl.constexpr = tl.constexpr(P.NO_HEADER)
 _PEER_STATUS: tl.constexpr = tl.constexpr(P.PEER_STATUS)
 _EXHAUSTED: tl.constexpr = tl.constexpr(P.EXHAUSTED)
+_TIMEOUT: tl.constexpr = tl.constexpr(P.TIMEOUT)
+_OTHER_EPOCH: tl.constexpr = tl.constexpr(P.OTHER_EPOCH)
+_EPOCH: tl.constexpr = tl.constexpr(P.EPOCH)
+_FLAG_FAILED: tl.constexpr = tl.constexpr(P.FLAG_FAILED)
 
 
 @triton.jit
@@ -297,25 +303,76 @@ def check_headers_kernel(buf_ptr, counts_ptr, state_ptr, layer_id, self_rank, ro
 
 
 @triton.jit
-def bump_epoch_kernel(epoch_ptr):
+def _globaltimer():
+    """Nanoseconds on the GPU's global clock."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def bump_epoch_kernel(epoch_ptr, failed_ptr, state_ptr):
+    """A new forward: the workspace's epoch and the layer's call count (never past
+    2**63 - 1); the forward starts poisoned if the workspace or the layer failed."""
     tl.store(epoch_ptr, tl.load(epoch_ptr) + 1)
+    count = tl.load(state_ptr + _COUNT)
+    code = tl.load(state_ptr + _CODE)
+    sticky = tl.load(state_ptr + _STICKY)
+    exhausted = count == _INT64_MAX
+    count = tl.where(exhausted, count, count + 1)
+    record = exhausted & ((code == 0) | (sticky == 0))
+    tl.store(state_ptr + _CODE, tl.where(record, _EXHAUSTED, code))
+    tl.store(state_ptr + _CALL, tl.where(record, count, tl.load(state_ptr + _CALL)))
+    sticky = tl.where(exhausted, 1, sticky)
+    tl.store(state_ptr + _COUNT, count)
+    tl.store(state_ptr + _STICKY, sticky)
+    tl.store(state_ptr + _POISON, tl.where(tl.load(failed_ptr) != 0, 1, sticky))
 
 
 @triton.jit
-def put_flag_kernel(epoch_ptr, peer_flag_ptr):
-    tl.atomic_xchg(peer_flag_ptr, tl.load(epoch_ptr), sem="release", scope="sys")
+def put_flag_kernel(epoch_ptr, failed_ptr, peer_flag_ptr):
+    """peer_flag <- epoch (release, system scope, after the data), or FLAG_FAILED when
+    this rank's workspace failed: the peer's wait then ends at once."""
+    value = tl.where(tl.load(failed_ptr) != 0, _FLAG_FAILED, tl.load(epoch_ptr))
+    tl.atomic_xchg(peer_flag_ptr, value, sem="release", scope="sys")
 
 
 @triton.jit
-def wait_flags_kernel(epoch_ptr, flags_ptr, status_ptr, self_rank, max_polls,
-                      WORLD: tl.constexpr):
+def wait_flags_kernel(epoch_ptr, flags_ptr, failed_ptr, state_ptr, self_rank, timeout_ns,
+                      phase, WORLD: tl.constexpr):
+    """Spin (acquire, system scope) until flags[src] == epoch for every peer src. Ends
+    early when the workspace already failed (a queued wait after a failure costs nothing)
+    and on a peer's FLAG_FAILED, a flag from a later epoch (the ranks' calls differ) or
+    timeout_ns on the global clock; then the workspace fails (failed <- 1) and the layer's
+    state records why and poisons the forward."""
     epoch = tl.load(epoch_ptr)
+    start = _globaltimer()
     for src in tl.static_range(WORLD):
         if src != self_rank:
             seen = tl.atomic_add(flags_ptr + src, 0, sem="acquire", scope="sys")
-            polls = 0
-            while (seen < epoch) & (polls < max_polls):
+            failed = tl.load(failed_ptr, volatile=True)
+            waiting = (seen >= 0) & (seen < epoch) & (failed == 0)
+            while waiting:
                 seen = tl.atomic_add(flags_ptr + src, 0, sem="acquire", scope="sys")
-                polls += 1
-            if seen < epoch:
-                tl.atomic_max(status_ptr, src + 1)
+                failed = tl.load(failed_ptr, volatile=True)
+                waiting = ((seen >= 0) & (seen < epoch) & (failed == 0)
+                           & (_globaltimer() - start < timeout_ns))
+            if (seen != epoch) & (failed == 0):  # this wait is the first to fail
+                new = tl.where(seen == _FLAG_FAILED, _PEER_STATUS,
+                               tl.where(seen > epoch, _OTHER_EPOCH, _TIMEOUT))
+                tl.store(failed_ptr, 1)
+                code = tl.load(state_ptr + _CODE)
+                take = (code == 0) | (tl.load(state_ptr + _STICKY) == 0)
+                tl.store(state_ptr + _CODE, tl.where(take, new, code))
+                tl.store(state_ptr + _PEER, tl.where(take, src, tl.load(state_ptr + _PEER)))
+                tl.store(state_ptr + _CALL, tl.where(take, tl.load(state_ptr + _COUNT),
+                                                     tl.load(state_ptr + _CALL)))
+                tl.store(state_ptr + _GOT_STATUS, tl.where(take, _BROKEN,
+                                                           tl.load(state_ptr + _GOT_STATUS)))
+                tl.store(state_ptr + _GOT_COUNT, tl.where(take, seen, tl.load(state_ptr + _GOT_COUNT)))
+                tl.store(state_ptr + _EPOCH, tl.where(take, epoch, tl.load(state_ptr + _EPOCH)))
+                tl.store(state_ptr + _PHASE, tl.where(take, phase, tl.load(state_ptr + _PHASE)))
+                tl.store(state_ptr + _STICKY, 1)
+            if failed != 0:
+                tl.store(state_ptr + _POISON, 1)
+    tl.store(state_ptr + _POISON, tl.where(tl.load(failed_ptr, volatile=True) != 0, 1,
+                                           tl.load(state_ptr + _POISON)))

@@ -1,29 +1,42 @@
 """The ``nvlink`` transport: one node, PyTorch symmetric memory (CUDA backend), copy-engine
 pushes on a side stream and flags in device memory. No host synchronisation; a forward
-can be captured in a CUDA graph and replayed.
+can be captured in a CUDA graph and replayed, any number of times per graph, on any rank
+at any point: nothing depends on the host's call history.
 
-Workspace, shared by every layer of the same (group, capacity, hidden, top_k, dtype),
-two slots used in turn so that consecutive layers never write into buffers a peer may
-still read. One slot, on every rank (W ranks, capacity C):
+Workspace, shared by every layer of the same (group, world size, capacity, hidden, top_k,
+dtype), one set of buffers on every rank (W ranks, capacity C):
 
     symmetric  recv_x [W, C, H]   block s: the tokens rank s sent here
                recv_ids [W, C, K] int32, recv_weights [W, C, K] fp32
                back [W, C, H]     block d: rank d's partial sums of the tokens sent to it
-               flags [2, W] int32 flags[0, s] / flags[1, s]: the epoch whose dispatch /
-                                  combine data from rank s has fully arrived
+               flags [2, W] int64 flags[0, s] / flags[1, s]: the epoch whose dispatch /
+                                  combine data from rank s has fully arrived, or
+                                  FLAG_FAILED when rank s failed
     local      send_x [W, C, H], send_ids, send_weights: the packed blocks
+               epoch int64 (bumped on the device by every forward of the workspace),
+               failed int64 (sticky until ``reset``)
 
-One forward: ``begin`` bumps the device epoch; ``dispatch`` makes the side stream wait
-for the packed blocks, push block d into rank d's ``recv_*[rank]`` with the copy engine
-(``Tensor.copy_`` between mapped buffers uses no SM) and raise rank d's flag (release,
-system scope). ``receive`` spins on this rank's flags (acquire; bounded: on time-out the
-status word records the silent peer and the next forward raises). The way back is the
-same through ``back`` and the second flag row. ``end`` joins the side stream.
+One forward: ``begin`` bumps the epoch and the layer's call count; ``dispatch`` makes
+the side stream wait for the packed blocks, push block d into rank d's ``recv_*[rank]``
+with the copy engine (``Tensor.copy_`` between mapped buffers uses no SM) and raise rank
+d's flag (release, system scope). ``receive`` spins on this rank's flags (acquire) until
+each equals the epoch exactly. The way back is the same through ``back`` and the second
+flag row. ``end`` joins the side stream.
 
-Buffers are safe to reuse: a rank starts forward n+1 only after every peer's combine
-data of forward n arrived, which each peer sent after its last read of this forward's
-dispatch data.
+Failures: a wait ends early on a peer's FLAG_FAILED, on a flag from a later epoch (the
+ranks called the workspace's layers differently), or after ``timeout`` seconds of the
+GPU's global clock; the workspace is then failed, the layer's state records why and
+poisons the output (NaN; ``layer.check()`` raises), every later wait ends at once and
+every later flag this rank raises is FLAG_FAILED, so its peers fail instead of waiting
+or reading stale rows. An exception inside a forward fails the workspace and raises the
+flags it had not raised. ``reset`` (collective) zeroes flags, epoch and failure.
 
+Buffers are safe to reuse with one set: a rank pushes forward n+1 only after its combine
+wait of forward n (the side stream waits for the main stream), which the peer signalled
+after its last read of forward n's dispatch data; ``end`` joins the side stream before
+the next forward packs its send blocks.
+
+Not carried: the layer's identity and call count (no header on this transport).
 NVLink multicast is never used: no multimem ops, no multicast objects.
 """
 from __future__ import annotations
@@ -33,10 +46,10 @@ import torch.distributed as dist
 
 from moe_ops.profiling import stage_range
 
+from . import protocol as P
 from .kernels import bump_epoch_kernel, put_flag_kernel, wait_flags_kernel
 from .streams import StreamOrder
 
-DEFAULT_MAX_POLLS = 1 << 25  # each poll is one system-scope atomic: tens of seconds in all
 _ALIGN = 256
 
 
@@ -47,7 +60,7 @@ def _layout(world, capacity, hidden, top_k, dtype):
                  back=(world * capacity * hidden * item, dtype, (world, capacity, hidden)),
                  recv_ids=(world * capacity * top_k * 4, torch.int32, (world, capacity, top_k)),
                  recv_weights=(world * capacity * top_k * 4, torch.float32, (world, capacity, top_k)),
-                 flags=(2 * world * 4, torch.int32, (2, world)))
+                 flags=(2 * world * 8, torch.int64, (2, world)))
     layout, offset = {}, 0
     for name, (nbytes, dt, shape) in sizes.items():
         layout[name] = (offset, nbytes, dt, shape)
@@ -82,16 +95,14 @@ class _Slot:
 
 
 class _Workspace:
-    """Two slots, the device epoch, the time-out status, the side stream, and the order
-    of the forwards that share them (``streams``)."""
+    """The buffers, the device epoch and failure word, the side stream, and the order of
+    the forwards that share them (``streams``)."""
 
     def __init__(self, group, rank, world, capacity, hidden, top_k, dtype, device):
-        self.slots = [_Slot(group, rank, world, capacity, hidden, top_k, dtype, device)
-                      for _ in range(2)]
-        self.next_slot = 0
-        self.epoch = torch.zeros(1, dtype=torch.int32, device=device)
-        self.status = torch.zeros(1, dtype=torch.int32, device=device)
-        self.status_host = torch.zeros(1, dtype=torch.int32).pin_memory()
+        self.slot = _Slot(group, rank, world, capacity, hidden, top_k, dtype, device)
+        self.epoch = torch.zeros(1, dtype=torch.int64, device=device)
+        self.failed = torch.zeros(1, dtype=torch.int64, device=device)
+        self.scratch_state = P.new_state(device)  # for transport calls outside a layer
         self.side = torch.cuda.Stream(device=device)
         self.order = StreamOrder()
         torch.cuda.synchronize(device)
@@ -102,16 +113,14 @@ _WORKSPACES: dict = {}
 
 
 class NVLinkTransport:
-    """The steps of ``all_to_all.AllToAllTransport`` over symmetric memory. It does not
-    carry the protocol's header yet (``header_rows = 0``): the layer's identity and call
-    count are not checked on this transport, and ``timeout`` is not used (the waits are
-    bounded by ``max_polls``)."""
+    """The steps of ``all_to_all.AllToAllTransport`` over symmetric memory (``call`` is
+    optional, for the benchmark's transport-only loop). ``timeout``: seconds a wait spins
+    before it fails the workspace; ``None``: the process group's time-out."""
     name = "nvlink"
     header_rows = 0
 
     def __init__(self, group, rank: int, world_size: int, capacity: int, hidden: int,
-                 top_k: int, dtype, device, max_polls: int = DEFAULT_MAX_POLLS,
-                 timeout: float | None = None):
+                 top_k: int, dtype, device, timeout: float | None = None):
         key = (group.group_name, world_size, rank, capacity, hidden, top_k, dtype,
                torch.device(device))
         if key not in _WORKSPACES:
@@ -119,29 +128,25 @@ class NVLinkTransport:
                                           dtype, device)
         self.workspace = _WORKSPACES[key]
         self.group, self.rank, self.world_size = group, rank, world_size
-        self.capacity, self.max_polls = capacity, max_polls
-        self.timeout = timeout
+        self.capacity = capacity
+        seconds = timeout if timeout is not None else group_timeout_s(group, torch.device(device))
+        self.timeout_ns = int(seconds * 1e9)
         self.order = self.workspace.order
-        self.slot = None
+        self.slot = self.workspace.slot
+
+    def _state(self, call):
+        return call.state if call is not None else self.workspace.scratch_state
 
     def begin(self, call=None) -> None:
-        """Raise if a wait of an earlier forward timed out; bump the epoch; take a slot."""
+        """Bump the workspace's epoch and the layer's call count (on the device)."""
         ws = self.workspace
-        silent = int(ws.status_host[0])
-        if silent:
-            raise RuntimeError(
-                f"ExpertParallelMoE (nvlink): rank {self.rank} timed out waiting for rank "
-                f"{silent - 1} in an earlier forward; that rank failed or stopped calling "
-                f"the layer, and the results since are invalid")
-        self.slot = ws.slots[ws.next_slot]
-        ws.next_slot ^= 1
-        bump_epoch_kernel[(1,)](ws.epoch)
+        bump_epoch_kernel[(1,)](ws.epoch, ws.failed, self._state(call))
 
     def send_buffers(self, rows, hidden, top_k, dtype, device):
         return self.slot.send_x, self.slot.send_ids, self.slot.send_weights
 
     def _push(self, which: str, flag_row: int, source: torch.Tensor, filled_rows: list[int],
-              meta: bool):
+              meta: bool, call=None):
         """Block d of ``source`` (its first filled_rows[d] rows) into rank d's
         ``which[rank]`` on the side stream, then rank d's flag; this rank's own block
         locally, on the main stream. With ``meta`` the ids and weights travel too."""
@@ -151,8 +156,11 @@ class NVLinkTransport:
         with torch.cuda.stream(ws.side):
             for peer, bufs in slot.peers.items():
                 self._copy_block(bufs, which, source, peer, filled_rows[peer], meta)
-                put_flag_kernel[(1,)](ws.epoch, bufs["flags"][flag_row, self.rank:self.rank + 1])
+                put_flag_kernel[(1,)](ws.epoch, ws.failed,
+                                      bufs["flags"][flag_row, self.rank:self.rank + 1])
         self._copy_block(slot.local, which, source, self.rank, filled_rows[self.rank], meta)
+        if call is not None:
+            call.done.append("dispatch" if flag_row == 0 else "back")
 
     def _copy_block(self, dest_bufs, which, source, block, rows, meta):
         C, slot = self.capacity, self.slot
@@ -162,46 +170,75 @@ class NVLinkTransport:
             dest_bufs["recv_ids"][self.rank].copy_(slot.send_ids[block * C:(block + 1) * C])
             dest_bufs["recv_weights"][self.rank].copy_(slot.send_weights[block * C:(block + 1) * C])
 
-    def _wait(self, flag_row: int, stage: str):
+    def _wait(self, flag_row: int, stage: str, call=None):
         ws = self.workspace
         with stage_range(stage):
-            wait_flags_kernel[(1,)](ws.epoch, self.slot.local["flags"][flag_row], ws.status,
-                                    self.rank, self.max_polls, WORLD=self.world_size)
+            wait_flags_kernel[(1,)](ws.epoch, self.slot.local["flags"][flag_row], ws.failed,
+                                    self._state(call), self.rank, self.timeout_ns,
+                                    P.DISPATCH if flag_row == 0 else P.COMBINE,
+                                    WORLD=self.world_size)
 
     def dispatch(self, send_x, send_ids, send_weights, send_rows, recv_rows, filled_rows,
                  call=None):
         with stage_range("dispatch"):
-            self._push("recv_x", 0, send_x, filled_rows, meta=True)
+            self._push("recv_x", 0, send_x, filled_rows, meta=True, call=call)
 
     def receive(self, pending, call=None):
-        self._wait(0, "dispatch_wait")
+        self._wait(0, "dispatch_wait", call)
         local, rows = self.slot.local, self.world_size * self.capacity
         return (local["recv_x"].view(rows, -1), local["recv_ids"].view(rows, -1),
                 local["recv_weights"].view(rows, -1))
 
     def send_back(self, partials, send_rows, recv_rows, filled_rows, call=None):
         with stage_range("combine"):
-            self._push("back", 1, partials, filled_rows, meta=False)
+            self._push("back", 1, partials, filled_rows, meta=False, call=call)
 
     def receive_back(self, pending, call=None) -> torch.Tensor:
-        self._wait(1, "combine_wait")
+        self._wait(1, "combine_wait", call)
         return self.slot.local["back"].view(self.world_size * self.capacity, -1)
 
     def end(self, call=None) -> None:
-        """Join the side stream; record the time-out status for the next ``begin``."""
-        ws = self.workspace
-        torch.cuda.current_stream().wait_stream(ws.side)
-        ws.status_host.copy_(ws.status, non_blocking=True)
-
-    def abort(self, call, hidden, top_k, dtype, device) -> None:
-        """After a failure inside a forward: join the side stream (the peers are not told
-        on this transport: their waits end at ``max_polls``)."""
+        """Join the side stream."""
         torch.cuda.current_stream().wait_stream(self.workspace.side)
 
+    def abort(self, call, hidden, top_k, dtype, device) -> None:
+        """After an exception inside a forward: fail the workspace, raise FLAG_FAILED in
+        every flag this forward had not raised yet (the peers' waits end at once), record
+        it in the layer's state and join the side stream."""
+        ws = self.workspace
+        if torch.cuda.is_current_stream_capturing():
+            return
+        ws.failed.fill_(1)
+        P.record_local(call.state, P.RAISED, int(call.state[P.COUNT]), P.DISPATCH)
+        ws.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(ws.side):
+            for row, name in ((0, "dispatch"), (1, "back")):
+                if name not in call.done:
+                    for bufs in self.slot.peers.values():
+                        put_flag_kernel[(1,)](ws.epoch, ws.failed,
+                                              bufs["flags"][row, self.rank:self.rank + 1])
+        torch.cuda.current_stream().wait_stream(ws.side)
+
     def reset(self) -> None:
-        """Forget an earlier time-out (the flags' epochs are not realigned)."""
-        self.workspace.status.zero_()
-        self.workspace.status_host.zero_()
+        """Collective: once every rank's queued work is done, zero the flags, the epoch and
+        the failure word on every rank."""
+        ws = self.workspace
+        torch.cuda.synchronize()
+        dist.barrier(group=self.group)
+        self.slot.local["flags"].zero_()
+        ws.epoch.zero_()
+        ws.failed.zero_()
+        torch.cuda.synchronize()
+        dist.barrier(group=self.group)
+
+
+def group_timeout_s(group, device: torch.device) -> float:
+    """The process group's time-out in seconds (torch's default when it cannot be read)."""
+    try:
+        return group._get_backend(device).options._timeout.total_seconds()
+    except Exception:  # noqa: BLE001  (an older torch, another backend)
+        backend = dist.get_backend(group)
+        return dist.distributed_c10d._get_default_timeout(backend).total_seconds()
 
 
 def peer_access_ok(gathered: list[dict], local: dict, can_access) -> bool:

@@ -42,6 +42,10 @@ exchange: mismatches are symmetric and a failing rank tells all its peers)
     carrying its status, so the sequence of collectives stays aligned on every rank.
     The rank whose input or code failed raises its own exception; the others raise
     ``ExpertParallelError`` naming it. A reported transient error is cleared.
+
+The ``nvlink`` transport carries no header: its flag waits (exact 64-bit epochs, a
+time-out on the GPU clock, a failure flag value) record their failures in the same state,
+as sticky failures of the workspace (``nvlink``).
 """
 from __future__ import annotations
 
@@ -56,15 +60,18 @@ HEADER_WORDS = 4  # magic, layer id, call count, sender status
 # Sender status (header word 3).
 OK, INPUT, FAILED, TIMED_OUT, BROKEN, PENDING = range(6)
 STATUS_NAMES = {OK: "ok", INPUT: "rejected its input", FAILED: "raised inside the forward",
-                TIMED_OUT: "timed out waiting for a peer", BROKEN: "is in a failed state since "
-                "an earlier call", PENDING: "reports a failure of an earlier call"}
+                TIMED_OUT: "timed out waiting for a peer", BROKEN: "has failed (in this call or an "
+                "earlier one) and waits for reset()", PENDING: "reports a failure of an earlier call"}
 
 # What the record in the state says happened (state[CODE]).
 NONE, OTHER_LAYER, OTHER_CALL, NO_HEADER, PEER_STATUS, EXHAUSTED, TIMEOUT, TRANSPORT = range(8)
+OTHER_EPOCH = 8  # nvlink: a peer's flag is from a later exchange of the shared workspace
+RAISED = 9  # nvlink: this rank raised inside a forward; its workspace failed
 
 # The state: int64 words in device memory, one tensor per layer.
-COUNT, POISON, CODE, PEER, CALL, GOT_LAYER, GOT_COUNT, GOT_STATUS, PHASE, STICKY = range(10)
-STATE_WORDS = 10
+COUNT, POISON, CODE, PEER, CALL, GOT_LAYER, GOT_COUNT, GOT_STATUS, PHASE, STICKY, EPOCH = range(11)
+STATE_WORDS = 11
+FLAG_FAILED = -1  # nvlink: the flag value of a rank whose workspace failed
 
 # Phases (state[PHASE]).
 COUNTS, DISPATCH, COMBINE = range(3)
@@ -135,12 +142,20 @@ def describe(values: list[int], layer_id: int, rank: int) -> str:
         what = STATUS_NAMES.get(status, f"reported status {status}")
         if status == PENDING:
             return f"{here}; rank {peer} {what} ({where}; see the error raised there)"
-        return (f"{here}; rank {peer} {what} in that call ({where})"
+        return (f"{here}; rank {peer} {what}" + ("" if status == BROKEN else " in that call")
+                + f" ({where})"
                 + (" (see the error raised there)" if status in (INPUT, FAILED) else ""))
     if code == EXHAUSTED:
         return f"the call count of layer {layer_id} on rank {rank} reached 2**63 - 1"
     if code == TIMEOUT:
-        return f"{here} and timed out waiting for the {where}; a peer is late or stopped"
+        late = f"rank {peer}" if peer >= 0 else "a peer"
+        return f"{here} and timed out waiting for {late} in the {where}; it is late or stopped"
+    if code == OTHER_EPOCH:
+        return (f"{here}, exchange {values[EPOCH]} of its NVLink workspace, while rank {peer} "
+                f"already signalled exchange {values[GOT_COUNT]} ({where}): the ranks called "
+                f"the layers sharing the workspace (one shape) differently")
+    if code == RAISED:
+        return f"rank {rank} raised inside call {call} of layer {layer_id}; its NVLink workspace failed"
     if code == TRANSPORT:
         return f"{here}; the process group failed during the {where}"
     return f"{here}; unknown failure code {code}"

@@ -293,9 +293,9 @@ def test_gpu_parity_both_transports(dtype):
 
 
 def graph_scenario(rank, world, device, seed, transport):
-    """Capture two layers' forwards in one CUDA graph with no host sync (the layers use
-    the workspace's two slots in turn); three replays with new data each equal the
-    eager forward bitwise, and each layer equals the single-process layer on its input."""
+    """Capture two layers' forwards in one CUDA graph with no host sync (they share one
+    nvlink workspace); three replays with new data each equal the eager forward bitwise,
+    and each layer equals the single-process layer on its input."""
     from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
 
     config = shrink("deepseek-v3", hidden_size=256, intermediate_size=128)
@@ -370,3 +370,75 @@ def device_poison_scenario(rank, world, device, seed):
 @needs_two_gpus
 def test_gpu_failures_poison_without_host_sync_and_check_raises():
     assert_all_ok(run_on_ranks(device_poison_scenario, 2, _seed()))
+
+
+def nvlink_history_scenario(rank, world, device, seed):
+    """Nothing depends on host call history (item 4): rank 0 replays a graph holding ONE
+    forward (an odd count) while rank 1 runs the same forwards eagerly, then they swap;
+    every output equals the single-process layer."""
+    from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
+
+    config = shrink("qwen3-30b-a3b", hidden_size=256, intermediate_size=128)
+    moe = random_fused_moe(config, seed, dtype=torch.bfloat16, device=device)
+    layer = ExpertParallelMoE.from_config(config, dtype=torch.bfloat16, device=device,
+                                          transport="nvlink", max_tokens_per_rank=64, seed=seed)
+    static_x = torch.randn(17 + rank, config.hidden_size, device=device, dtype=torch.bfloat16)
+    errors = []
+    with torch.no_grad():
+        graph, static_out = capture(lambda: layer(static_x))  # warm-up + capture: 2 forwards
+        for step in range(6):
+            static_x.copy_(torch.randn_like(static_x))
+            replaying = (rank == 0) == (step < 3)
+            if replaying:
+                graph.replay()
+                out = static_out
+            else:
+                out = layer(static_x)
+            errors.append(rel_l2(out, moe(static_x)))
+        layer.check()
+    assert max(errors) <= 1e-2, errors
+    return errors
+
+
+@needs_two_gpus
+def test_gpu_nvlink_replays_and_eager_forwards_mix_across_ranks():
+    assert_all_ok(run_on_ranks(nvlink_history_scenario, 2, _seed()))
+
+
+def nvlink_failure_scenario(rank, world, device, seed):
+    """nvlink: rank 1 stalls past rank 0's 1 s time-out (device clock): both outputs are
+    NaN, check() raises on both (rank 0: timed out waiting for rank 1; rank 1: rank 0
+    failed), a queued forward ends at once; reset() makes the layer right again."""
+    import time
+
+    from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
+
+    config = shrink("qwen3-30b-a3b")
+    moe = random_fused_moe(config, seed, device=device)
+    layer = ExpertParallelMoE.from_config(config, device=device, transport="nvlink",
+                                          max_tokens_per_rank=32, seed=seed, timeout=1.0)
+    x = torch.randn(9 + rank, config.hidden_size, device=device)
+    with torch.no_grad():
+        assert rel_l2(layer(x), moe(x)) <= 1e-5
+        torch.cuda.synchronize()
+        if rank == 1:
+            time.sleep(3.0)
+        out = layer(x)
+        torch.cuda.synchronize()
+        start = time.monotonic()
+        queued = layer(x)  # the workspace failed: its waits end at once
+        torch.cuda.synchronize()
+        assert time.monotonic() - start < 0.5
+        assert bool(out.isnan().all()) and bool(queued.isnan().all())
+        expected = "timed out waiting for rank 1" if rank == 0 else "rank 0 has failed"
+        with pytest.raises(RuntimeError, match=expected):
+            layer.check()
+        layer.reset()
+        assert rel_l2(layer(x), moe(x)) <= 1e-5
+        layer.check()
+    return True
+
+
+@needs_two_gpus
+def test_gpu_nvlink_timeout_poisons_both_ranks_and_reset_recovers():
+    assert_all_ok(run_on_ranks(nvlink_failure_scenario, 2, _seed()))
