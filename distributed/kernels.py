@@ -44,11 +44,13 @@ Signal kernels of the NVLink transport (one program each; GPU only). Flags and t
     put_flag_kernel     peer_flag <- epoch (or FLAG_FAILED), release at system scope,
                         after the data
     wait_flags_kernel   spin (acquire, system scope) until flags[src] == epoch exactly for
-                        every peer src, bounded in nanoseconds of the global clock; on a
+                        every peer src, bounded in seconds of the device clock; on a
                         failure mark the workspace failed and record it in the layer state
 """
 import triton
 import triton.language as tl
+from triton.language.extra import cuda as tl_cuda
+from triton.language.extra import hip as tl_hip
 
 from moe_ops.kernels.casting import cast_rne
 
@@ -302,11 +304,19 @@ def check_headers_kernel(buf_ptr, counts_ptr, state_ptr, layer_id, self_rank, ro
     tl.store(state_ptr + _PHASE, at_phase)
 
 
+# Device clock rate by backend (index: is it AMD's HIP?).
+CLOCK_TICKS_PER_S = {False: 1e9, True: 1e8}
+
+
 @triton.jit
-def _globaltimer():
-    """Nanoseconds on the GPU's global clock."""
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
-                                     is_pure=False, pack=1)
+def _device_clock(HIP: tl.constexpr):
+    """The GPU's constant-rate clock, from Triton's own per-backend helpers (this project
+    writes no inline assembly): nanoseconds on NVIDIA (%globaltimer), ticks of
+    ``CLOCK_TICKS_PER_S[HIP]`` on AMD (s_memrealtime, 100 MHz)."""
+    if HIP:
+        return tl_hip.memrealtime()
+    else:
+        return tl_cuda.globaltimer()
 
 
 @triton.jit
@@ -337,15 +347,15 @@ def put_flag_kernel(epoch_ptr, failed_ptr, peer_flag_ptr):
 
 
 @triton.jit
-def wait_flags_kernel(epoch_ptr, flags_ptr, failed_ptr, state_ptr, self_rank, timeout_ns,
-                      phase, WORLD: tl.constexpr):
+def wait_flags_kernel(epoch_ptr, flags_ptr, failed_ptr, state_ptr, self_rank, timeout_ticks,
+                      phase, WORLD: tl.constexpr, HIP: tl.constexpr):
     """Spin (acquire, system scope) until flags[src] == epoch for every peer src. Ends
     early when the workspace already failed (a queued wait after a failure costs nothing)
     and on a peer's FLAG_FAILED, a flag from a later epoch (the ranks' calls differ) or
-    timeout_ns on the global clock; then the workspace fails (failed <- 1) and the layer's
+    timeout_ticks of the device clock (``_device_clock``); then the workspace fails (failed <- 1) and the layer's
     state records why and poisons the forward."""
     epoch = tl.load(epoch_ptr)
-    start = _globaltimer()
+    start = _device_clock(HIP)
     for src in tl.static_range(WORLD):
         if src != self_rank:
             seen = tl.atomic_add(flags_ptr + src, 0, sem="acquire", scope="sys")
@@ -355,7 +365,7 @@ def wait_flags_kernel(epoch_ptr, flags_ptr, failed_ptr, state_ptr, self_rank, ti
                 seen = tl.atomic_add(flags_ptr + src, 0, sem="acquire", scope="sys")
                 failed = tl.load(failed_ptr, volatile=True)
                 waiting = ((seen >= 0) & (seen < epoch) & (failed == 0)
-                           & (_globaltimer() - start < timeout_ns))
+                           & (_device_clock(HIP) - start < timeout_ticks))
             if (seen != epoch) & (failed == 0):  # this wait is the first to fail
                 new = tl.where(seen == _FLAG_FAILED, _PEER_STATUS,
                                tl.where(seen > epoch, _OTHER_EPOCH, _TIMEOUT))

@@ -47,7 +47,7 @@ import torch.distributed as dist
 from moe_ops.profiling import stage_range
 
 from . import protocol as P
-from .kernels import bump_epoch_kernel, put_flag_kernel, wait_flags_kernel
+from .kernels import CLOCK_TICKS_PER_S, bump_epoch_kernel, put_flag_kernel, wait_flags_kernel
 from .streams import StreamOrder
 
 _ALIGN = 256
@@ -130,7 +130,8 @@ class NVLinkTransport:
         self.group, self.rank, self.world_size = group, rank, world_size
         self.capacity = capacity
         seconds = timeout if timeout is not None else group_timeout_s(group, torch.device(device))
-        self.timeout_ns = int(seconds * 1e9)
+        self.hip = torch.version.hip is not None
+        self.timeout_ticks = int(seconds * CLOCK_TICKS_PER_S[self.hip])
         self.order = self.workspace.order
         self.slot = self.workspace.slot
 
@@ -174,9 +175,9 @@ class NVLinkTransport:
         ws = self.workspace
         with stage_range(stage):
             wait_flags_kernel[(1,)](ws.epoch, self.slot.local["flags"][flag_row], ws.failed,
-                                    self._state(call), self.rank, self.timeout_ns,
+                                    self._state(call), self.rank, self.timeout_ticks,
                                     P.DISPATCH if flag_row == 0 else P.COMBINE,
-                                    WORLD=self.world_size)
+                                    WORLD=self.world_size, HIP=self.hip)
 
     def dispatch(self, send_x, send_ids, send_weights, send_rows, recv_rows, filled_rows,
                  call=None):

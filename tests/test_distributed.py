@@ -312,7 +312,7 @@ flags = dict(epoch_ptr="*i64", failed_ptr="*i64")
 build(K.bump_epoch_kernel, dict(flags, state_ptr="*i64"))
 build(K.put_flag_kernel, dict(flags, peer_flag_ptr="*i64"))
 build(K.wait_flags_kernel, dict(flags, flags_ptr="*i64", state_ptr="*i64", self_rank="i32",
-      timeout_ns="i64", phase="i32"), WORLD=2)
+      timeout_ticks="i64", phase="i32"), WORLD=2, HIP=False)
 """
 
 
