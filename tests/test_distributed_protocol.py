@@ -9,6 +9,7 @@ case ends with the layers right again (after ``reset()`` where the failure is st
 from __future__ import annotations
 
 import functools
+import os
 import time
 import traceback
 
@@ -425,3 +426,64 @@ def test_three_ranks_every_rank_raises():
             assert expected in ranks[rank][key][1], (case, rank, ranks[rank])
         for rank in range(3):
             assert _right(ranks[rank]["after"]), (case, rank, ranks[rank])
+
+
+# -- a sleepy rank: random stalls between and inside layers, many forwards -------------
+
+STRESS_FORWARDS = 120
+STRESS_TIMEOUT_S = 1.5
+
+
+def sleepy_rank(rank, world, device, seed, fixed):
+    """Both ranks call the same random sequence of layers; rank 1 stalls at random
+    between layers and inside them (in the expert GEMMs of the received rows), now and
+    then past the time-out. Per forward: ("ok", error) or ("error", message), and whether
+    this rank stalled past the time-out just before."""
+    import random
+
+    import moe_ops.distributed.layer as layer_module
+
+    rig = Rig(rank, world, device, fixed, timeout=STRESS_TIMEOUT_S)
+    order, stalls = random.Random(seed), random.Random(seed + 1 + rank)
+    original = layer_module.fused_experts_impl
+
+    def drowsy(*args, **kwargs):
+        time.sleep(stalls.uniform(0, 0.02))
+        return original(*args, **kwargs)
+
+    if rank == 1:
+        layer_module.fused_experts_impl = drowsy
+    steps = []
+    try:
+        for _ in range(STRESS_FORWARDS):
+            long_stall = order.random() < 0.03  # the same forwards on both ranks
+            if rank == 1:
+                time.sleep(STRESS_TIMEOUT_S + 1.0 if long_stall else stalls.uniform(0, 0.03))
+            result = rig.step(order.randrange(len(rig.layers)))
+            steps.append((*result, long_stall))
+            if result[0] == "error":
+                rig.reset()  # collective: every rank saw the error in this forward
+    finally:
+        layer_module.fused_experts_impl = original
+    return steps
+
+
+def test_sleepy_rank_every_forward_right_or_an_error_everywhere():
+    """With ``max_tokens_per_rank``. Without it (the host-synced count exchange) the same
+    run can leave the ranks' reset() calls on different collectives after a time-out at
+    the count exchange (seed 2769554652 hangs in reset): an open defect, not tested here."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    reports = run_on_ranks(sleepy_rank, 2, seed, True, deadline_s=400)
+    for rank, (status, value, tb) in enumerate(reports):
+        assert status == "ok", f"seed {seed} rank {rank}: {status} {value}\n{tb}"
+    steps0, steps1 = reports[0][1], reports[1][1]
+    assert len(steps0) == len(steps1) == STRESS_FORWARDS
+    for k, ((status0, value0, long0), (status1, value1, _)) in enumerate(zip(steps0, steps1)):
+        assert status0 == status1, f"seed {seed} forward {k}: rank 0 {value0}, rank 1 {value1}"
+        if status0 == "ok":
+            assert value0 <= TOL and value1 <= TOL, (seed, k, value0, value1)
+        else:
+            assert long0, f"seed {seed} forward {k}: an error without a stall past the time-out"
+    # Short stalls are waited for: only the long ones may fail.
+    assert sum(status == "ok" for status, _, _ in steps0) >= STRESS_FORWARDS - sum(
+        long for _, _, long in steps0)
