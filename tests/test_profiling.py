@@ -24,10 +24,13 @@ class RecordingNvtx:
 
 @pytest.fixture
 def recorder(monkeypatch):
-    """Route stage_range through a RecordingNvtx for one test."""
+    """Route stage_range through a RecordingNvtx for one test (the range backend is chosen
+    once per process, so the choice is dropped before and after)."""
     recording = RecordingNvtx()
     monkeypatch.setattr(profiling, "_nvtx", recording)
-    return recording
+    profiling._range_factory.cache_clear()
+    yield recording
+    profiling._range_factory.cache_clear()
 
 
 def test_stage_range_works_without_a_profiler():
