@@ -42,6 +42,13 @@ from . import protocol as P
 from .kernels import check_headers_kernel, stamp_headers_kernel
 from .streams import StreamOrder
 
+# Failed forwards whose block sizes never arrived (their count exchange timed out), per
+# process group, in the order they failed. Their exchanges are issued at reset(), and the
+# reset of any layer of the group issues all of them first: a peer that was merely late
+# issued those exchanges in its forward, so this rank's next collective on the group, of
+# whichever layer, must be them.
+_UNFINISHED: dict = {}
+
 
 class Pending(NamedTuple):
     works: list
@@ -59,7 +66,6 @@ class AllToAllTransport:
         self.host_waits = torch.device(device).type == "cpu"
         self.order = StreamOrder()
         self._outstanding: list[Pending] = []  # issued by a failed forward, never waited for
-        self._unfinished: list = []  # failed forwards whose block sizes never arrived
 
     # -- headers -----------------------------------------------------------------------
 
@@ -226,7 +232,7 @@ class AllToAllTransport:
             return
         call.shapes = (hidden, top_k, dtype, device)
         if not call.fixed and call.send_rows is None:
-            self._unfinished.append(call)
+            _UNFINISHED.setdefault(self.group, []).append((self, call))
             return
         self._finish(call)
 
@@ -266,18 +272,18 @@ class AllToAllTransport:
                 [self._issue(call, "back", back, partials, send_rows, recv_rows)], (back, partials)))
 
     def reset(self) -> None:
-        """Finish the forwards a timed-out count exchange left unfinished, then wait (up to
-        the group's time-out) for every exchange failed forwards left in flight. Raises
-        if they cannot finish (a peer is gone: build a new group)."""
-        for call in self._unfinished:
+        """Finish the forwards a timed-out count exchange left unfinished, every layer's
+        of this group in the order they failed, then wait (up to the group's time-out) for
+        every exchange this layer's failed forwards left in flight. Raises if they cannot
+        finish (a peer is gone: build a new group)."""
+        for transport, call in _UNFINISHED.pop(self.group, []):
             received, payload = call.counts_pending.tensors[:2]
             for work in call.counts_pending.works:
                 work.wait()
-            h = self.header_rows
+            h = transport.header_rows
             call.send_rows = [n + h for n in payload[:, 4].tolist()]
             call.recv_rows = [n + h for n in received[:, 4].tolist()]
-            self._finish(call)
-        self._unfinished = []
+            transport._finish(call)
         pending, self._outstanding = self._outstanding, []
         for item in pending:
             for work in item.works:
