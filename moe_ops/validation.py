@@ -9,6 +9,7 @@ eager mode only, outside CUDA-graph capture, and can be switched off with
 from __future__ import annotations
 
 import torch
+
 from .dtypes import FLOAT_DTYPES
 from .interpreter import interpreter_active
 
@@ -182,6 +183,8 @@ def check_moe_args(hidden_states, router_weight, w_gate_up, w_down, top_k, scori
     against the experts, then the routing options."""
     check_expert_weights(hidden_states, w_gate_up, w_down)
     _expect_rank("router_weight", router_weight, 2, "[num_experts, hidden]")
+    # Against the experts first, so that a router of another dtype is named, not the input.
+    _expect_weight_dtypes(hidden_states, "w_gate_up", w_gate_up, router_weight=router_weight)
     _expect_dim("router_weight", router_weight, 1, w_gate_up.shape[2], "hidden size of w_gate_up")
     if router_weight.shape[0] != w_gate_up.shape[0]:
         raise ValueError(f"router_weight has {router_weight.shape[0]} experts, w_gate_up has "

@@ -120,6 +120,13 @@ def test_mixed_dtypes(args):
         fused_moe(**args)
 
 
+def test_router_dtype_mismatch_names_the_router(args):
+    args["router_weight"] = args["router_weight"].half()
+    with pytest.raises(TypeError, match=r"router_weight has dtype torch.float16, expected "
+                                        r"w_gate_up's dtype torch.float32"):
+        fused_moe(**args)
+
+
 def test_unsupported_dtype(args):
     args["hidden_states"] = args["hidden_states"].double()
     with pytest.raises(TypeError, match=r"hidden_states must be float32, float16 or bfloat16"):
