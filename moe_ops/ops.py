@@ -3,8 +3,13 @@ documented Python functions ``route``, ``fused_experts`` and ``fused_moe`` that 
 
     tritonmoe::route(hidden_states, router_weight, top_k, scoring, renormalize, n_group,
                      topk_group, score_bias, routed_scaling_factor) -> (weights, ids)
-    tritonmoe::fused_experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down)
-    tritonmoe::fused_moe(hidden_states, router_weight, w_gate_up, w_down, top_k, ...)
+    tritonmoe::fused_experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
+                             w_gate_up_scale, w_down_scale)
+    tritonmoe::fused_moe(hidden_states, router_weight, w_gate_up, w_down, top_k, ...,
+                         w_gate_up_scale, w_down_scale)
+
+The scales are None for float expert weights and float32 tensors for float8_e4m3fn ones
+(``moe_ops.fp8``: 128x128 blocks or per output channel).
 
 The real implementations validate (``moe_ops.validation``) and launch
 (``moe_ops.pipeline``); the fakes validate the same metadata and describe the output,
@@ -69,38 +74,46 @@ def _route_fake(hidden_states, router_weight, top_k, scoring="softmax", renormal
 
 # --------------------------------------------------------------------- fused_experts
 
-def _fused_experts_real(hidden_states, topk_weights, topk_ids, w_gate_up, w_down):
-    check_experts_args(hidden_states, topk_weights, topk_ids, w_gate_up, w_down)
+def _fused_experts_real(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
+                        w_gate_up_scale=None, w_down_scale=None):
+    check_experts_args(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, w_gate_up_scale,
+                       w_down_scale)
     check_topk_ids_in_range(topk_ids, w_gate_up.shape[0])
     # Activations are small: copying a strided view costs little, unlike weights.
     return fused_experts_impl(hidden_states.contiguous(), topk_weights.contiguous(),
-                              topk_ids.to(torch.int32).contiguous(), w_gate_up, w_down)
+                              topk_ids.to(torch.int32).contiguous(), w_gate_up, w_down,
+                              w_gate_up_scale=w_gate_up_scale, w_down_scale=w_down_scale)
 
 
 @torch.library.custom_op("tritonmoe::fused_experts", mutates_args=())
 def _fused_experts_op(
     hidden_states: Tensor, topk_weights: Tensor, topk_ids: Tensor, w_gate_up: Tensor,
-    w_down: Tensor,
+    w_down: Tensor, w_gate_up_scale: Optional[Tensor] = None,
+    w_down_scale: Optional[Tensor] = None,
 ) -> Tensor:
-    return _fused_experts_real(hidden_states, topk_weights, topk_ids, w_gate_up, w_down)
+    return _fused_experts_real(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
+                               w_gate_up_scale, w_down_scale)
 
 
 @_fused_experts_op.register_fake
-def _fused_experts_fake(hidden_states, topk_weights, topk_ids, w_gate_up, w_down):
-    check_experts_args(hidden_states, topk_weights, topk_ids, w_gate_up, w_down)
+def _fused_experts_fake(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
+                        w_gate_up_scale=None, w_down_scale=None):
+    check_experts_args(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, w_gate_up_scale,
+                       w_down_scale)
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
 # ------------------------------------------------------------------------- fused_moe
 
 def _fused_moe_real(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring, renormalize,
-                    n_group, topk_group, score_bias, routed_scaling_factor):
+                    n_group, topk_group, score_bias, routed_scaling_factor, w_gate_up_scale=None,
+                    w_down_scale=None):
     check_moe_args(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring, n_group,
-                   topk_group, score_bias)
+                   topk_group, score_bias, w_gate_up_scale, w_down_scale)
     routing = _routing(top_k, scoring, renormalize, n_group, topk_group, routed_scaling_factor)
     # Our router's ids are in range by construction: no data check.
     return fused_moe_impl(hidden_states.contiguous(), router_weight, w_gate_up, w_down, routing,
-                          _contiguous_bias(score_bias))
+                          _contiguous_bias(score_bias), w_gate_up_scale, w_down_scale)
 
 
 @torch.library.custom_op("tritonmoe::fused_moe", mutates_args=())
@@ -108,18 +121,20 @@ def _fused_moe_op(
     hidden_states: Tensor, router_weight: Tensor, w_gate_up: Tensor, w_down: Tensor,
     top_k: int, scoring: str = "softmax", renormalize: bool = True, n_group: int = 1,
     topk_group: int = 1, score_bias: Optional[Tensor] = None,
-    routed_scaling_factor: float = 1.0,
+    routed_scaling_factor: float = 1.0, w_gate_up_scale: Optional[Tensor] = None,
+    w_down_scale: Optional[Tensor] = None,
 ) -> Tensor:
     return _fused_moe_real(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring,
-                           renormalize, n_group, topk_group, score_bias, routed_scaling_factor)
+                           renormalize, n_group, topk_group, score_bias, routed_scaling_factor,
+                           w_gate_up_scale, w_down_scale)
 
 
 @_fused_moe_op.register_fake
 def _fused_moe_fake(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring="softmax",
                     renormalize=True, n_group=1, topk_group=1, score_bias=None,
-                    routed_scaling_factor=1.0):
+                    routed_scaling_factor=1.0, w_gate_up_scale=None, w_down_scale=None):
     check_moe_args(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring, n_group,
-                   topk_group, score_bias)
+                   topk_group, score_bias, w_gate_up_scale, w_down_scale)
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
@@ -174,7 +189,8 @@ def route(hidden_states: Tensor, router_weight: Tensor, top_k: int, scoring: str
 
 
 def fused_experts(hidden_states: Tensor, topk_weights: Tensor, topk_ids: Tensor,
-                  w_gate_up: Tensor, w_down: Tensor) -> Tensor:
+                  w_gate_up: Tensor, w_down: Tensor, w_gate_up_scale: Optional[Tensor] = None,
+                  w_down_scale: Optional[Tensor] = None) -> Tensor:
     """The routed experts of given routing (op ``tritonmoe::fused_experts``):
     ``out[t] = sum_k topk_weights[t, k] * W_down[e] (silu(W_gate[e] x_t) * W_up[e] x_t)``
     with ``e = topk_ids[t, k]``.
@@ -186,26 +202,33 @@ def fused_experts(hidden_states: Tensor, topk_weights: Tensor, topk_ids: Tensor,
             during CUDA-graph capture; ``moe_ops.set_topk_ids_check(False)`` turns it off,
             and an out-of-range id is then dropped, never read or written out of bounds).
         w_gate_up: [E, 2I, H], rows 0:I gate and I:2I up (Hugging Face's
-            ``experts.gate_up_proj``), the hidden dtype, contiguous.
-        w_down: [E, H, I], the hidden dtype, contiguous.
+            ``experts.gate_up_proj``), the hidden dtype (or float8_e4m3fn), contiguous.
+        w_down: [E, H, I], the same dtype, contiguous.
+        w_gate_up_scale, w_down_scale: with float8_e4m3fn weights (bfloat16 or float16
+            hidden states), their float32 dequantisation multipliers (transformers'
+            ``*_scale_inv``): [E, cdiv(N, 128), cdiv(K, 128)] for 128x128 blocks or [E, N]
+            per output row, for a weight [E, N, K]. None for float weights.
 
     Returns:
         out [T, H] in the hidden dtype.
     """
     if plain_eager(hidden_states, topk_weights, topk_ids, w_gate_up, w_down):
-        return _fused_experts_real(hidden_states, topk_weights, topk_ids, w_gate_up, w_down)
+        return _fused_experts_real(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
+                                   w_gate_up_scale, w_down_scale)
     return torch.ops.tritonmoe.fused_experts(hidden_states, topk_weights, topk_ids, w_gate_up,
-                                             w_down)
+                                             w_down, w_gate_up_scale, w_down_scale)
 
 
 def fused_moe(hidden_states: Tensor, router_weight: Tensor, w_gate_up: Tensor, w_down: Tensor,
               top_k: int, scoring: str = "softmax", renormalize: bool = True, n_group: int = 1,
               topk_group: int = 1, score_bias: Optional[Tensor] = None,
-              routed_scaling_factor: float = 1.0) -> Tensor:
+              routed_scaling_factor: float = 1.0, w_gate_up_scale: Optional[Tensor] = None,
+              w_down_scale: Optional[Tensor] = None) -> Tensor:
     """One MoE layer's routed experts in five launches (op ``tritonmoe::fused_moe``):
     ``route`` then ``fused_experts``, with the same arguments as those two (shapes:
     hidden_states [T, H], router_weight [E, H], w_gate_up [E, 2I, H], w_down [E, H, I],
-    all one dtype; score_bias [E] float32). The router's ids are trusted (no data check).
+    all one dtype, or fp8 experts with their scales and a router in the hidden dtype;
+    score_bias [E] float32). The router's ids are trusted (no data check).
 
     Returns:
         out [T, H] in the hidden dtype (without any shared expert: see ``FusedMoE``).
@@ -213,15 +236,16 @@ def fused_moe(hidden_states: Tensor, router_weight: Tensor, w_gate_up: Tensor, w
     if plain_eager(hidden_states, router_weight, w_gate_up, w_down, score_bias):
         return _fused_moe_real(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring,
                                renormalize, n_group, topk_group, score_bias,
-                               routed_scaling_factor)
+                               routed_scaling_factor, w_gate_up_scale, w_down_scale)
     return torch.ops.tritonmoe.fused_moe(hidden_states, router_weight, w_gate_up, w_down, top_k,
                                          scoring, renormalize, n_group, topk_group, score_bias,
-                                         routed_scaling_factor)
+                                         routed_scaling_factor, w_gate_up_scale, w_down_scale)
 
 
 # ------------------------------------------------------------------- forward only
 
-_WEIGHTS = ("router_weight", "w_gate_up", "w_down", "score_bias")
+_WEIGHTS = ("router_weight", "w_gate_up", "w_down", "score_bias", "w_gate_up_scale",
+            "w_down_scale")
 
 
 def _forward_only_message(op_name: str, needs_grad: list[str]) -> str:

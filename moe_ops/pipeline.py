@@ -18,6 +18,7 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .fp8 import scheme_of
 from .interpreter import BLOCKS, interpreter_active
 from .kernels.combine import combine_kernel
 from .kernels.grouped_gemm import grouped_gemm_kernel
@@ -48,14 +49,26 @@ class ExpertTiles:
 @functools.lru_cache(maxsize=4096)
 def expert_tiles(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,
                  dtype: torch.dtype, device: torch.device, gate_up_tile: TileConfig | None = None,
-                 down_tile: TileConfig | None = None) -> ExpertTiles:
-    """The given tiles or the lookup's (``moe_ops.tiles``), for one shape; cached, since
-    nothing in it changes from call to call."""
-    lookup = (num_experts, hidden, inter, num_tokens, top_k, dtype, device)
+                 down_tile: TileConfig | None = None, fp8: str | None = None) -> ExpertTiles:
+    """The given tiles or the lookup's (``moe_ops.tiles``), for one shape and weight format
+    (``fp8``: None, "block" or "channel"); cached, since nothing in it changes from call
+    to call. ValueError for a given tile that the fp8 scheme cannot run."""
+    lookup = (num_experts, hidden, inter, num_tokens, top_k, dtype, device, fp8)
     gate_up_tile = gate_up_tile or get_tile_config("gate_up", *lookup)
     down_tile = replace(down_tile or get_tile_config("down", *lookup), BLOCK_M=gate_up_tile.BLOCK_M)
+    for stage, tile in (("gate_up", gate_up_tile), ("down", down_tile)):
+        check_fp8_tile(stage, tile, fp8)
     h_block_order = down_tile.A_DESC and inter * dtype.itemsize % 16 == 0
     return ExpertTiles(gate_up_tile, down_tile, h_block_order)
+
+
+def check_fp8_tile(stage: str, tile: TileConfig, fp8: str | None) -> None:
+    """fp8 activations need BLOCK_K = 128 (one quantisation group per K step), block
+    scales a BLOCK_K dividing 128; fp8 activations need fp8 weights."""
+    if tile.A_FP8 and (fp8 is None or tile.BLOCK_K != 128):
+        raise ValueError(f"{stage} tile {tile}: A_FP8 needs fp8 weights and BLOCK_K=128")
+    if fp8 == "block" and 128 % tile.BLOCK_K != 0:
+        raise ValueError(f"{stage} tile {tile}: block-fp8 weights need a BLOCK_K dividing 128")
 
 
 def descriptor_ok(w: torch.Tensor) -> bool:
@@ -76,9 +89,13 @@ def _weight_descriptor(gate_up: bool, w, tile: TileConfig):
     return TensorDescriptor(w, list(w.shape), list(w.stride()), [1, tile.BLOCK_N, tile.BLOCK_K])
 
 
-def _grouped_gemm(gate_up: bool, a, w, out, topk_weights, alignment: Alignment, num_slots,
-                  rows_per_slot_div, n, k, tile: TileConfig, h_block_order: bool):
-    """One ``grouped_gemm_kernel`` launch (the gate_up stage or the down stage)."""
+_W_SCALE = {None: 0, "channel": 1, "block": 2}
+
+
+def _grouped_gemm(gate_up: bool, a, w, w_scale, out, topk_weights, alignment: Alignment,
+                  num_slots, rows_per_slot_div, n, k, tile: TileConfig, h_block_order: bool):
+    """One ``grouped_gemm_kernel`` launch (the gate_up stage or the down stage); ``w_scale``
+    None for float weights, else fp8 ``w``'s scales (``moe_ops.fp8``)."""
     sorted_slots, block_expert, num_blocks, max_blocks = alignment
     grid = (max_blocks * triton.cdiv(n, tile.BLOCK_N),)
     use_desc = tile.B_DESC and descriptor_ok(w)
@@ -87,19 +104,23 @@ def _grouped_gemm(gate_up: bool, a, w, out, topk_weights, alignment: Alignment, 
               if h_block_order and not gate_up else None)
     with stage_range("gate_up" if gate_up else "down"):
         grouped_gemm_kernel[grid](
-            a, a_desc, w, w_desc, out, topk_weights, sorted_slots, block_expert, num_blocks,
-            n, k, num_slots, rows_per_slot_div, max_blocks,
-            a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+            a, a_desc, w, w_desc, w_scale, out, topk_weights, sorted_slots, block_expert,
+            num_blocks, n, k, num_slots, rows_per_slot_div, max_blocks,
+            a.stride(0), w.stride(0), w.stride(1),
+            0 if w_scale is None else w_scale.stride(0), 0 if w_scale is None else w_scale.stride(1),
+            out.stride(0),
             GATE_UP=gate_up, BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K,
             GROUP_M=tile.GROUP_M, EVEN_K=k % tile.BLOCK_K == 0, H_BLOCK_ORDER=h_block_order,
-            B_DESC=use_desc, INTERPRETER=interpreter_active(),
+            B_DESC=use_desc, W_SCALE=_W_SCALE[scheme_of(w_scale)], A_FP8=tile.A_FP8,
+            INTERPRETER=interpreter_active(),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
 
 def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: ExpertTiles,
-            alignment: Alignment):
-    """gate_up -> down -> combine over an alignment: out [T, H]."""
+            alignment: Alignment, w_gate_up_scale=None, w_down_scale=None):
+    """gate_up -> down -> combine over an alignment: out [T, H]. h is kept in the hidden
+    dtype whatever the weights (fp8 activation tiles quantise it as they load it)."""
     num_tokens, hidden = hidden_states.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     num_slots = topk_ids.numel()
@@ -107,11 +128,11 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     dtype, device = hidden_states.dtype, hidden_states.device
     h_rows = alignment.max_blocks * tiles.block_m if tiles.h_block_order else num_slots
     h = torch.empty(h_rows, inter, dtype=dtype, device=device)
-    _grouped_gemm(True, hidden_states, w_gate_up, h, topk_weights, alignment, num_slots, top_k,
-                  inter, hidden, tiles.gate_up, tiles.h_block_order)
+    _grouped_gemm(True, hidden_states, w_gate_up, w_gate_up_scale, h, topk_weights, alignment,
+                  num_slots, top_k, inter, hidden, tiles.gate_up, tiles.h_block_order)
     y = torch.empty(num_slots, hidden, dtype=dtype, device=device)
-    _grouped_gemm(False, h, w_down, y, topk_weights, alignment, num_slots, 1, hidden, inter,
-                  tiles.down, tiles.h_block_order)
+    _grouped_gemm(False, h, w_down, w_down_scale, y, topk_weights, alignment, num_slots, 1,
+                  hidden, inter, tiles.down, tiles.h_block_order)
     out = torch.empty_like(hidden_states)
     with stage_range("combine"):
         combine_kernel[(triton.cdiv(num_tokens, BLOCKS.combine_t), triton.cdiv(hidden, BLOCKS.combine_h))](
@@ -124,30 +145,35 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
 
 def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
                        gate_up_tile: TileConfig | None = None,
-                       down_tile: TileConfig | None = None):
+                       down_tile: TileConfig | None = None,
+                       w_gate_up_scale=None, w_down_scale=None):
     """align -> gate_up -> down -> combine of given routing (four or five launches).
 
-    Contiguous hidden_states [T, H], fp32 topk_weights and int32 topk_ids [T, K]. Tiles
-    default to the lookup in ``moe_ops.tiles`` (the tuner passes its candidates)."""
+    Contiguous hidden_states [T, H], fp32 topk_weights and int32 topk_ids [T, K]; fp8
+    weights come with their scales. Tiles default to the lookup in ``moe_ops.tiles``
+    (the tuner passes its candidates)."""
     num_tokens, hidden = hidden_states.shape
     if num_tokens == 0:
         return torch.empty_like(hidden_states)
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     tiles = expert_tiles(num_tokens, num_experts, hidden, inter, topk_ids.shape[1],
-                         hidden_states.dtype, hidden_states.device, gate_up_tile, down_tile)
+                         hidden_states.dtype, hidden_states.device, gate_up_tile, down_tile,
+                         scheme_of(w_gate_up_scale))
     alignment = align_ids(topk_ids, num_experts, tiles.block_m)
-    return experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles, alignment)
+    return experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles, alignment,
+                   w_gate_up_scale, w_down_scale)
 
 
 def fused_moe_impl(hidden_states, router_weight, w_gate_up, w_down, routing: Routing,
-                   score_bias=None):
+                   score_bias=None, w_gate_up_scale=None, w_down_scale=None):
     """route and align -> gate_up -> down -> combine, five launches."""
     num_tokens, hidden = hidden_states.shape
     if num_tokens == 0:
         return torch.empty_like(hidden_states)
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     tiles = expert_tiles(num_tokens, num_experts, hidden, inter, routing.top_k,
-                         hidden_states.dtype, hidden_states.device)
+                         hidden_states.dtype, hidden_states.device, fp8=scheme_of(w_gate_up_scale))
     topk_weights, topk_ids, alignment = route(hidden_states, router_weight, routing, score_bias,
                                               block_m=tiles.block_m)
-    return experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles, alignment)
+    return experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles, alignment,
+                   w_gate_up_scale, w_down_scale)

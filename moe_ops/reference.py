@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from .fp8 import dequantize_weight, quantize_activations
+
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (||out - ref|| when ref is zero); NaN when either
@@ -74,20 +76,35 @@ def fused_experts_reference(
     topk_ids: torch.Tensor,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
+    w_gate_up_scale: torch.Tensor | None = None,
+    w_down_scale: torch.Tensor | None = None,
+    fp8_activations: tuple[bool, bool] = (False, False),
 ) -> torch.Tensor:
-    """sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t,k]."""
+    """sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t,k].
+
+    fp8 weights come with their scales (``moe_ops.fp8``) and are dequantised;
+    ``fp8_activations`` (gate_up, down) quantises that stage's input rows the way the
+    kernels' fp8-activation tiles do (``TileConfig.A_FP8``)."""
     num_tokens, hidden = hidden_states.shape
     inter = w_down.shape[2]
+    if w_gate_up_scale is not None:
+        w_gate_up = dequantize_weight(w_gate_up, w_gate_up_scale)
+        w_down = dequantize_weight(w_down, w_down_scale)
     out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=hidden_states.device)
     x = hidden_states.float()
     for expert in range(w_gate_up.shape[0]):
         token_idx, k_idx = torch.where(topk_ids == expert)
         if token_idx.numel() == 0:
             continue
-        gate_up = x[token_idx] @ w_gate_up[expert].float().t()
+        rows = x[token_idx]
+        if fp8_activations[0]:
+            rows = quantize_activations(rows)
+        gate_up = rows @ w_gate_up[expert].float().t()
         h = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        # The kernels hand h to the down projection in the weights' dtype.
-        h = h.to(w_down.dtype).float()
+        # The kernels hand h to the down projection in the hidden dtype.
+        h = h.to(hidden_states.dtype).float()
+        if fp8_activations[1]:
+            h = quantize_activations(h)
         y = (h @ w_down[expert].float().t()) * topk_weights[token_idx, k_idx, None].float()
         out.index_add_(0, token_idx, y)
     return out.to(hidden_states.dtype)

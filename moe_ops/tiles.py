@@ -1,8 +1,8 @@
 """Tile choice for the grouped GEMMs: one lookup, tuned tables first, a heuristic after.
 
 Tables (``moe_ops.tile_table``, one JSON file per GPU) are written by ``tools/tune.py``.
-A lookup takes the entry of the same (stage, E, H, I, dtype) whose T bucket is nearest
-in log scale; anything not in a table falls back to ``heuristic_tile``.
+A lookup takes the entry of the same (stage, E, H, I, weights) whose T bucket is nearest
+in log scale (weights: the dtype's name, or "fp8-block" / "fp8-channel"); anything not in a table falls back to ``heuristic_tile``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .dtypes import dtype_name
+from .fp8 import tile_key
 from .interpreter import interpreter_active
 from .tile_table import gpu_entries
 
@@ -25,6 +25,8 @@ class TileConfig:
     of pointer loads, where the weights' layout allows one (``descriptor_ok``).
     A_DESC (down tiles only) has gate_up write h in block order, so that down reads its
     A tiles through a descriptor instead of gathering rows by slot.
+    A_FP8 (fp8 weights only, BLOCK_K = 128) quantises each A tile to e4m3 in registers
+    and multiplies in fp8; without it fp8 weights are widened to A's dtype.
     """
 
     BLOCK_M: int
@@ -35,6 +37,7 @@ class TileConfig:
     num_stages: int = 3
     B_DESC: bool = False
     A_DESC: bool = False
+    A_FP8: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -51,7 +54,8 @@ def has_tma(device: torch.device) -> bool:
 
 
 def heuristic_tile(stage: str, num_experts: int, hidden: int, inter: int,
-                   num_tokens: int, top_k: int, dtype: torch.dtype, tma: bool = False) -> TileConfig:
+                   num_tokens: int, top_k: int, dtype: torch.dtype, tma: bool = False,
+                   fp8: str | None = None) -> TileConfig:
     """Block sizes that work on any device; used where no tuned entry exists.
 
     BLOCK_M follows the rows an expert gets on average, so decode does not pad a
@@ -60,16 +64,19 @@ def heuristic_tile(stage: str, num_experts: int, hidden: int, inter: int,
     the ones the H200 table settles on: weights through descriptors at every T, and at
     128-row blocks wide tiles (gate_up 128x(2x128), down 128x256) with down reading h
     through a descriptor too (measured within 0.86-1.10x of the tuned tiles' time).
+    fp8 weights (``fp8`` names the scheme) take BLOCK_K = 128, and fp8 activations at
+    128-row blocks, where the dot is bound by the tensor cores rather than the weights.
     """
     rows_per_expert = max(1, num_tokens * top_k // num_experts)
     if interpreter_active():
         # The interpreter's cost is per program: few, large programs.
         block_m = min(64, max(16, _next_pow2(rows_per_expert)))
-        return TileConfig(block_m, 64, 64, 1, 4, 1)
+        return TileConfig(block_m, 64, 128 if fp8 else 64, 1, 4, 1)
     # Room for 1.5x the mean rows: an expert spilling into a second block reads its
     # weights twice.
     block_m = min(128, max(16, _next_pow2(rows_per_expert * 3 // 2)))
     elem = dtype.itemsize
+    w_elem = 1 if fp8 else elem
     tma = tma and elem == 2  # the tuned shapes are 16-bit ones; fp32 keeps the plain tiles
     a_desc = False
     if block_m <= 32:
@@ -82,15 +89,18 @@ def heuristic_tile(stage: str, num_experts: int, hidden: int, inter: int,
     else:
         block_n, block_k, group_m, warps = (128 if stage == "down" else 64), 64, 8, 8
     # As many pipeline stages as fit in ~160 KB of shared memory, 2 to 4.
+    if fp8:
+        block_k = 128
     b_tiles = 2 if stage == "gate_up" else 1
-    stage_bytes = (block_m * block_k + b_tiles * block_k * block_n) * elem
+    stage_bytes = block_m * block_k * elem + b_tiles * block_k * block_n * w_elem
     stages = max(2, min(4, (160 * 1024) // stage_bytes))
-    return TileConfig(block_m, block_n, block_k, group_m, warps, stages, B_DESC=tma, A_DESC=a_desc)
+    return TileConfig(block_m, block_n, block_k, group_m, warps, stages, B_DESC=tma, A_DESC=a_desc,
+                      A_FP8=fp8 is not None and block_m >= 128)
 
 
 @functools.lru_cache(maxsize=None)
 def _load_table(gpu_name: str) -> dict:
-    """This GPU's tuned tiles, keyed by (stage, E, H, I, dtype) -> [(T, TileConfig)]."""
+    """This GPU's tuned tiles, keyed by (stage, E, H, I, weights) -> [(T, TileConfig)]."""
     index: dict = {}
     for entry in gpu_entries(gpu_name):
         key = (entry["stage"], entry["E"], entry["H"], entry["I"], entry["dtype"])
@@ -106,17 +116,19 @@ def _device_name(device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def get_tile_config(stage: str, num_experts: int, hidden: int, inter: int, num_tokens: int,
-                    top_k: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
+                    top_k: int, dtype: torch.dtype, device: torch.device,
+                    fp8: str | None = None) -> TileConfig:
     """The tile for one grouped-GEMM launch: the tuned entry nearest in T, else the heuristic.
+    ``dtype`` is the hidden states'; ``fp8`` the weights' fp8 scheme, None for float weights.
 
     Cached: the lookup sits on the hot path of every call.
     """
     if not interpreter_active():
         candidates = _load_table(_device_name(device)).get(
-            (stage, num_experts, hidden, inter, dtype_name(dtype)))
+            (stage, num_experts, hidden, inter, tile_key(dtype, fp8)))
         if candidates:
             log_t = math.log2(max(1, num_tokens))
             _, config = min(candidates, key=lambda tc: abs(math.log2(tc[0]) - log_t))
             return config
     return heuristic_tile(stage, num_experts, hidden, inter, num_tokens, top_k, dtype,
-                          has_tma(device))
+                          has_tma(device), fp8)

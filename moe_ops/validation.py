@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .dtypes import FLOAT_DTYPES
+from .fp8 import FP8_DTYPE, scale_shape, scheme_of
 from .interpreter import interpreter_active
 
 ID_DTYPES = (torch.int32, torch.int64)
@@ -69,7 +70,8 @@ def _expect_weight_dtypes(hidden_states: torch.Tensor, first_name: str, first: t
     """The weights share one float dtype (``first``'s), and the input has it too: a
     mismatch names the input when the weights agree among themselves."""
     if first.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{first_name} must be float32, float16 or bfloat16, got {first.dtype}")
+        raise TypeError(f"{first_name} must be float32, float16 or bfloat16 (or float8_e4m3fn "
+                        f"with its scale, for expert weights), got {first.dtype}")
     for name, tensor in others.items():
         if tensor.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {tensor.dtype}, expected {first_name}'s dtype "
@@ -123,12 +125,57 @@ def check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk
             raise TypeError(f"score_bias must be float32, got {score_bias.dtype}")
 
 
-def check_expert_weights(hidden_states, w_gate_up, w_down) -> None:
-    """Checks of the expert weights against the hidden states (metadata only)."""
+def _expect_fp8_experts(hidden_states, w_gate_up, w_down, w_gate_up_scale, w_down_scale) -> None:
+    """fp8 expert weights: both e4m3fn, both scales given in one scheme (float32,
+    contiguous, the scheme's shape), 16-bit hidden states; float weights take no scale."""
+    fp8 = [name for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down))
+           if w.dtype == FP8_DTYPE]
+    scales = {"w_gate_up_scale": w_gate_up_scale, "w_down_scale": w_down_scale}
+    if not fp8:
+        for name, scale in scales.items():
+            if scale is not None:
+                raise ValueError(f"{name} is given but the expert weights are {w_gate_up.dtype}; "
+                                 "scales go with float8_e4m3fn weights only")
+        return
+    if len(fp8) == 1:
+        raise TypeError(f"{fp8[0]} is float8_e4m3fn but the other expert weight is not: both "
+                        "expert weights must be float8_e4m3fn (with their scales) or neither")
+    if hidden_states.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"hidden_states must be bfloat16 or float16 with float8_e4m3fn expert "
+                        f"weights, got {hidden_states.dtype}")
+    for (name, scale), weight in zip(scales.items(), (w_gate_up, w_down)):
+        if scale is None:
+            raise ValueError(f"{name} is required with float8_e4m3fn expert weights: [E, N/128, "
+                             "K/128] for 128x128 blocks or [E, N] per output channel")
+        if not isinstance(scale, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(scale).__name__}")
+        if scale.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {scale.dtype}")
+        if scale.dim() not in (2, 3):
+            raise ValueError(f"{name} must be 3-D [E, cdiv(N, 128), cdiv(K, 128)] (128x128 "
+                             f"blocks) or 2-D [E, N] (per channel), got shape {tuple(scale.shape)}")
+        expected = scale_shape(scheme_of(scale), weight.shape)
+        if tuple(scale.shape) != expected:
+            blocks = (" (128x128 blocks, the only block size supported)"
+                      if scale.dim() == 3 else " (one per output row)")
+            raise ValueError(f"{name} has shape {tuple(scale.shape)}, expected {expected} for "
+                             f"weight shape {tuple(weight.shape)}{blocks}")
+    if scheme_of(w_gate_up_scale) != scheme_of(w_down_scale):
+        raise ValueError(f"w_gate_up_scale is {scheme_of(w_gate_up_scale)}-scaled but "
+                         f"w_down_scale is {scheme_of(w_down_scale)}-scaled; use one scheme")
+    _expect_same_device(hidden_states, **scales)
+    _expect_contiguous(**scales)
+
+
+def check_expert_weights(hidden_states, w_gate_up, w_down, w_gate_up_scale=None,
+                         w_down_scale=None) -> None:
+    """Checks of the expert weights (and fp8 scales) against the hidden states (metadata only)."""
     _expect_rank("hidden_states", hidden_states, 2, "[num_tokens, hidden]")
     _expect_rank("w_gate_up", w_gate_up, 3, "[num_experts, 2 * intermediate, hidden]")
     _expect_rank("w_down", w_down, 3, "[num_experts, hidden, intermediate]")
-    _expect_weight_dtypes(hidden_states, "w_gate_up", w_gate_up, w_down=w_down)
+    _expect_fp8_experts(hidden_states, w_gate_up, w_down, w_gate_up_scale, w_down_scale)
+    if w_gate_up.dtype != FP8_DTYPE:
+        _expect_weight_dtypes(hidden_states, "w_gate_up", w_gate_up, w_down=w_down)
     _expect_same_device(hidden_states, w_gate_up=w_gate_up, w_down=w_down)
     _expect_kernel_device("hidden_states", hidden_states)
     num_experts, hidden = w_gate_up.shape[0], w_gate_up.shape[2]
@@ -142,9 +189,10 @@ def check_expert_weights(hidden_states, w_gate_up, w_down) -> None:
     _expect_hidden_size(hidden_states, "w_gate_up", hidden)
 
 
-def check_experts_args(hidden_states, topk_weights, topk_ids, w_gate_up, w_down) -> None:
+def check_experts_args(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
+                       w_gate_up_scale=None, w_down_scale=None) -> None:
     """Checks of ``tritonmoe::fused_experts``' arguments (metadata only)."""
-    check_expert_weights(hidden_states, w_gate_up, w_down)
+    check_expert_weights(hidden_states, w_gate_up, w_down, w_gate_up_scale, w_down_scale)
     _expect_rank("topk_weights", topk_weights, 2, "[num_tokens, top_k]")
     _expect_rank("topk_ids", topk_ids, 2, "[num_tokens, top_k]")
     _expect_same_device(hidden_states, topk_weights=topk_weights, topk_ids=topk_ids)
@@ -178,13 +226,15 @@ def check_topk_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
 
 
 def check_moe_args(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring, n_group,
-                   topk_group, score_bias) -> None:
+                   topk_group, score_bias, w_gate_up_scale=None, w_down_scale=None) -> None:
     """Checks of ``tritonmoe::fused_moe``: the experts' weights and the input, the router
-    against the experts, then the routing options."""
-    check_expert_weights(hidden_states, w_gate_up, w_down)
+    against the experts, then the routing options. With fp8 experts the router has the
+    hidden states' dtype."""
+    check_expert_weights(hidden_states, w_gate_up, w_down, w_gate_up_scale, w_down_scale)
     _expect_rank("router_weight", router_weight, 2, "[num_experts, hidden]")
-    # Against the experts first, so that a router of another dtype is named, not the input.
-    _expect_weight_dtypes(hidden_states, "w_gate_up", w_gate_up, router_weight=router_weight)
+    if w_gate_up.dtype != FP8_DTYPE:
+        # Against the experts first, so that a router of another dtype is named, not the input.
+        _expect_weight_dtypes(hidden_states, "w_gate_up", w_gate_up, router_weight=router_weight)
     _expect_dim("router_weight", router_weight, 1, w_gate_up.shape[2], "hidden size of w_gate_up")
     if router_weight.shape[0] != w_gate_up.shape[0]:
         raise ValueError(f"router_weight has {router_weight.shape[0]} experts, w_gate_up has "

@@ -21,6 +21,13 @@ accumulator in halves. The tile comes one of two ways (B_DESC): pointer loads, o
 tensor descriptor over W viewed as [E, 2, N, K] whose [2, BLOCK_N, BLOCK_K] box holds
 both halves.
 
+fp8 weights (W_SCALE, scales as ``moe_ops.fp8`` lays them out) are e4m3 with float32
+multipliers: W_SCALE=1 one per output row (applied once, before the epilogue), W_SCALE=2
+one per 128x128 block (applied to each K step's partial product; BLOCK_K divides 128).
+With A_FP8 (BLOCK_K = 128) each A tile is quantised in registers per row to e4m3 and
+the dot runs in fp8 (partial product times the rows' scales); without it the weight tile
+is converted to A's dtype and the dot runs there (weight-only fp8).
+
 In INTERPRETER mode (the Triton CPU interpreter) loads are upcast to float32 and bf16
 stores rounded to nearest, because the interpreter gets 16-bit floats wrong. float32
 operands multiply in IEEE float32 (never tf32).
@@ -31,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .casting import cast_rne
+from .fp8 import quantize_rows
 
 
 @triton.jit
@@ -80,11 +88,32 @@ def _weight_tile_descriptor(w_desc, expert, n0, k0, GATE_UP: tl.constexpr,
 
 
 @triton.jit
-def _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, expert, pid_n, N, K,
-              stride_we, stride_wn,
+def _step(acc, a, w, w_scale_k, INTERPRETER: tl.constexpr, W_SCALE: tl.constexpr,
+          A_FP8: tl.constexpr):
+    """acc + a . w for one K step, fp8 weights dequantised and A quantised as the flags say."""
+    if A_FP8:
+        q, a_scale = quantize_rows(a, INTERPRETER)
+        part = tl.dot(q, w, input_precision="ieee") if INTERPRETER else tl.dot(q, w)
+        if W_SCALE == 2:
+            acc += part * (a_scale[:, None] * w_scale_k[None, :])
+        else:
+            acc += part * a_scale[:, None]
+    elif W_SCALE == 2:
+        acc += tl.dot(a, w.to(a.dtype), input_precision="ieee") * w_scale_k[None, :]
+    elif W_SCALE == 1:
+        acc = tl.dot(a, w.to(a.dtype), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, w, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, w_scale_ptr, expert, pid_n, N, K,
+              stride_we, stride_wn, stride_se, stride_sn,
               GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, A_DESC: tl.constexpr,
-              B_DESC: tl.constexpr, INTERPRETER: tl.constexpr):
+              B_DESC: tl.constexpr, W_SCALE: tl.constexpr, A_FP8: tl.constexpr,
+              INTERPRETER: tl.constexpr):
     """[BLOCK_M, BLOCK_N] fp32: A . W^T (gate_up: already silu(gate) * up)."""
     W_COLS: tl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
     offs_k = tl.arange(0, BLOCK_K)
@@ -94,6 +123,8 @@ def _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, expert, pid_n, N, K
     w_rows = offs_n + (offs_w // BLOCK_N) * N
     col_mask = offs_n < N
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    # Block scales of this tile's rows (W_SCALE=2: one per 128 rows, one column per 128 of K).
+    s_ptrs = w_scale_ptr + expert.to(tl.int64) * stride_se + (w_rows // 128) * stride_sn
     acc = tl.zeros([BLOCK_M, W_COLS], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = _load_a(a_ptrs, a_desc, row0, row_mask, k0, K, offs_k, A_DESC, EVEN_K, INTERPRETER)
@@ -102,11 +133,17 @@ def _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, expert, pid_n, N, K
                                         BLOCK_N, BLOCK_K, INTERPRETER)
         else:
             w = _weight_tile_pointers(w_ptrs, col_mask, k0, K, offs_k, EVEN_K, INTERPRETER)
-        acc = tl.dot(a, w, acc, input_precision="ieee")
+        w_scale_k = None
+        if W_SCALE == 2:
+            w_scale_k = tl.load(s_ptrs + k0 // 128, mask=col_mask, other=0.0)
+        acc = _step(acc, a, w, w_scale_k, INTERPRETER, W_SCALE, A_FP8)
         if not A_DESC:
             a_ptrs += BLOCK_K
         if not B_DESC:
             w_ptrs += BLOCK_K
+    if W_SCALE == 1:
+        channel_ptrs = w_scale_ptr + expert.to(tl.int64) * stride_se + w_rows * stride_sn
+        acc = acc * tl.load(channel_ptrs, mask=col_mask, other=0.0)[None, :]
     if GATE_UP:
         gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
         acc = gate * tl.sigmoid(gate) * up
@@ -115,14 +152,15 @@ def _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, expert, pid_n, N, K
 
 @triton.jit
 def grouped_gemm_kernel(
-    a_ptr, a_desc, w_ptr, w_desc, out_ptr, topk_weights_ptr,
+    a_ptr, a_desc, w_ptr, w_desc, w_scale_ptr, out_ptr, topk_weights_ptr,
     sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
     N, K, num_slots, a_rows_per_slot_div, max_blocks,
-    stride_a, stride_we, stride_wn, stride_out,
+    stride_a, stride_we, stride_wn, stride_se, stride_sn, stride_out,
     GATE_UP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, H_BLOCK_ORDER: tl.constexpr,
-    B_DESC: tl.constexpr, INTERPRETER: tl.constexpr,
+    B_DESC: tl.constexpr, W_SCALE: tl.constexpr, A_FP8: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -143,9 +181,9 @@ def grouped_gemm_kernel(
     A_DESC: tl.constexpr = H_BLOCK_ORDER and not GATE_UP
     a_rows = (slots // a_rows_per_slot_div).to(tl.int64)
     a_ptrs = a_ptr + a_rows[:, None] * stride_a + tl.arange(0, BLOCK_K)[None, :]
-    acc = _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, expert, pid_n, N, K,
-                    stride_we, stride_wn, GATE_UP, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
-                    A_DESC, B_DESC, INTERPRETER)
+    acc = _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, w_scale_ptr, expert, pid_n,
+                    N, K, stride_we, stride_wn, stride_se, stride_sn, GATE_UP, BLOCK_M, BLOCK_N,
+                    BLOCK_K, EVEN_K, A_DESC, B_DESC, W_SCALE, A_FP8, INTERPRETER)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = offs_n < N

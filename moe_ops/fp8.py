@@ -1,0 +1,95 @@
+"""fp8 expert weights: the two schemes, their scale layouts, and (de)quantisation.
+
+Weights are float8_e4m3fn with float32 dequantisation multipliers (``w ~= w8 * scale``;
+transformers and DeepSeek-V3's checkpoints call them ``weight_scale_inv``). For a
+weight W [E, N, K] (N output rows, K reduced):
+
+    "block"    scale [E, cdiv(N, 128), cdiv(K, 128)]: one per 128x128 block (DeepSeek-V3's
+               checkpoints, transformers' ``FP8Experts``)
+    "channel"  scale [E, N]: one per output row
+
+The scheme is told by the scale's rank. The kernels quantise activations (when a tile
+asks for fp8 activations, ``TileConfig.A_FP8``) per row per 128 columns, the same way
+``quantize_activations`` does here: ``s = max(amax, 1e-10) / 448``, ``q = e4m3(a / s)``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dtypes import dtype_name
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+BLOCK = 128
+SCHEMES = ("block", "channel")
+AMAX_FLOOR = 1e-10
+
+
+def scheme_of(scale: torch.Tensor | None) -> str | None:
+    """``"block"`` for a 3-D scale, ``"channel"`` for a 2-D one, None without a scale."""
+    if scale is None:
+        return None
+    return "block" if scale.dim() == 3 else "channel"
+
+
+def scale_shape(scheme: str, weight_shape) -> tuple[int, ...]:
+    """The scale shape ``scheme`` gives a weight [E, N, K]."""
+    num_experts, rows, cols = weight_shape
+    if scheme == "block":
+        return (num_experts, -(-rows // BLOCK), -(-cols // BLOCK))
+    if scheme == "channel":
+        return (num_experts, rows)
+    raise ValueError(f"fp8 scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+def tile_key(dtype: torch.dtype, scheme: str | None) -> str:
+    """The weights' name in the tile tables: the dtype's (``"bfloat16"``) or ``"fp8-block"``."""
+    return f"fp8-{scheme}" if scheme else dtype_name(dtype)
+
+
+def _blocks(w: torch.Tensor) -> torch.Tensor:
+    """w [E, N, K] zero-padded to multiples of 128 and viewed [E, N/128, 128, K/128, 128]."""
+    num_experts, rows, cols = w.shape
+    pad_rows, pad_cols = -rows % BLOCK, -cols % BLOCK
+    padded = torch.nn.functional.pad(w, (0, pad_cols, 0, pad_rows))
+    return padded.view(num_experts, padded.shape[1] // BLOCK, BLOCK, padded.shape[2] // BLOCK, BLOCK)
+
+
+def _expand(scale: torch.Tensor, weight_shape) -> torch.Tensor:
+    """The scale of every element of a weight [E, N, K] (float32)."""
+    _, rows, cols = weight_shape
+    if scale.dim() == 2:
+        return scale.float()[:, :, None].expand(weight_shape)
+    full = scale.float().repeat_interleave(BLOCK, 1).repeat_interleave(BLOCK, 2)
+    return full[:, :rows, :cols]
+
+
+def quantize_weight(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w8 float8_e4m3fn [E, N, K], scale float32) with ``w ~= w8 * scale`` elementwise."""
+    if w.dim() != 3:
+        raise ValueError(f"quantize_weight takes a weight [E, N, K], got shape {tuple(w.shape)}")
+    w32 = w.float()
+    if scheme == "block":
+        amax = _blocks(w32).abs().amax(dim=(2, 4))
+    elif scheme == "channel":
+        amax = w32.abs().amax(dim=2)
+    else:
+        raise ValueError(f"fp8 scheme must be one of {SCHEMES}, got {scheme!r}")
+    scale = amax.clamp(min=AMAX_FLOOR) / FP8_MAX
+    w8 = (w32 / _expand(scale, w.shape)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return w8.contiguous(), scale.contiguous()
+
+
+def dequantize_weight(w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``w8 * scale`` [E, N, K]."""
+    return w8.float() * _expand(scale, w8.shape)
+
+
+def quantize_activations(a: torch.Tensor) -> torch.Tensor:
+    """float32 rows ``a`` [R, K] as the kernels see them with fp8 activations: quantised per
+    row per 128 columns to e4m3 and multiplied back by their scale."""
+    rows, cols = a.shape
+    padded = torch.nn.functional.pad(a.float(), (0, -cols % BLOCK)).view(rows, -1, BLOCK)
+    scale = padded.abs().amax(dim=2, keepdim=True).clamp(min=AMAX_FLOOR) / FP8_MAX
+    q = (padded / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
+    return (q * scale).view(rows, -1)[:, :cols]
