@@ -24,6 +24,7 @@ from torch import nn
 
 from .configs import MoEConfig, get_config
 from .eager_graphs import EagerGraphs
+from .fp8 import FP8_DTYPE, quantize_weight, scheme_of
 from .hf_blocks import read_block
 from .ops import fused_moe, plain_eager
 
@@ -38,6 +39,12 @@ class FusedMoE(nn.Module):
     with ``config.shared_gated`` also ``shared_gate [1, H]``. Absent ones are ``None``.
     Construction draws the weights as ``reset_parameters`` says (as ``nn.Linear`` does);
     ``from_hf`` takes a trained block's instead.
+
+    fp8 experts: ``w_gate_up`` and ``w_down`` float8_e4m3fn with float32 scales
+    ``w_gate_up_scale`` and ``w_down_scale`` (``moe_ops.fp8``: 128x128 blocks or per
+    output channel; None for float experts); the router and shared expert keep the
+    hidden dtype. ``quantize_experts(scheme)`` converts a float layer in place;
+    ``from_config(..., weight_dtype=torch.float8_e4m3fn, scheme=...)`` draws and quantises.
 
     Forward only: the ``tritonmoe`` ops register no backward, so the weights are created
     with ``requires_grad=False`` (otherwise ``torch.compile`` would try to trace a backward
@@ -56,6 +63,8 @@ class FusedMoE(nn.Module):
         self.router_weight = make(num_experts, hidden)
         self.w_gate_up = make(num_experts, 2 * inter, hidden)
         self.w_down = make(num_experts, hidden, inter)
+        self.register_parameter("w_gate_up_scale", None)
+        self.register_parameter("w_down_scale", None)
         # The models keep the score-correction bias in float32 whatever the weights' dtype.
         bias = (torch.zeros(num_experts, dtype=torch.float32, device=device)
                 if config.score_bias else None)
@@ -75,9 +84,38 @@ class FusedMoE(nn.Module):
 
     @classmethod
     def from_config(cls, name_or_config: str | MoEConfig, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str | None = None) -> "FusedMoE":
-        """A randomly initialised layer of a named model config (``moe_ops.configs``)."""
-        return cls(get_config(name_or_config), dtype=dtype, device=device)
+                    device: torch.device | str | None = None, weight_dtype: torch.dtype | None = None,
+                    scheme: str = "block") -> "FusedMoE":
+        """A randomly initialised layer of a named model config (``moe_ops.configs``);
+        ``weight_dtype=torch.float8_e4m3fn`` quantises its experts with ``scheme``."""
+        module = cls(get_config(name_or_config), dtype=dtype, device=device)
+        if weight_dtype is not None and weight_dtype != dtype:
+            if weight_dtype != FP8_DTYPE:
+                raise ValueError(f"weight_dtype must be None, dtype or torch.float8_e4m3fn, "
+                                 f"got {weight_dtype}")
+            module.quantize_experts(scheme)
+        return module
+
+    @property
+    def fp8_scheme(self) -> str | None:
+        """"block" or "channel" for fp8 experts, None for float ones."""
+        return scheme_of(self.w_gate_up_scale)
+
+    @torch.no_grad()
+    def quantize_experts(self, scheme: str = "block") -> "FusedMoE":
+        """Quantise float experts to float8_e4m3fn in place (``moe_ops.fp8.quantize_weight``:
+        "block" 128x128 or "channel"); returns self. The experts' float copies are freed.
+        Cast the layer (``.to(dtype)``) before, not after: ``.to`` casts fp8 tensors too."""
+        if self.fp8_scheme is not None:
+            raise ValueError(f"the experts are already fp8 ({self.fp8_scheme})")
+        if self.router_weight.dtype not in (torch.bfloat16, torch.float16):
+            raise TypeError(f"fp8 experts run with bfloat16 or float16 hidden states; this layer "
+                            f"is {self.router_weight.dtype}: convert it with .to() first")
+        for name in ("w_gate_up", "w_down"):
+            w8, scale = quantize_weight(getattr(self, name), scheme)
+            setattr(self, name, nn.Parameter(w8, requires_grad=False))
+            setattr(self, f"{name}_scale", nn.Parameter(scale, requires_grad=False))
+        return self
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -86,6 +124,8 @@ class FusedMoE(nn.Module):
         Unit-variance input then gives router logits and outputs of order one; DeepSeek's
         score bias is drawn nonzero so that it changes which experts are selected, as a
         trained one does."""
+        if self.fp8_scheme is not None:
+            raise ValueError("reset_parameters draws float experts; this layer's are fp8")
         for weight in (self.router_weight, self.w_gate_up, self.w_down, self.shared_gate_up,
                        self.shared_down, self.shared_gate):
             if weight is not None:
@@ -127,7 +167,8 @@ class FusedMoE(nn.Module):
 
     def _weights(self) -> tuple[torch.Tensor | None, ...]:
         return (self.router_weight, self.w_gate_up, self.w_down, self.score_bias,
-                self.shared_gate_up, self.shared_down, self.shared_gate)
+                self.shared_gate_up, self.shared_down, self.shared_gate, self.w_gate_up_scale,
+                self.w_down_scale)
 
     def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]."""
@@ -137,7 +178,7 @@ class FusedMoE(nn.Module):
         out = fused_moe(
             x, self.router_weight, self.w_gate_up, self.w_down, config.top_k,
             config.scoring, config.renormalize, config.n_group, config.topk_group,
-            score_bias, config.routed_scaling_factor,
+            score_bias, config.routed_scaling_factor, self.w_gate_up_scale, self.w_down_scale,
         )
         shared = self.shared_expert(x)
         if shared is not None:
@@ -152,6 +193,8 @@ class FusedMoE(nn.Module):
         c = self.config
         text = (f"{c.name}: experts={c.num_experts}, top_k={c.top_k}, hidden={c.hidden_size}, "
                 f"intermediate={c.intermediate_size}, scoring={c.scoring}")
+        if self.fp8_scheme:
+            text += f", fp8 experts ({self.fp8_scheme})"
         if c.n_group > 1:
             text += f", groups={c.topk_group}/{c.n_group}"
         if c.shared_experts:

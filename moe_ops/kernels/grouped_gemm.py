@@ -123,8 +123,6 @@ def _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, w_scale_ptr, expert
     w_rows = offs_n + (offs_w // BLOCK_N) * N
     col_mask = offs_n < N
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_rows[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-    # Block scales of this tile's rows (W_SCALE=2: one per 128 rows, one column per 128 of K).
-    s_ptrs = w_scale_ptr + expert.to(tl.int64) * stride_se + (w_rows // 128) * stride_sn
     acc = tl.zeros([BLOCK_M, W_COLS], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = _load_a(a_ptrs, a_desc, row0, row_mask, k0, K, offs_k, A_DESC, EVEN_K, INTERPRETER)
@@ -134,8 +132,9 @@ def _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, w_scale_ptr, expert
         else:
             w = _weight_tile_pointers(w_ptrs, col_mask, k0, K, offs_k, EVEN_K, INTERPRETER)
         w_scale_k = None
-        if W_SCALE == 2:
-            w_scale_k = tl.load(s_ptrs + k0 // 128, mask=col_mask, other=0.0)
+        if W_SCALE == 2:  # the block scales of this tile's rows at this K step
+            w_scale_k = tl.load(w_scale_ptr + expert.to(tl.int64) * stride_se
+                                + (w_rows // 128) * stride_sn + k0 // 128, mask=col_mask, other=0.0)
         acc = _step(acc, a, w, w_scale_k, INTERPRETER, W_SCALE, A_FP8)
         if not A_DESC:
             a_ptrs += BLOCK_K
