@@ -64,25 +64,46 @@ def _expand(scale: torch.Tensor, weight_shape) -> torch.Tensor:
     return full[:, :rows, :cols]
 
 
-def quantize_weight(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w8 float8_e4m3fn [E, N, K], scale float32) with ``w ~= w8 * scale`` elementwise."""
-    if w.dim() != 3:
-        raise ValueError(f"quantize_weight takes a weight [E, N, K], got shape {tuple(w.shape)}")
+def _quantize_experts(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_weight of a few experts, in float32."""
     w32 = w.float()
     if scheme == "block":
         amax = _blocks(w32).abs().amax(dim=(2, 4))
-    elif scheme == "channel":
-        amax = w32.abs().amax(dim=2)
     else:
-        raise ValueError(f"fp8 scheme must be one of {SCHEMES}, got {scheme!r}")
+        amax = w32.abs().amax(dim=2)
     scale = amax.clamp(min=AMAX_FLOOR) / FP8_MAX
-    w8 = (w32 / _expand(scale, w.shape)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return w8.contiguous(), scale.contiguous()
+    return (w32 / _expand(scale, w.shape)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
-def dequantize_weight(w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float32 ``w8 * scale`` [E, N, K]."""
-    return w8.float() * _expand(scale, w8.shape)
+def _expert_chunks(num_experts: int, per_expert_elems: int) -> range:
+    """Start indices of expert chunks of about 2^28 elements (float32 temporaries ~1 GiB)."""
+    return range(0, num_experts, max(1, (1 << 28) // max(1, per_expert_elems)))
+
+
+def quantize_weight(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w8 float8_e4m3fn [E, N, K], scale float32) with ``w ~= w8 * scale`` elementwise;
+    a few experts at a time, so a whole model's layer quantises in little extra memory."""
+    if w.dim() != 3:
+        raise ValueError(f"quantize_weight takes a weight [E, N, K], got shape {tuple(w.shape)}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"fp8 scheme must be one of {SCHEMES}, got {scheme!r}")
+    w8 = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
+    scale = torch.empty(scale_shape(scheme, w.shape), dtype=torch.float32, device=w.device)
+    step = _expert_chunks(w.shape[0], w[0].numel()).step
+    for e in range(0, w.shape[0], step):
+        w8[e:e + step], scale[e:e + step] = _quantize_experts(w[e:e + step], scheme)
+    return w8, scale
+
+
+def dequantize_weight(w8: torch.Tensor, scale: torch.Tensor,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``w8 * scale`` [E, N, K] in ``dtype`` (computed in float32, a few experts at a time)."""
+    out = torch.empty(w8.shape, dtype=dtype, device=w8.device)
+    step = _expert_chunks(w8.shape[0], w8[0].numel()).step
+    for e in range(0, w8.shape[0], step):
+        part = w8[e:e + step]
+        out[e:e + step] = part.float() * _expand(scale[e:e + step], part.shape)
+    return out
 
 
 def quantize_activations(a: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,8 @@ def check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk
     num_experts = router_weight.shape[0]
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+    # A SymInt where torch.compile(dynamic=True) traces an int from a closure.
+    if not isinstance(top_k, (int, torch.SymInt)) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
     if n_group < 1 or num_experts % n_group != 0:
         raise ValueError(f"n_group must be >= 1 and divide num_experts={num_experts}, got {n_group}")

@@ -72,3 +72,24 @@ def _matmul_ms(n: int, dtype: torch.dtype, device, median, iters: int) -> float:
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     return median(lambda: torch.mm(a, b), iters=iters)
+
+
+def measure_fp8_rate(device: torch.device | str = "cuda", n: int = 8192) -> float | None:
+    """flop/s of an n^3 e4m3 ``torch._scaled_mm`` (row-wise float32 scales, bf16 out): the
+    fp8 floors' rate; None where the device or the build has no fp8 matmul."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    try:
+        a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+        b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()
+        scale_a = torch.ones(n, 1, device=device)
+        scale_b = torch.ones(1, n, device=device)
+        ms = median_event_ms(lambda: torch._scaled_mm(a, b, scale_a, scale_b,
+                                                      out_dtype=torch.bfloat16, use_fast_accum=True),
+                             iters=10)
+    except RuntimeError:  # no fp8 matmul on this GPU or build
+        return None
+    finally:
+        torch.cuda.empty_cache()
+    return 2 * n**3 / (ms * 1e-3)

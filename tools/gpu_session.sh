@@ -13,6 +13,8 @@
 #   tools/gpu_session.sh bench    the main job, uniform then Zipf(1.2) routing (BENCH_ARGS;
 #                                 vLLM and Megablocks beside ours where installed),
 #                                 and the measured gate+up fusion saving          (~5 min)
+#   tools/gpu_session.sh fp8      the fp8 tests, then fp8 experts against bf16 and the fp8
+#                                 anchors (python -m benchmarks.bench_fp8; FP8_ARGS) (~6 min)
 #   tools/gpu_session.sh eager    whole Hugging Face models, eager, transformers' experts
 #                                 vs moe_ops.patch_hf_model (benchmarks/bench_hf_eager.py;
 #                                 EAGER_ARGS)                                      (~3 min)
@@ -66,6 +68,11 @@ for step in "$@"; do
         | tee "$OUT/bench_zipf.log" | tail -5
       python -m benchmarks.bench_fusion --models mixtral-8x7b qwen3-30b-a3b --tokens 1 32 512 8192 \
         2>&1 | tee "$OUT/fusion.log" | tail -30 ;;
+    fp8)
+      python -m pytest -q -p no:cacheprovider tests/test_fp8.py > "$OUT/test_fp8.log" 2>&1 \
+        || echo "FP8 TESTS FAILED (see test_fp8.log)"
+      tail -15 "$OUT/test_fp8.log"
+      python -m benchmarks.bench_fp8 --out "$OUT" ${FP8_ARGS:-} 2>&1 | tee "$OUT/bench_fp8.log" | tail -90 ;;
     eager)
       python -m benchmarks.bench_hf_eager --out "$OUT" ${EAGER_ARGS:-} 2>&1 | tee "$OUT/hf_eager.log" | tail -40 ;;
     ep)
@@ -80,6 +87,6 @@ for step in "$@"; do
       [ "$out_given" = yes ] || { echo "pack empties \$OUT: set OUT to a scratch folder" >&2; exit 2; }
       tar czf /tmp/session.tar.gz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/session.tar.gz "$OUT/" ;;
     *)
-      echo "unknown step '$step' (test, probe, tune, heuristic, bench, eager, ep, pack)" >&2; exit 2 ;;
+      echo "unknown step '$step' (test, probe, tune, heuristic, bench, fp8, eager, ep, pack)" >&2; exit 2 ;;
   esac
 done

@@ -1,0 +1,237 @@
+"""fp8 experts: the two weight schemes, fp8 and 16-bit activations, against the plain
+PyTorch emulation (``moe_ops.reference`` with the scales) and the bf16 reference on the
+dequantised weights; the ops, compile, CUDA graphs, the module, and the argument checks."""
+from dataclasses import replace
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import moe_ops
+from moe_ops import FusedMoE
+from moe_ops.fp8 import (FP8_DTYPE, dequantize_weight, quantize_activations, quantize_weight,
+                         scale_shape)
+from moe_ops.interpreter import interpreter_active
+from moe_ops.kernels.fp8 import quantize_rows
+from moe_ops.pipeline import fused_experts_impl
+from moe_ops.reference import fused_experts_reference, route_reference
+from moe_ops.tiles import TileConfig, get_tile_config
+
+from conftest import ON_GPU
+from helpers import assert_close_l2, capture
+
+SCHEMES = ("block", "channel")
+EMULATION_TOL = 1e-2  # against the reference that quantises the same way (bf16 output)
+DEQUANTISED_TOL = 6e-2  # against the bf16 reference on the dequantised weights
+# hidden 320 / inter 192: partial 128-blocks in both GEMMs (K and N); real sizes on a GPU.
+SHAPES = dict(num_tokens=96, num_experts=8, top_k=2, hidden=320, inter=192) if not ON_GPU else \
+    dict(num_tokens=512, num_experts=16, top_k=4, hidden=1280, inter=896)
+
+
+def fp8_inputs(scheme, device, num_tokens, num_experts, top_k, hidden, inter):
+    """bf16 tokens and routing, float experts and their fp8 quantisation."""
+    x = torch.randn(num_tokens, hidden, device=device).bfloat16()
+    w_gate_up = torch.randn(num_experts, 2 * inter, hidden, device=device) * hidden ** -0.5
+    w_down = torch.randn(num_experts, hidden, inter, device=device) * inter ** -0.5
+    topk_weights = torch.rand(num_tokens, top_k, device=device)
+    topk_ids = torch.rand(num_tokens, num_experts, device=device).topk(top_k, dim=1).indices.int()
+    gate_up8, gate_up_scale = quantize_weight(w_gate_up, scheme)
+    down8, down_scale = quantize_weight(w_down, scheme)
+    return x, topk_weights, topk_ids, (gate_up8, down8, gate_up_scale, down_scale)
+
+
+def check_against_references(out, x, topk_weights, topk_ids, fp8_weights, fp8_activations):
+    gate_up8, down8, gate_up_scale, down_scale = fp8_weights
+    emulated = fused_experts_reference(x, topk_weights, topk_ids, gate_up8, down8, gate_up_scale,
+                                       down_scale, fp8_activations)
+    assert_close_l2(out, emulated, EMULATION_TOL)
+    dequantised = fused_experts_reference(
+        x, topk_weights, topk_ids, dequantize_weight(gate_up8, gate_up_scale).bfloat16(),
+        dequantize_weight(down8, down_scale).bfloat16())
+    assert_close_l2(out, dequantised, DEQUANTISED_TOL)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_weight_quantisation_round_trip(scheme, device):
+    w = torch.randn(3, 200, 300, device=device)  # partial blocks both ways
+    w8, scale = quantize_weight(w, scheme)
+    assert w8.dtype == FP8_DTYPE and scale.dtype == torch.float32
+    assert tuple(scale.shape) == scale_shape(scheme, w.shape)
+    assert_close_l2(dequantize_weight(w8, scale), w, 4e-2)
+
+
+@triton.jit
+def _quantize_kernel(a_ptr, q_ptr, s_ptr, INTERPRETER: tl.constexpr):
+    rows = tl.arange(0, 16)
+    cols = tl.arange(0, 128)
+    q, s = quantize_rows(tl.load(a_ptr + rows[:, None] * 128 + cols[None, :]), INTERPRETER)
+    tl.store(q_ptr + rows[:, None] * 128 + cols[None, :], q.to(tl.float32))
+    tl.store(s_ptr + rows, s)
+
+
+def test_kernel_activation_quantisation_is_torchs(device):
+    """quantize_rows rounds exactly as torch's float32 -> e4m3fn cast (emulated under the
+    interpreter, whose own cast is wrong), over normals, subnormals and ties."""
+    a = torch.randn(16, 128, device=device) * torch.logspace(-4, 2, 16, device=device)[:, None]
+    a[3, :8] = 0.0
+    q = torch.empty_like(a)
+    s = torch.empty(16, device=device)
+    _quantize_kernel[(1,)](a, q, s, INTERPRETER=interpreter_active())
+    expected = quantize_activations(a)
+    torch.testing.assert_close(q * s[:, None], expected, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("a_fp8,b_desc", [((False, False), False), ((True, True), True),
+                                          ((False, True), True), ((True, False), False)])
+def test_kernel_variants_match_emulation(scheme, a_fp8, b_desc, device):
+    x, topk_weights, topk_ids, fp8_weights = fp8_inputs(scheme, device, **SHAPES)
+    gate_up8, down8, gate_up_scale, down_scale = fp8_weights
+    block_m = 64 if ON_GPU else 32
+    tiles = [TileConfig(block_m, 64, 128, 1, 4, 3, B_DESC=b_desc, A_FP8=flag) for flag in a_fp8]
+    out = fused_experts_impl(x, topk_weights, topk_ids, gate_up8, down8, *tiles,
+                             w_gate_up_scale=gate_up_scale, w_down_scale=down_scale)
+    check_against_references(out, x, topk_weights, topk_ids, fp8_weights, a_fp8)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_block_scales_with_shorter_k_steps(scheme, device):
+    """Weight-only tiles may step K by 64 (half a scale block) and in 16-row blocks."""
+    x, topk_weights, topk_ids, fp8_weights = fp8_inputs(scheme, device, **SHAPES)
+    tile = TileConfig(16, 32, 64, 1, 4, 3)
+    out = fused_experts_impl(x, topk_weights, topk_ids, fp8_weights[0], fp8_weights[1], tile, tile,
+                             w_gate_up_scale=fp8_weights[2], w_down_scale=fp8_weights[3])
+    check_against_references(out, x, topk_weights, topk_ids, fp8_weights, (False, False))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("num_tokens", [1, 200] if not ON_GPU else [1, 64, 4096])
+def test_default_tiles_match_emulation(scheme, num_tokens, device):
+    """The looked-up tiles (the H200 table on one, the heuristic elsewhere) at each T."""
+    shape = dict(SHAPES, num_tokens=num_tokens)
+    x, topk_weights, topk_ids, fp8_weights = fp8_inputs(scheme, device, **shape)
+    out = moe_ops.fused_experts(x, topk_weights, topk_ids, fp8_weights[0], fp8_weights[1],
+                                fp8_weights[2], fp8_weights[3])
+    lookup = (shape["num_experts"], shape["hidden"], shape["inter"], num_tokens, shape["top_k"],
+              x.dtype, device, scheme)
+    a_fp8 = tuple(get_tile_config(stage, *lookup).A_FP8 for stage in ("gate_up", "down"))
+    check_against_references(out, x, topk_weights, topk_ids, fp8_weights, a_fp8)
+
+
+def deepseek_like(device, scheme):
+    """A small sigmoid-routed, grouped layer with fp8 experts, and its routing arguments."""
+    num_experts, hidden, inter = 16, SHAPES["hidden"], SHAPES["inter"]
+    x = torch.randn(40, hidden, device=device).bfloat16()
+    router = (torch.randn(num_experts, hidden, device=device) * hidden ** -0.5).bfloat16()
+    bias = torch.randn(num_experts, device=device) * 0.1
+    _, _, _, fp8_weights = fp8_inputs(scheme, device, 1, num_experts, 4, hidden, inter)
+    routing = dict(top_k=4, scoring="sigmoid", n_group=4, topk_group=2, score_bias=bias,
+                   routed_scaling_factor=2.5)
+    return x, router, fp8_weights, routing
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_fused_moe_eager_op_and_compiled(scheme, device):
+    x, router, (gate_up8, down8, gate_up_scale, down_scale), routing = deepseek_like(device, scheme)
+    scales = dict(w_gate_up_scale=gate_up_scale, w_down_scale=down_scale)
+    out = moe_ops.fused_moe(x, router, gate_up8, down8, **routing, **scales)
+    topk_weights, topk_ids = route_reference(x, router, **routing)
+    lookup = (16, x.shape[1], down8.shape[2], x.shape[0], 4, x.dtype, device, scheme)
+    a_fp8 = tuple(get_tile_config(stage, *lookup).A_FP8 for stage in ("gate_up", "down"))
+    check_against_references(out, x, topk_weights, topk_ids,
+                             (gate_up8, down8, gate_up_scale, down_scale), a_fp8)
+    op_out = torch.ops.tritonmoe.fused_moe(x, router, gate_up8, down8, **routing, **scales)
+    assert torch.equal(op_out, out)
+    compiled = torch.compile(lambda t: moe_ops.fused_moe(t, router, gate_up8, down8, **routing,
+                                                         **scales), fullgraph=True, dynamic=True)
+    assert_close_l2(compiled(x), out, 1e-6)
+    assert_close_l2(compiled(x[:7]), moe_ops.fused_moe(x[:7], router, gate_up8, down8, **routing,
+                                                       **scales), 1e-6)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_fused_experts_opcheck(scheme, device):
+    x, topk_weights, topk_ids, fp8_weights = fp8_inputs(scheme, device, 24, 8, 2, 256, 128)
+    # test_schema compares inputs with ops CPU float8 lacks; the fake and AOT checks run.
+    torch.library.opcheck(torch.ops.tritonmoe.fused_experts.default,
+                          (x, topk_weights, topk_ids, *fp8_weights),
+                          test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_cuda_graph_replay_without_host_sync(scheme, device):
+    x, router, (gate_up8, down8, gate_up_scale, down_scale), routing = deepseek_like(device, scheme)
+    fn = lambda: moe_ops.fused_moe(x, router, gate_up8, down8, **routing,  # noqa: E731
+                                   w_gate_up_scale=gate_up_scale, w_down_scale=down_scale)
+    expected = fn()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graph, static_out = capture(fn)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not torch.equal(static_out, expected)
+    assert_close_l2(static_out, fn(), 1e-6)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_module_holds_fp8_experts(scheme, device):
+    config = replace(moe_ops.get_config("qwen3-30b-a3b"), num_experts=8, hidden_size=256,
+                     intermediate_size=128, top_k=2)
+    module = FusedMoE(config, dtype=torch.bfloat16, device=device)
+    x = torch.randn(5, 256, device=device).bfloat16()
+    float_out = module(x)
+    module.quantize_experts(scheme)
+    assert module.fp8_scheme == scheme and module.w_gate_up.dtype == FP8_DTYPE
+    assert_close_l2(module(x), float_out, DEQUANTISED_TOL)
+    with pytest.raises(ValueError, match="already fp8"):
+        module.quantize_experts(scheme)
+    drawn = FusedMoE.from_config(config, dtype=torch.bfloat16, device=device,
+                                 weight_dtype=FP8_DTYPE, scheme=scheme)
+    assert drawn.fp8_scheme == scheme and torch.isfinite(drawn(x).float()).all()
+
+
+def _bad_args(device):
+    x, topk_weights, topk_ids, (gate_up8, down8, gate_up_scale, down_scale) = fp8_inputs(
+        "block", device, 8, 4, 2, 256, 128)
+    good = dict(hidden_states=x, topk_weights=topk_weights, topk_ids=topk_ids, w_gate_up=gate_up8,
+                w_down=down8, w_gate_up_scale=gate_up_scale, w_down_scale=down_scale)
+    _, channel_scale = quantize_weight(torch.randn(4, 256, 128, device=device), "channel")
+    return good, [
+        (dict(w_gate_up_scale=None), ValueError, "w_gate_up_scale is required"),
+        (dict(w_down_scale=down_scale.double()), TypeError, "w_down_scale must be float32"),
+        (dict(w_gate_up_scale=torch.ones(4, 4, 4, device=device)), ValueError,
+         "128x128 blocks, the only block size supported"),
+        (dict(w_down_scale=channel_scale), ValueError, "use one scheme"),
+        (dict(w_down_scale=torch.ones(4, 256, 1, 1, device=device)), ValueError, "3-D"),
+        (dict(hidden_states=x.float()), TypeError, "bfloat16 or float16 with float8"),
+        (dict(w_down=down8.float()), TypeError, "both expert weights"),
+        (dict(w_gate_up=gate_up8.bfloat16(), w_down=down8.bfloat16()), ValueError,
+         "scales go with float8_e4m3fn weights only"),
+        (dict(w_gate_up_scale=gate_up_scale.transpose(1, 2).contiguous().transpose(1, 2)),
+         ValueError, "w_gate_up_scale must be contiguous"),
+    ]
+
+
+def test_bad_fp8_arguments_are_named(device):
+    good, cases = _bad_args(device)
+    for change, error, message in cases:
+        args = dict(good, **change)
+        with pytest.raises(error, match=message):
+            moe_ops.fused_experts(**args)
+        # The fake checks the same at trace time (dynamo wraps the error, message kept).
+        with pytest.raises((error, torch._dynamo.exc.TorchRuntimeError), match=message):
+            torch.compile(moe_ops.fused_experts, fullgraph=True)(**args)
+
+
+def test_fp8_tiles_are_checked(device):
+    x, topk_weights, topk_ids, fp8_weights = fp8_inputs("block", device, 8, 4, 2, 256, 128)
+    for tile, message in ((TileConfig(16, 32, 64, A_FP8=True), "A_FP8 needs fp8 weights and BLOCK_K=128"),
+                          (TileConfig(16, 32, 256), "BLOCK_K dividing 128")):
+        with pytest.raises(ValueError, match=message):
+            fused_experts_impl(x, topk_weights, topk_ids, fp8_weights[0], fp8_weights[1], tile,
+                               tile, w_gate_up_scale=fp8_weights[2], w_down_scale=fp8_weights[3])
