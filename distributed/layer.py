@@ -14,8 +14,9 @@ One forward, in the order the data moves (W ranks, this rank r, its tokens x [T,
     send back   each partial row to its token's rank
     combine     out[t] = own partial + the owners' partials + shared (one kernel)
 
-The expert computation is ``moe_ops.pipeline.fused_experts_impl`` on the local shard:
-ids a rank does not own arrive as -1 and are skipped by its kernels.
+The expert computation is ``moe_ops.pipeline.fused_experts_impl`` on the local shard
+(with its fp8 scales for fp8 experts): ids a rank does not own arrive as -1 and are
+skipped by its kernels.
 
 Every exchange carries the layer's id, its call count and the sender's status
 (``protocol``, which also says where and when each failure raises); whatever fails, a
@@ -44,15 +45,16 @@ from moe_ops.pipeline import fused_experts_impl
 from moe_ops.profiling import stage_range
 from moe_ops.routing import Routing, route
 from moe_ops.interpreter import BLOCKS, interpreter_active
-from moe_ops.validation import FLOAT_DTYPES
+from moe_ops.fp8 import scheme_of
+from moe_ops.validation import FLOAT_DTYPES, check_expert_weights
 
 from . import protocol as P
 from .all_to_all import AllToAllTransport
 from .kernels import combine_partials_kernel
 from .nvlink import NVLinkTransport, nvlink_available
 from .plan import plan_and_pack
-from .sharding import (check_ranks_agree, draw_experts, expert_range, layer_description,
-                       replicated_shell)
+from .sharding import (EXPERT_TENSORS, check_ranks_agree, draw_experts, expert_range,
+                       layer_description, replicated_shell, weight_format)
 
 TRANSPORTS = ("auto", "nvlink", "all_to_all")
 
@@ -68,15 +70,43 @@ def layer_by_id(layer_id: int) -> "ExpertParallelMoE":
     return layer
 
 
+def _experts_error(hidden_size, router_weight, w_gate_up, w_down, w_gate_up_scale, w_down_scale):
+    """(type name, message) when this rank's expert weights (and fp8 scales) do not fit
+    its hidden size, dtype (the router's) and device, else None: the layer gathers it, so
+    that every rank raises it."""
+    hidden_like = torch.empty(0, hidden_size, dtype=router_weight.dtype,
+                              device=router_weight.device)
+    # The layer keeps contiguous copies: only a copy's layout matters.
+    contiguous = [None if t is None else t.contiguous()
+                  for t in (w_gate_up, w_down, w_gate_up_scale, w_down_scale)]
+    try:
+        check_expert_weights(hidden_like, *contiguous)
+    except (TypeError, ValueError) as error:
+        return (type(error).__name__, f"its {weight_format(w_gate_up, w_gate_up_scale)} experts "
+                f"do not fit its {router_weight.dtype} router and hidden states: {error}")
+    return None
+
+
 class ExpertParallelMoE(nn.Module):
     """Routed experts sharded over ``group`` (default: the world), router and shared
     expert replicated. ``forward(x [..., H]) -> [..., H]`` gives each rank what a
     single-process ``FusedMoE`` gives for its own tokens; every rank of the group must
     call it, with any number of tokens (0 included).
 
+    fp8 experts (``FusedMoE.quantize_experts``, ``from_config(weight_dtype=
+    torch.float8_e4m3fn, scheme="block" | "channel")``) are supported: each rank keeps the
+    rows ``expert_range`` of ``w_gate_up``, ``w_down`` and of their float32 scales
+    ``w_gate_up_scale``, ``w_down_scale`` (dim 0 is the expert in both scale layouts,
+    ``moe_ops.fp8``), and runs them for its own and the received tokens. Tokens travel in
+    the hidden dtype (bfloat16 or float16), which the router and shared expert keep.
+    The ranks check at construction that they hold one config, hidden dtype and expert
+    format (dtype and fp8 scheme), and that each rank's experts and scales fit its hidden
+    states; any mismatch raises the same error on every rank.
+
     Args:
         moe: the whole layer, the same weights on every rank; only this rank's shard
-            ``expert_range`` of its routed experts is kept (copied).
+            ``expert_range`` of its routed experts (and of their fp8 scales) is kept
+            (copied).
         transport: ``"nvlink"`` (one node, symmetric memory, needs
             ``max_tokens_per_rank``), ``"all_to_all"`` (``torch.distributed``
             collectives on the group's backend) or ``"auto"`` (nvlink when every rank
@@ -113,9 +143,14 @@ class ExpertParallelMoE(nn.Module):
         config = moe.config
         self.config = config
         global _next_id
+        experts = (tuple(getattr(moe, name) for name in EXPERT_TENSORS)
+                   if _local_experts is None else tuple(_local_experts))
         description = layer_description(config, moe.router_weight.dtype, moe.router_weight,
-                                        transport, max_tokens_per_rank)
+                                        transport, max_tokens_per_rank,
+                                        weight_format(experts[0], experts[2]))
         description["_layer_id"] = _next_id
+        description["_error"] = _experts_error(config.hidden_size, moe.router_weight,
+                                               *experts)
         gathered = check_ranks_agree(self.group, description)
         # The layer's id, the same on every rank (they build their layers collectively).
         self.layer_id = max(g["_layer_id"] for g in gathered)
@@ -131,10 +166,12 @@ class ExpertParallelMoE(nn.Module):
         self.shared_gate_up = keep(moe.shared_gate_up)
         self.shared_down = keep(moe.shared_down)
         self.shared_gate = keep(moe.shared_gate)
+        # This rank's experts: rows first:last of the weights and of their fp8 scales
+        # (dim 0 is the expert in both scale layouts); from_config drew only these.
         if _local_experts is None:
-            _local_experts = (moe.w_gate_up[first:last].clone(), moe.w_down[first:last].clone())
-        self.w_gate_up = keep(_local_experts[0].contiguous())
-        self.w_down = keep(_local_experts[1].contiguous())
+            experts = tuple(None if t is None else t[first:last].clone() for t in experts)
+        for name, tensor in zip(EXPERT_TENSORS, experts):
+            self.register_parameter(name, keep(None if tensor is None else tensor.contiguous()))
 
         self.overlap = overlap
         self.timeout = timeout
@@ -182,18 +219,23 @@ class ExpertParallelMoE(nn.Module):
     @classmethod
     def from_config(cls, name_or_config: str | MoEConfig, group=None, dtype=torch.float32,
                     device=None, transport: str = "auto", max_tokens_per_rank: int | None = None,
-                    *, seed: int = 0, overlap: bool = False, timeout: float | None = None
+                    *, seed: int = 0, overlap: bool = False, timeout: float | None = None,
+                    weight_dtype: torch.dtype | None = None, scheme: str = "block"
                     ) -> "ExpertParallelMoE":
         """A random layer that allocates only this rank's experts; router and shared
-        weights are drawn identically on every rank. The whole layer is
-        ``moe_ops.distributed.random_fused_moe(config, seed)``."""
+        weights are drawn identically on every rank. ``weight_dtype=torch.float8_e4m3fn``
+        quantises the experts with ``scheme`` ("block" or "channel"), as
+        ``FusedMoE.from_config`` does (``dtype`` then bfloat16 or float16). The whole
+        layer is ``moe_ops.distributed.random_fused_moe(config, seed, dtype, device,
+        weight_dtype, scheme)``."""
         config = get_config(name_or_config)
         group = group if group is not None else dist.group.WORLD
         experts = expert_range(config.num_experts, dist.get_world_size(group),
                                dist.get_rank(group))
         return cls(replicated_shell(config, seed, dtype, device), group, transport,
                    max_tokens_per_rank, overlap=overlap, timeout=timeout,
-                   _local_experts=draw_experts(config, seed, experts, dtype, device))
+                   _local_experts=draw_experts(config, seed, experts, dtype, device,
+                                               weight_dtype, scheme))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [..., H]: routed experts (over all ranks) plus the shared expert."""
@@ -339,12 +381,14 @@ class ExpertParallelMoE(nn.Module):
             filled = [0 if overlap and d == r else T for d in range(W)]
         pending = transport.dispatch(*send, send_rows, recv_rows, filled, call=call)
 
+        scales = dict(w_gate_up_scale=self.w_gate_up_scale, w_down_scale=self.w_down_scale)
         local = (fused_experts_impl(x, topk_weights, plan.own_ids, self.w_gate_up,
-                                    self.w_down) if overlap else None)
+                                    self.w_down, **scales) if overlap else None)
         shared = shared_expert_output(x, self.shared_gate_up, self.shared_down, self.shared_gate)
 
         recv_x, recv_ids, recv_weights = transport.receive(pending, call=call)
-        partials = fused_experts_impl(recv_x, recv_weights, recv_ids, self.w_gate_up, self.w_down)
+        partials = fused_experts_impl(recv_x, recv_weights, recv_ids, self.w_gate_up, self.w_down,
+                                      **scales)
         back_filled = [0 if overlap and d == r else rows for d, rows in enumerate(recv_rows)]
         back = transport.receive_back(
             transport.send_back(partials, send_rows, recv_rows, back_filled, call=call), call=call)
@@ -363,7 +407,13 @@ class ExpertParallelMoE(nn.Module):
         transport.end(call)
         return out
 
+    @property
+    def fp8_scheme(self) -> str | None:
+        """"block" or "channel" for fp8 experts, None for float ones (as ``FusedMoE``)."""
+        return scheme_of(self.w_gate_up_scale)
+
     def extra_repr(self) -> str:
         return (f"{self.config.name}: experts {self.expert_range.start}..{self.expert_range.stop - 1} "
-                f"of {self.config.num_experts} on rank {self.rank}/{self.world_size}, "
+                f"of {self.config.num_experts} on rank {self.rank}/{self.world_size} "
+                f"({weight_format(self.w_gate_up, self.w_gate_up_scale)}), "
                 f"transport={self.transport.name}, max_tokens_per_rank={self.max_tokens_per_rank}")

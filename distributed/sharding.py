@@ -1,10 +1,13 @@
 """Which experts a rank holds, random layers drawn shard by shard, and the checks that
 every rank of a group built the same layer.
 
-Rank r of W holds the contiguous experts ``[r*E/W, (r+1)*E/W)``. Random weights are
-drawn from generators seeded per tensor (and per expert), so a rank can draw its own
-shard alone and still hold exactly the experts ``random_fused_moe`` draws for a whole
-single-process layer with the same seed.
+Rank r of W holds the contiguous experts ``[r*E/W, (r+1)*E/W)``: those rows of
+``w_gate_up`` and ``w_down`` and, for fp8 experts, of their scales (dim 0 of a scale is
+the expert in both schemes, ``moe_ops.fp8``). Random weights are drawn from generators
+seeded per tensor (and per expert), so a rank can draw its own shard alone and still
+hold exactly the experts ``random_fused_moe`` draws for a whole single-process layer
+with the same seed. fp8 quantisation is per expert (its blocks or rows), so quantising
+a shard gives the rows of the quantised whole.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from moe_ops.configs import MoEConfig
+from moe_ops.fp8 import FP8_DTYPE, quantize_weight, scheme_of
 from moe_ops.module import FusedMoE
 
 
@@ -25,6 +29,11 @@ def expert_range(num_experts: int, world_size: int, rank: int) -> range:
             f"{world_size} (experts are split into equal contiguous shards)")
     per_rank = num_experts // world_size
     return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+# The routed experts' tensors, each sharded along dim 0 (the scales are None for float
+# experts).
+EXPERT_TENSORS = ("w_gate_up", "w_down", "w_gate_up_scale", "w_down_scale")
 
 
 def _normal(shape, std, seed, dtype, device):
@@ -48,8 +57,21 @@ def draw_replicated(config: MoEConfig, seed: int, dtype, device) -> dict:
     )
 
 
-def draw_experts(config: MoEConfig, seed: int, experts: range, dtype, device):
-    """(w_gate_up [n, 2I, H], w_down [n, H, I]) of the given experts only."""
+def is_fp8(weight_dtype, dtype) -> bool:
+    """Whether ``weight_dtype`` asks for fp8 experts beside hidden ``dtype`` (None or
+    ``dtype``: float experts), as ``FusedMoE.from_config`` reads it."""
+    if weight_dtype is None or weight_dtype == dtype:
+        return False
+    if weight_dtype != FP8_DTYPE:
+        raise ValueError(f"weight_dtype must be None, dtype or torch.float8_e4m3fn, got {weight_dtype}")
+    return True
+
+
+def draw_experts(config: MoEConfig, seed: int, experts: range, dtype, device,
+                 weight_dtype=None, scheme: str = "block") -> tuple:
+    """(w_gate_up [n, 2I, H], w_down [n, H, I], w_gate_up_scale, w_down_scale) of the
+    given experts only: drawn in ``dtype``, then quantised with ``scheme`` when
+    ``weight_dtype`` is float8_e4m3fn (the scales are None for float experts)."""
     H, I = config.hidden_size, config.intermediate_size
     base = seed * 1_000_003 + 16
     w_gate_up = torch.empty(len(experts), 2 * I, H, dtype=dtype, device=device)
@@ -57,7 +79,11 @@ def draw_experts(config: MoEConfig, seed: int, experts: range, dtype, device):
     for i, expert in enumerate(experts):
         w_gate_up[i] = _normal((2 * I, H), H ** -0.5, base + 2 * expert, dtype, device)
         w_down[i] = _normal((H, I), I ** -0.5, base + 2 * expert + 1, dtype, device)
-    return w_gate_up, w_down
+    if not is_fp8(weight_dtype, dtype):
+        return w_gate_up, w_down, None, None
+    (w_gate_up, gate_up_scale), (w_down, down_scale) = (quantize_weight(w_gate_up, scheme),
+                                                        quantize_weight(w_down, scheme))
+    return w_gate_up, w_down, gate_up_scale, down_scale
 
 
 def replicated_shell(config: MoEConfig, seed: int, dtype, device) -> FusedMoE:
@@ -72,31 +98,52 @@ def replicated_shell(config: MoEConfig, seed: int, dtype, device) -> FusedMoE:
     return moe
 
 
-def random_fused_moe(config: MoEConfig, seed: int = 0, dtype=torch.float32,
-                     device=None) -> FusedMoE:
-    """The whole layer ``ExpertParallelMoE.from_config`` draws for this seed, on one process."""
+def random_fused_moe(config: MoEConfig, seed: int = 0, dtype=torch.float32, device=None,
+                     weight_dtype=None, scheme: str = "block") -> FusedMoE:
+    """The whole layer ``ExpertParallelMoE.from_config`` draws for this seed (and weight
+    format: ``weight_dtype``, ``scheme`` as in ``FusedMoE.from_config``), on one process."""
     moe = replicated_shell(config, seed, dtype, device)
-    w_gate_up, w_down = draw_experts(config, seed, range(config.num_experts), dtype, device)
-    moe.w_gate_up = torch.nn.Parameter(w_gate_up, requires_grad=False)
-    moe.w_down = torch.nn.Parameter(w_down, requires_grad=False)
+    experts = draw_experts(config, seed, range(config.num_experts), dtype, device,
+                           weight_dtype, scheme)
+    for name, tensor in zip(EXPERT_TENSORS, experts):
+        setattr(moe, name, None if tensor is None
+                else torch.nn.Parameter(tensor, requires_grad=False))
     return moe
 
 
+def weight_format(w_gate_up: torch.Tensor, w_gate_up_scale: torch.Tensor | None) -> str:
+    """The experts' storage, for descriptions and errors: "torch.bfloat16" or
+    "torch.float8_e4m3fn (block scales)"."""
+    scheme = scheme_of(w_gate_up_scale)
+    return str(w_gate_up.dtype) + (f" ({scheme} scales)" if scheme else "")
+
+
 def layer_description(config: MoEConfig, dtype: torch.dtype, router_weight: torch.Tensor,
-                      transport: str, max_tokens_per_rank: int | None) -> dict:
-    """What must agree between the ranks of one layer; the router's checksum catches
-    ranks that loaded different weights."""
+                      transport: str, max_tokens_per_rank: int | None,
+                      experts_format: str) -> dict:
+    """What must agree between the ranks of one layer: config, hidden dtype, the experts'
+    format (``weight_format``: a float rank beside an fp8 one, or block beside channel
+    scales, would compute different layers), transport settings; the router's checksum
+    catches ranks that loaded different weights."""
     fields = {k: v for k, v in vars(config).items() if k != "name"}
     checksum = float(router_weight.detach().double().abs().sum())
-    return dict(config=fields, dtype=str(dtype), router_checksum=checksum,
-                transport=transport, max_tokens_per_rank=max_tokens_per_rank)
+    return dict(config=fields, dtype=str(dtype), experts_format=experts_format,
+                router_checksum=checksum, transport=transport,
+                max_tokens_per_rank=max_tokens_per_rank)
 
 
 def check_ranks_agree(group, description: dict) -> list:
-    """Gather every rank's description; raise the same ValueError on every rank where two
-    differ (keys starting with "_" are gathered, not compared). Returns the gathered list."""
+    """Gather every rank's description; raise the same error on every rank where a rank
+    reports one (under "_error": (exception type name, message), from checks that only
+    that rank could make) or two differ (keys starting with "_" are gathered, not
+    compared). Returns the gathered list."""
     gathered = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, description, group=group)
+    for rank, other in enumerate(gathered):
+        if other.get("_error"):
+            kind, message = other["_error"]
+            raise (TypeError if kind == "TypeError" else ValueError)(
+                f"ExpertParallelMoE: rank {rank} of the group cannot build the layer: {message}")
     first = gathered[0]
     for rank, other in enumerate(gathered[1:], start=1):
         for key in (k for k in first if not k.startswith("_")):
@@ -115,5 +162,5 @@ def check_ranks_agree(group, description: dict) -> list:
                     f"ExpertParallelMoE: ranks 0 and {rank} of the group disagree on {key}"
                     + ("" if key.startswith("config") else f": {a!r} vs {b!r}")
                     + "; every rank must build the layer from the same config, dtype and "
-                      "weights")
+                      "weights (in the same format)")
     return gathered
