@@ -14,6 +14,19 @@ shape; router logits reach ``output_router_logits`` through hooks on the router 
 which a patched model no longer has, so models configured to output them are refused.
 Blocks are recognised by class name and defining module, so this file never imports
 transformers.
+
+fp8 checkpoints (``FineGrainedFP8Config``) hold the experts in transformers'
+``FP8Experts``: float8_e4m3fn ``gate_up_proj`` / ``down_proj`` with float32
+``*_scale_inv`` per 128x128 block, the op's "block" scheme (``moe_ops.fp8``), read as
+they are. Only what the kernels reproduce converts: ``block_size`` (128, 128),
+``activation_scheme="dynamic"`` (the kernels quantise activations per row per 128
+columns, or keep them in the hidden dtype), float32 scales (not ``scale_fmt="ue8m0"``),
+fp8 (not fp4) weights and a plain SwiGLU. A shared expert (or Qwen2's shared-expert
+gate) quantised to ``FP8Linear`` is dequantised to the hidden dtype: it is one small MLP
+beside the routed experts. The hidden dtype of fp8 experts is the router's (16-bit), or
+the caller's ``hidden_dtype``. DeepSeek-V3's router computes its logits in float32;
+transformers >= 5.2x keeps its weight in float32 even in a bf16 model, so a float32
+DeepSeek router is cast to the hidden dtype (exact for checkpoints, which store it in bf16).
 """
 from __future__ import annotations
 
@@ -23,6 +36,7 @@ import torch
 from torch import nn
 
 from .configs import MoEConfig
+from .fp8 import BLOCK, FP8_DTYPE, dequantize_weight, scale_shape
 
 # Block class name -> (transformers module, kind). Matched on the exact type: a subclass
 # may change the forward, so it is refused rather than silently converted.
@@ -36,23 +50,36 @@ SUPPORTED = {
 MOE_NAME = re.compile(r"Mo[Ee](Block)?$")
 
 
-def read_block(block: nn.Module, copy: bool = True,
-               where: str | None = None) -> tuple[MoEConfig, dict[str, torch.Tensor | None]]:
+def read_block(block: nn.Module, copy: bool = True, where: str | None = None,
+               hidden_dtype: torch.dtype | None = None,
+               ) -> tuple[MoEConfig, dict[str, torch.Tensor | None]]:
     """A supported block's config and weights in the op layout: (config, {router_weight,
-    w_gate_up, w_down, score_bias, shared_gate_up, shared_down, shared_gate}), absent ones
-    None. With ``copy=False`` the tensors share the block's (contiguous) storage."""
+    w_gate_up, w_down, w_gate_up_scale, w_down_scale, score_bias, shared_gate_up,
+    shared_down, shared_gate}), absent ones None. With ``copy=False`` the tensors share the
+    block's (contiguous) storage, except those converted (a float32 DeepSeek router, an
+    fp8 shared expert). ``hidden_dtype``, the model's activation dtype, matters only for
+    fp8 experts (float ones run in their own dtype); by default the router's."""
     kind = kind_of(block)
     name = f"{where} ({type(block).__name__})" if where else type(block).__name__
     if kind is None:
         raise TypeError(f"{name}: unsupported MoE block type; supported: {sorted(SUPPORTED)}")
 
     experts, router = block.experts, block.gate
-    _check_experts(name, experts)
+    fp8 = is_fp8_experts(experts)
+    if fp8:
+        check_fp8_experts(name, experts)
+    else:
+        _check_experts(name, experts)
     num_experts, two_inter, hidden = experts.gate_up_proj.shape
-    dtype = experts.gate_up_proj.dtype
-    if router.weight.dtype != dtype:
-        raise ValueError(f"{name}: router weight dtype {router.weight.dtype} differs from the "
-                         f"experts' {dtype}; the fused op needs one dtype")
+    dtype = _hidden_dtype(name, kind, experts, router, fp8, hidden_dtype)
+    router_weight = router.weight.detach()
+    if router_weight.dtype != dtype:
+        # transformers >= 5.2x keeps DeepSeek-V3's router in float32; it computes logits in
+        # float32 from a bf16 checkpoint weight, so the cast to the hidden dtype is exact there.
+        if not (kind == "deepseek_v3" and router_weight.dtype == torch.float32):
+            raise ValueError(f"{name}: router weight dtype {router_weight.dtype} differs from the "
+                             f"experts' {dtype}; the fused op needs one dtype")
+        router_weight = router_weight.to(dtype)
     routing = dict(top_k=int(router.top_k))
     shared_inter, shared_gated = 0, False
 
@@ -90,16 +117,99 @@ def read_block(block: nn.Module, copy: bool = True,
         return tensor.clone(memory_format=torch.contiguous_format) if copy else tensor.contiguous()
 
     weights = dict(
-        router_weight=take(router.weight), w_gate_up=take(experts.gate_up_proj),
+        router_weight=take(router_weight), w_gate_up=take(experts.gate_up_proj),
         w_down=take(experts.down_proj),
+        w_gate_up_scale=take(experts.gate_up_proj_scale_inv) if fp8 else None,
+        w_down_scale=take(experts.down_proj_scale_inv) if fp8 else None,
         score_bias=take(router.e_score_correction_bias).float() if config.score_bias else None,
         shared_gate_up=None, shared_down=None,
-        shared_gate=take(block.shared_expert_gate.weight) if shared_gated else None)
+        shared_gate=(take(_linear_weight(name, block.shared_expert_gate, dtype))
+                     if shared_gated else None))
     if shared_mlp is not None:
         weights["shared_gate_up"] = torch.cat(
-            [shared_mlp.gate_proj.weight.detach(), shared_mlp.up_proj.weight.detach()], dim=0)
-        weights["shared_down"] = take(shared_mlp.down_proj.weight)
+            [_linear_weight(name, shared_mlp.gate_proj, dtype),
+             _linear_weight(name, shared_mlp.up_proj, dtype)], dim=0)
+        weights["shared_down"] = take(_linear_weight(name, shared_mlp.down_proj, dtype))
     return config, weights
+
+
+def is_fp8_experts(experts: nn.Module) -> bool:
+    """Whether ``experts`` holds quantised weights with scales (transformers' ``FP8Experts``)."""
+    return hasattr(experts, "gate_up_proj_scale_inv") or hasattr(experts, "down_proj_scale_inv")
+
+
+def check_fp8_experts(name: str, experts: nn.Module) -> None:
+    """fp8 experts must be what the kernels compute: float8_e4m3fn weights with float32
+    128x128 block scales, dynamic activations, a plain SwiGLU ([gate; up], no bias)."""
+    _check_expert_flags(name, experts)
+    block_size = getattr(experts, "block_size", None)
+    if block_size is None or tuple(block_size) != (BLOCK, BLOCK):
+        raise ValueError(f"{name}: experts.block_size={block_size!r} is not supported: the fp8 "
+                         f"kernels take weight scales per ({BLOCK}, {BLOCK}) block "
+                         f"(FineGrainedFP8Config(weight_block_size=({BLOCK}, {BLOCK})))")
+    scheme = getattr(experts, "activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise ValueError(f"{name}: experts.activation_scheme={scheme!r} is not supported: the "
+                         "kernels quantise activations dynamically (per row per 128 columns) or "
+                         "not at all, never with static scales")
+    for attr in ("gate_up_proj", "down_proj"):
+        weight = getattr(experts, attr, None)
+        scale = getattr(experts, f"{attr}_scale_inv", None)
+        if weight is None or weight.dtype != FP8_DTYPE:
+            raise ValueError(f"{name}: experts.{attr} is {getattr(weight, 'dtype', None)}; only "
+                             "float8_e4m3fn experts are supported (not expert_dtype='fp4')")
+        if scale is None or scale.dtype != torch.float32:
+            raise ValueError(f"{name}: experts.{attr}_scale_inv is {getattr(scale, 'dtype', None)}; "
+                             "the kernels take float32 scales (not scale_fmt='ue8m0')")
+        expected = scale_shape("block", weight.shape)
+        if tuple(scale.shape) != expected:
+            raise ValueError(f"{name}: experts.{attr}_scale_inv has shape {tuple(scale.shape)}, "
+                             f"expected {expected} for a weight {tuple(weight.shape)} in "
+                             f"{BLOCK}x{BLOCK} blocks")
+    for attr in ("swiglu_alpha", "swiglu_limit", "gate_softcap"):
+        if getattr(experts, attr, None) is not None:
+            raise ValueError(f"{name}: experts.{attr}={getattr(experts, attr)} is not supported "
+                             "(the fused op computes a plain SwiGLU)")
+    _check_experts(name, experts)
+
+
+def _hidden_dtype(name: str, kind: str, experts: nn.Module, router: nn.Module, fp8: bool,
+                  hidden_dtype: torch.dtype | None) -> torch.dtype:
+    if not fp8:
+        return experts.gate_up_proj.dtype  # float experts run in their own dtype
+    if hidden_dtype is None and router.weight.dtype in (torch.bfloat16, torch.float16):
+        hidden_dtype = router.weight.dtype
+    if hidden_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{name}: fp8 experts run with bfloat16 or float16 hidden states; "
+                         f"the router is {router.weight.dtype} and hidden_dtype={hidden_dtype}: "
+                         "pass hidden_dtype=torch.bfloat16 (or cast the model)")
+    return hidden_dtype
+
+
+def _linear_weight(name: str, linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A bias-free linear layer's weight [N, K] in ``dtype``: a float one as it is (its dtype
+    must be ``dtype``), transformers' ``FP8Linear`` (128x128 blocks, dynamic activations)
+    dequantised."""
+    weight = linear.weight.detach()
+    if getattr(linear, "bias", None) is not None:
+        raise ValueError(f"{name}: a shared expert with biases is not supported")
+    if weight.dtype != FP8_DTYPE:
+        if weight.dtype != dtype:
+            raise ValueError(f"{name}: shared expert dtype {weight.dtype} differs from the "
+                             f"experts' {dtype}")
+        return weight
+    block_size = getattr(linear, "block_size", None)
+    if block_size is None or tuple(block_size) != (BLOCK, BLOCK):
+        raise ValueError(f"{name}: shared expert FP8Linear block_size={block_size!r} is not "
+                         f"supported (only ({BLOCK}, {BLOCK}))")
+    if getattr(linear, "activation_scheme", "dynamic") != "dynamic":
+        raise ValueError(f"{name}: shared expert FP8Linear activation_scheme="
+                         f"{linear.activation_scheme!r} is not supported (only 'dynamic')")
+    scale = linear.weight_scale_inv.detach()
+    if scale.dtype != torch.float32 or tuple(scale.shape) != scale_shape("block", (1, *weight.shape))[1:]:
+        raise ValueError(f"{name}: shared expert FP8Linear weight_scale_inv {scale.dtype} "
+                         f"{tuple(scale.shape)} is not float32 per {BLOCK}x{BLOCK} block")
+    return dequantize_weight(weight[None], scale[None])[0].to(dtype)
 
 
 def _deepseek_routing(name: str, block: nn.Module, num_experts: int) -> dict:
@@ -129,11 +239,7 @@ def _deepseek_routing(name: str, block: nn.Module, num_experts: int) -> dict:
 
 def _check_experts(name: str, experts: nn.Module) -> None:
     """The experts must be SwiGLU with concatenated [gate; up] rows, no bias, all local."""
-    for attr, expected in (("has_gate", True), ("has_bias", False), ("is_transposed", False),
-                           ("is_concatenated", True), ("_is_expert_parallel", False)):
-        value = getattr(experts, attr, expected)
-        if value != expected:
-            raise ValueError(f"{name}: experts.{attr}={value} is not supported (need {expected})")
+    _check_expert_flags(name, experts)
     _check_silu(name, "experts", experts.act_fn)
     gate_up, down = experts.gate_up_proj, experts.down_proj
     num_experts, two_inter, hidden = gate_up.shape
@@ -142,13 +248,24 @@ def _check_experts(name: str, experts: nn.Module) -> None:
                          f"down_proj {tuple(down.shape)} are not [E, 2I, H] and [E, H, I]")
 
 
+def _check_expert_flags(name: str, experts: nn.Module) -> None:
+    # The flags transformers' @use_experts_implementation sets (5.17 lacks the last two).
+    for attr, expected in (("has_gate", True), ("has_bias", False), ("is_transposed", False),
+                           ("is_concatenated", True), ("has_post_expert_norm", False),
+                           ("_is_expert_parallel", False)):
+        value = getattr(experts, attr, expected)
+        if value != expected:
+            raise ValueError(f"{name}: experts.{attr}={value} is not supported (need {expected})")
+
+
 def _check_mlp(name: str, mlp: nn.Module, dtype: torch.dtype) -> None:
-    """A shared expert must be a bias-free SwiGLU MLP in the experts' dtype."""
+    """A shared expert must be a bias-free SwiGLU MLP in the hidden dtype (or fp8, whose
+    weights ``_linear_weight`` checks as it reads them)."""
     _check_silu(name, "shared expert", mlp.act_fn)
     for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-        if proj.bias is not None:
+        if getattr(proj, "bias", None) is not None:
             raise ValueError(f"{name}: a shared expert with biases is not supported")
-        if proj.weight.dtype != dtype:
+        if proj.weight.dtype not in (dtype, FP8_DTYPE):
             raise ValueError(f"{name}: shared expert dtype {proj.weight.dtype} differs from the "
                              f"experts' {dtype}")
 

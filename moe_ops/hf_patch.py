@@ -1,5 +1,9 @@
 """Hugging Face transformers (5.x) drop-in: ``patch_hf_model`` swaps a model's supported MoE
 blocks (``moe_ops.hf_blocks`` lists them) for ``FusedMoE`` layers sharing their weights.
+
+Float and fp8 (``FineGrainedFP8Config``) models both convert. The other way in, which keeps
+transformers' blocks and routers and swaps only the experts' computation, is
+``experts_implementation="tritonmoe"`` (``moe_ops.hf_experts``).
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ def patch_hf_model(model: nn.Module) -> int:
     Blocks patched before are kept, so patching a patched model again changes nothing
     and returns 0. All blocks are converted (and so validated) before any is replaced, so
     a refusal leaves the model unchanged. The new modules share the old blocks' expert and router
-    storage (no second copy of the experts). Raises ``TypeError`` for an MoE block of a
+    storage (no second copy of the experts; an fp8 shared expert is dequantised). fp8
+    experts run in the dtype of the input embeddings. Raises ``TypeError`` for an MoE block of a
     type this package does not know, ``ValueError`` for an option the ops cannot
     reproduce (the message names the block and the option).
     """
@@ -54,9 +59,10 @@ def patch_hf_model(model: nn.Module) -> int:
             f"{type(model).__name__}: config.output_router_logits=True is not supported: patched "
             "MoE blocks do not record router logits (no auxiliary loss); set it to False")
 
+    hidden_dtype = _activation_dtype(model)
     replacements = []
     for parent, attr, path, block in _find_blocks(model, ""):
-        moe = FusedMoE.from_hf(block, copy=False, where=path)
+        moe = FusedMoE.from_hf(block, copy=False, where=path, hidden_dtype=hidden_dtype)
         wrapper = PatchedMoEBlock(moe, f"{path} ({type(block).__name__})",
                                   jitter_noise=getattr(block, "jitter_noise", 0.0) or 0.0)
         wrapper.train(block.training)
@@ -64,6 +70,15 @@ def patch_hf_model(model: nn.Module) -> int:
     for parent, attr, wrapper in replacements:
         setattr(parent, attr, wrapper)
     return len(replacements)
+
+
+def _activation_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's input embeddings when 16-bit (that of fp8 experts' inputs), else
+    None (the blocks tell it themselves)."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    dtype = getattr(getattr(embeddings, "weight", None), "dtype", None)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 def _find_blocks(module: nn.Module, prefix: str):

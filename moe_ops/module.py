@@ -134,17 +134,22 @@ class FusedMoE(nn.Module):
             self.score_bias.normal_(0.0, 0.1)
 
     @classmethod
-    def from_hf(cls, block: nn.Module, copy: bool = True, where: str | None = None) -> "FusedMoE":
-        """Convert a transformers 5.x MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3).
+    def from_hf(cls, block: nn.Module, copy: bool = True, where: str | None = None,
+                hidden_dtype: torch.dtype | None = None) -> "FusedMoE":
+        """Convert a transformers 5.x MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3),
+        float or with fp8 experts (transformers' ``FP8Experts``: ``moe_ops.hf_blocks``
+        says what converts).
 
         Raises ``TypeError`` for another block type and ``ValueError`` for an option the
         ops cannot reproduce (naming the block, or ``where`` it sits in a model). With
         ``copy=False`` the new module shares the block's (contiguous) weight storage
         instead of cloning it, which is what ``patch_hf_model`` does to avoid holding
-        every expert twice.
+        every expert twice. ``hidden_dtype``: the model's activation dtype, used only
+        for fp8 experts (by default the router's; needed where the router is float32, as
+        DeepSeek-V3's is on recent transformers).
         """
-        config, weights = read_block(block, copy=copy, where=where)
-        module = cls(config, dtype=weights["w_gate_up"].dtype, device="meta")
+        config, weights = read_block(block, copy=copy, where=where, hidden_dtype=hidden_dtype)
+        module = cls(config, dtype=weights["router_weight"].dtype, device="meta")
         for name, tensor in weights.items():
             if name == "score_bias":
                 module.score_bias = tensor
