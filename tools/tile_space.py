@@ -6,6 +6,8 @@
     GROUP_M   8 only where an expert spans several row blocks (something to group)
     warps     by tile area; stages 3..5 within SMEM_LIMIT of shared memory
     B_DESC    weights through pointers and through a tensor descriptor
+    fp8       (fp8 weights) BLOCK_K 128 only, 1-byte weight tiles; A_FP8 both ways at
+              BLOCK_M >= 64 (fp8 activations pay off only where the dot is compute-bound)
 
 ``LARGE_T_SEEDS`` are shapes Hopper GEMMs are known to like, always timed where legal;
 ``sample`` draws the rest reproducibly.
@@ -32,9 +34,10 @@ def block_m_choices(num_tokens: int, top_k: int, num_experts: int) -> list[int]:
 
 
 def candidate_tiles(stage: str, num_tokens: int, top_k: int, num_experts: int,
-                    elem_bytes: int, block_ms: list[int]) -> list[TileConfig]:
+                    elem_bytes: int, block_ms: list[int], fp8: bool = False) -> list[TileConfig]:
     """The pruned cross product for one stage (gate_up loads two weight tiles per step),
-    weights through pointers and through a descriptor (B_DESC)."""
+    weights through pointers and through a descriptor (B_DESC); ``fp8`` weights as the
+    module docstring says."""
     rows_per_expert = num_tokens * top_k / num_experts
     weight_tiles = 2 if stage == "gate_up" else 1
     out = []
@@ -42,7 +45,7 @@ def candidate_tiles(stage: str, num_tokens: int, top_k: int, num_experts: int,
         for bn in (32, 64, 128, 256):
             if bn == 256 and bm < 64:
                 continue  # small T: keep programs many, so enough of them stream the weights
-            for bk in (64, 128):
+            for bk in ((128,) if fp8 else (64, 128)):
                 for group_m in (1, 8):
                     if group_m == 8 and rows_per_expert < 2 * bm:
                         continue  # one row block per expert: nothing to group
@@ -51,10 +54,13 @@ def candidate_tiles(stage: str, num_tokens: int, top_k: int, num_experts: int,
                         if (warps == 8 and area < 64 * 128) or (warps == 4 and area > 128 * 128):
                             continue
                         for stages in (3, 4, 5):
-                            smem = stages * (bm * bk + weight_tiles * bn * bk) * elem_bytes
+                            w_bytes = 1 if fp8 else elem_bytes
+                            smem = stages * (bm * bk * elem_bytes + weight_tiles * bn * bk * w_bytes)
                             if smem > SMEM_LIMIT:
                                 continue
-                            out.append(TileConfig(bm, bn, bk, group_m, warps, stages, B_DESC=desc))
+                            for a_fp8 in ((False, True) if fp8 and bm >= 64 else (False,)):
+                                out.append(TileConfig(bm, bn, bk, group_m, warps, stages,
+                                                      B_DESC=desc, A_FP8=a_fp8))
     return out
 
 
@@ -75,14 +81,17 @@ LARGE_T_SEEDS = {
 
 
 def seeds(stage: str, num_tokens: int, top_k: int, num_experts: int,
-          block_ms: list[int]) -> list[TileConfig]:
+          block_ms: list[int], fp8: bool = False) -> list[TileConfig]:
     """The LARGE_T_SEEDS of ``stage`` whose BLOCK_M is allowed and whose GROUP_M has
-    several row blocks per expert to group (down: BLOCK_M set to ``block_ms[0]``)."""
+    several row blocks per expert to group (down: BLOCK_M set to ``block_ms[0]``); for
+    fp8 weights with BLOCK_K 128 and fp8 activations."""
     rows_per_expert = num_tokens * top_k / num_experts
     out = []
     for tile in LARGE_T_SEEDS[stage]:
         if stage == "down":
             tile = replace(tile, BLOCK_M=block_ms[0])
+        if fp8:
+            tile = replace(tile, BLOCK_K=128, num_stages=3, A_FP8=tile.BLOCK_M >= 64)
         if tile.BLOCK_M in block_ms and rows_per_expert >= 2 * tile.BLOCK_M:
             out.append(tile)
     return out

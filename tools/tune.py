@@ -51,6 +51,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from moe_ops.dtypes import BY_NAME  # noqa: E402
+from moe_ops.fp8 import quantize_weight, tile_key  # noqa: E402
 from moe_ops.pipeline import fused_experts_impl  # noqa: E402
 from moe_ops.reference import fused_experts_reference, rel_l2  # noqa: E402
 from moe_ops.tile_table import TABLE_DIR, entry_key, make_entry, read_entries, write_entries  # noqa: E402
@@ -107,7 +108,7 @@ def fmt_tile(t: TileConfig) -> str:
     """A tile in one short column-aligned line, for the logs."""
     return (f"M{t.BLOCK_M:<3d} N{t.BLOCK_N:<3d} K{t.BLOCK_K:<3d} G{t.GROUP_M} "
             f"w{t.num_warps} s{t.num_stages}" + (" desc" if t.B_DESC else "")
-            + (" a-desc" if t.A_DESC else ""))
+            + (" a-desc" if t.A_DESC else "") + (" a-fp8" if t.A_FP8 else ""))
 
 
 # ---------------------------------------------------------------------- the search
@@ -125,11 +126,11 @@ class Budget:
         return time.time() >= self.deadline
 
 
-def time_if_agrees(label: str, record: dict, output, reference: torch.Tensor, timer: Timer) -> float:
-    """ms of ``output()`` if its result agrees with ``reference`` (rel L2 <= AGREE_TOL), else
+def time_if_agrees(label: str, record: dict, output, reference, timer: Timer) -> float:
+    """ms of ``output()`` if its result agrees with ``reference()`` (rel L2 <= AGREE_TOL), else
     inf; ``record`` gets rel_l2, status ("ok", "wrong", "failed") and ms or the error."""
     try:
-        err = rel_l2(output(), reference)
+        err = rel_l2(output(), reference())
         record["rel_l2"] = err
         if not err <= AGREE_TOL:
             record["status"] = "wrong"
@@ -145,9 +146,10 @@ def time_if_agrees(label: str, record: dict, output, reference: torch.Tensor, ti
         return math.inf
 
 
-def search(stage: str, candidates: list[TileConfig], run, reference: torch.Tensor,
+def search(stage: str, candidates: list[TileConfig], run, reference_of,
            timer: Timer, budget: Budget, tag: str) -> tuple[TileConfig | None, float, list[dict], bool]:
-    """Time each candidate that agrees with ``reference``; (best, best ms, log, complete)."""
+    """Time each candidate that agrees with ``reference_of(candidate)``; (best, best ms, log,
+    complete)."""
     results, best, best_ms = [], None, math.inf
     for n, tile in enumerate(candidates):
         if budget.spent():
@@ -155,7 +157,7 @@ def search(stage: str, candidates: list[TileConfig], run, reference: torch.Tenso
             return best, best_ms, results, False
         record = {"stage": stage, "config": tile.as_dict()}
         ms = time_if_agrees(f"{tag} {stage} {fmt_tile(tile)}", record, lambda: run(tile),
-                            reference, timer)
+                            lambda: reference_of(tile), timer)
         if ms < best_ms:
             best, best_ms = tile, ms
         results.append(record)
@@ -164,9 +166,11 @@ def search(stage: str, candidates: list[TileConfig], run, reference: torch.Tenso
 
 def time_variant(tag: str, label: str, gu: TileConfig, down: TileConfig, run, reference,
                  timer: Timer, records: list) -> float:
-    """ms of ``run(gu, down)`` if it agrees with ``reference``, else inf; logged either way."""
+    """ms of ``run(gu, down)`` if it agrees with ``reference(gu, down)``, else inf; logged
+    either way."""
     record = {"stage": "variant", "variant": label, "gate_up": gu.as_dict(), "down": down.as_dict()}
-    ms = time_if_agrees(f"{tag} variant {label}", record, lambda: run(gu, down), reference, timer)
+    ms = time_if_agrees(f"{tag} variant {label}", record, lambda: run(gu, down),
+                        lambda: reference(gu, down), timer)
     records.append(record)
     return ms
 
@@ -174,7 +178,7 @@ def time_variant(tag: str, label: str, gu: TileConfig, down: TileConfig, run, re
 def refine(tag, best_gu, best_down, best_ms, run, reference, run_zipf, timer, budget):
     """Phase 3: the descriptor and skew variants of the winners; returns
     (gate_up, down, ms, log). ``run``/``run_zipf`` map a pair of tiles to an output;
-    variants under uniform routing must agree with ``reference``, as in phases 1-2."""
+    variants under uniform routing must agree with ``reference(gu, down)``, as in phases 1-2."""
     records: list = []
     log(f"{tag} variants of the winners ({best_ms:.4f} ms):")
     for label, field, stage in (("gate_up B_DESC", "B_DESC", "gate_up"),
@@ -189,7 +193,8 @@ def refine(tag, best_gu, best_down, best_ms, run, reference, run_zipf, timer, bu
 
     if run_zipf is not None and 1 in (best_gu.GROUP_M, best_down.GROUP_M) and not budget.spent():
         gu8, down8 = replace(best_gu, GROUP_M=8), replace(best_down, GROUP_M=8)
-        zipf_reference = run_zipf(best_gu, best_down)
+        zipf_out = run_zipf(best_gu, best_down)
+        zipf_reference = lambda *_: zipf_out  # noqa: E731  (GROUP_M leaves the numerics alone)
         zipf_ms = time_variant(tag, "Zipf, as chosen", best_gu, best_down, run_zipf,
                                zipf_reference, timer, records)
         zipf8_ms = time_variant(tag, "Zipf, GROUP_M=8", gu8, down8, run_zipf,
@@ -203,30 +208,47 @@ def refine(tag, best_gu, best_down, best_ms, run, reference, run_zipf, timer, bu
 
 
 def tune_cell(cfg, num_tokens, weights, dtype, device, args, budget, gen):
-    """The three phases at one (model, T); returns (gate_up tile, down tile, log record)."""
+    """The three phases at one (model, T); returns (gate_up tile, down tile, log record).
+
+    ``weights`` is (w_gate_up, w_down, w_gate_up_scale, w_down_scale), the scales None for
+    float experts. fp8 tiles with and without fp8 activations compute different numbers:
+    a candidate is compared with the heuristic tiles run with its own A_FP8 flags."""
     e, k = cfg.num_experts, cfg.top_k
     h, i = cfg.hidden_size, cfg.intermediate_size
-    w_gate_up, w_down = weights
+    w_gate_up, w_down, gate_up_scale, down_scale = weights
+    fp8 = args.fp8
     timer = tile_timer(args)
     x = torch.randn(num_tokens, h, device=device, generator=gen).to(dtype)
     topk_weights, topk_ids = random_routing(num_tokens, e, k, 0.0, device, gen)
     zipf_weights, zipf_ids = random_routing(num_tokens, e, k, args.zipf_s, device, gen)
     tag = f"[{cfg.name} T={num_tokens}]"
 
-    heur_gu = heuristic_tile("gate_up", e, h, i, num_tokens, k, dtype, has_tma(device))
-    heur_down = heuristic_tile("down", e, h, i, num_tokens, k, dtype, has_tma(device))
+    heur_gu = heuristic_tile("gate_up", e, h, i, num_tokens, k, dtype, has_tma(device), fp8)
+    heur_down = heuristic_tile("down", e, h, i, num_tokens, k, dtype, has_tma(device), fp8)
+    scales = dict(w_gate_up_scale=gate_up_scale, w_down_scale=down_scale)
 
     def run(gate_up_tile, down_tile):
         return fused_experts_impl(x, topk_weights, topk_ids, w_gate_up, w_down,
-                                  gate_up_tile=gate_up_tile, down_tile=down_tile)
+                                  gate_up_tile=gate_up_tile, down_tile=down_tile, **scales)
 
     def run_zipf(gate_up_tile, down_tile):
         return fused_experts_impl(x, zipf_weights, zipf_ids, w_gate_up, w_down,
-                                  gate_up_tile=gate_up_tile, down_tile=down_tile)
+                                  gate_up_tile=gate_up_tile, down_tile=down_tile, **scales)
 
     baseline = run(heur_gu, heur_down)
+    baselines = {(heur_gu.A_FP8, heur_down.A_FP8): baseline}
+
+    def reference(gu, down):
+        """The heuristic tiles' output with gu's and down's A_FP8 flags."""
+        flags = (gu.A_FP8, down.A_FP8)
+        if flags not in baselines:
+            baselines[flags] = run(replace(heur_gu, A_FP8=flags[0]), replace(heur_down, A_FP8=flags[1]))
+        return baselines[flags]
+
     if num_tokens <= args.check_max_t:
-        err = rel_l2(baseline, fused_experts_reference(x, topk_weights, topk_ids, w_gate_up, w_down))
+        err = rel_l2(baseline, fused_experts_reference(
+            x, topk_weights, topk_ids, w_gate_up, w_down, gate_up_scale, down_scale,
+            (heur_gu.A_FP8, heur_down.A_FP8)))
         log(f"{tag} heuristic tiles vs reference: rel L2 {err:.2e}")
         if not err <= 2e-2:
             raise SystemExit(f"{tag} the heuristic tiles disagree with the reference "
@@ -236,32 +258,34 @@ def tune_cell(cfg, num_tokens, weights, dtype, device, args, budget, gen):
 
     elem = x.element_size()
     block_ms = block_m_choices(num_tokens, k, e)
-    gu_space = candidate_tiles("gate_up", num_tokens, k, e, elem, block_ms)
-    gu_cands = sample(gu_space, [heur_gu] + seeds("gate_up", num_tokens, k, e, block_ms),
+    gu_space = candidate_tiles("gate_up", num_tokens, k, e, elem, block_ms, bool(fp8))
+    gu_cands = sample(gu_space, [heur_gu] + seeds("gate_up", num_tokens, k, e, block_ms, bool(fp8)),
                       args.max_configs, args.seed)
     log(f"{tag} gate_up: {len(gu_cands)} of {len(gu_space)} pruned candidates")
     best_gu, gu_ms, gu_log, gu_done = search(
         "gate_up", gu_cands, lambda t: run(t, replace(heur_down, BLOCK_M=t.BLOCK_M)),
-        baseline, timer, budget, tag)
+        lambda t: reference(t, heur_down), timer, budget, tag)
     record = {"model": cfg.name, "T": num_tokens, "heuristic_ms": heur_ms,
               "candidates": gu_log, "complete": False}
     if best_gu is None or not gu_done:
         return None, None, record
 
-    down_space = candidate_tiles("down", num_tokens, k, e, elem, [best_gu.BLOCK_M])
+    down_space = candidate_tiles("down", num_tokens, k, e, elem, [best_gu.BLOCK_M], bool(fp8))
     down_keep = replace(heur_down, BLOCK_M=best_gu.BLOCK_M)
-    down_cands = sample(down_space, [down_keep] + seeds("down", num_tokens, k, e, [best_gu.BLOCK_M]),
+    down_cands = sample(down_space, [down_keep] + seeds("down", num_tokens, k, e, [best_gu.BLOCK_M],
+                                                        bool(fp8)),
                         args.max_down_configs, args.seed)
     log(f"{tag} down (BLOCK_M={best_gu.BLOCK_M}): {len(down_cands)} of {len(down_space)} candidates")
     best_down, down_ms, down_log, down_done = search(
-        "down", down_cands, lambda t: run(best_gu, t), baseline, timer, budget, tag)
+        "down", down_cands, lambda t: run(best_gu, t), lambda t: reference(best_gu, t), timer,
+        budget, tag)
     record["candidates"] += down_log
     if best_down is None or not down_done:
         return best_gu, None, record
     if down_ms >= heur_ms:  # within noise of the heuristic: keep what the op would pick anyway
         best_gu, best_down, down_ms = heur_gu, heur_down, heur_ms
     best_gu, best_down, down_ms, variant_log = refine(
-        tag, best_gu, best_down, down_ms, run, baseline,
+        tag, best_gu, best_down, down_ms, run, reference,
         run_zipf if args.zipf_s > 0 else None, timer, budget)
     record["candidates"] += variant_log
     record.update(complete=True, tuned_ms=down_ms, gate_up=best_gu.as_dict(), down=best_down.as_dict())
@@ -285,6 +309,8 @@ def parse_args(argv=None, gpu: bool = True):
                    help="check the heuristic tiles against the reference up to this T")
     p.add_argument("--zipf-s", type=float, default=1.2,
                    help="skew of the routing GROUP_M=8 is timed under (0: skip that check)")
+    p.add_argument("--fp8", choices=["block", "channel"], default=None,
+                   help="tune fp8 experts of this scheme (--dtype: the activations')")
     args = p.parse_args(argv)
     resolve_cells(args, gpu)
     args.max_configs = args.max_configs or (32 if gpu else 2)
@@ -317,19 +343,24 @@ def main(argv=None) -> None:
         gen = torch.Generator(device=device).manual_seed(args.seed)
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         weights = random_expert_weights(cfg, dtype, device, gen)
+        if args.fp8:
+            (gu8, gu_scale), (down8, down_scale) = (quantize_weight(w, args.fp8) for w in weights)
+            weights = (gu8, down8, gu_scale, down_scale)
+        else:
+            weights = (*weights, None, None)
         for t in args.tokens:
             if budget.spent():
                 log(f"budget spent: stopping before {cfg.name} T={t}")
                 break
             best_gu, best_down, record = tune_cell(cfg, t, weights, dtype, device, args, budget, gen)
-            record.update(gpu=gpu_name, dtype=args.dtype, torch=torch.__version__,
+            record.update(gpu=gpu_name, dtype=tile_key(dtype, args.fp8), torch=torch.__version__,
                           triton=triton.__version__,
                           date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             for stage, tile in (("gate_up", best_gu), ("down", best_down)):
                 if tile is not None:
-                    entry = make_entry(stage, e, h, i, args.dtype, t, tile.as_dict())
+                    entry = make_entry(stage, e, h, i, tile_key(dtype, args.fp8), t, tile.as_dict())
                     entries[entry_key(entry)] = entry
             done += best_down is not None
             if best_gu is not None:

@@ -7,8 +7,8 @@ Quantisation of a tile a [M, 128] (one 128-column group per row), as ``moe_ops.f
 import triton
 import triton.language as tl
 
-FP8_MAX: tl.constexpr = 448.0
-AMAX_FLOOR: tl.constexpr = 1e-10
+FP8_MAX = tl.constexpr(448.0)
+AMAX_FLOOR = tl.constexpr(1e-10)
 
 
 @triton.jit
