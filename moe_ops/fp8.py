@@ -8,9 +8,10 @@ weight W [E, N, K] (N output rows, K reduced):
                checkpoints, transformers' ``FP8Experts``)
     "channel"  scale [E, N]: one per output row
 
-The scheme is told by the scale's rank. The kernels quantise activations (when a tile
-asks for fp8 activations, ``TileConfig.A_FP8``) per row per 128 columns, the same way
-``quantize_activations`` does here: ``s = max(amax, 1e-10) / 448``, ``q = e4m3(a / s)``.
+The scheme is told by the scale's rank. Where a tile asks for fp8 activations
+(``TileConfig.A_FP8``) the kernels quantise the GEMM's input per row (channel weights) or
+per row per 128 columns (block weights), as ``quantize_activations`` does here:
+``s = max(amax, 1e-10) / 448``, ``q = e4m3(a / s)``.
 """
 from __future__ import annotations
 
@@ -106,11 +107,13 @@ def dequantize_weight(w8: torch.Tensor, scale: torch.Tensor,
     return out
 
 
-def quantize_activations(a: torch.Tensor) -> torch.Tensor:
-    """float32 rows ``a`` [R, K] as the kernels see them with fp8 activations: quantised per
-    row per 128 columns to e4m3 and multiplied back by their scale."""
+def quantize_activations(a: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """float32 rows ``a`` [R, K] as the fp8-activation GEMMs see them: quantised to e4m3 per
+    row (``per_row``, with per-channel weights) or per row per 128 columns (with block
+    weights), and multiplied back by their scale."""
     rows, cols = a.shape
-    padded = torch.nn.functional.pad(a.float(), (0, -cols % BLOCK)).view(rows, -1, BLOCK)
+    group = cols if per_row else BLOCK
+    padded = torch.nn.functional.pad(a.float(), (0, -cols % group)).view(rows, -1, group)
     scale = padded.abs().amax(dim=2, keepdim=True).clamp(min=AMAX_FLOOR) / FP8_MAX
     q = (padded / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
     return (q * scale).view(rows, -1)[:, :cols]

@@ -31,10 +31,13 @@ class LaunchBlocks:
     plan_block_t: int  # tokens per expert-parallel plan program
     gather_rows: int  # rows per expert-parallel packing program
     gather_h: int  # hidden columns per packing program
+    quantize_rows: int  # rows per fp8 activation-quantisation program
 
 
 INTERPRETER_BLOCKS = LaunchBlocks(combine_t=16, combine_h=256, route_block_h=64, rank_block_t=64,
-                                  router_partials_h=64, plan_block_t=64, gather_rows=16, gather_h=64)
+                                  router_partials_h=64, plan_block_t=64, gather_rows=16, gather_h=64,
+                                  quantize_rows=64)
 COMPILED_BLOCKS = LaunchBlocks(combine_t=4, combine_h=512, route_block_h=None, rank_block_t=None,
-                               router_partials_h=128, plan_block_t=256, gather_rows=8, gather_h=512)
+                               router_partials_h=128, plan_block_t=256, gather_rows=8, gather_h=512,
+                               quantize_rows=16)
 BLOCKS: LaunchBlocks = INTERPRETER_BLOCKS if ACTIVE else COMPILED_BLOCKS

@@ -18,10 +18,11 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .fp8 import scheme_of
+from .fp8 import FP8_DTYPE, scheme_of
 from .interpreter import BLOCKS, interpreter_active
 from .kernels.combine import combine_kernel
 from .kernels.grouped_gemm import grouped_gemm_kernel
+from .kernels.quantize import quantize_kernel
 from .profiling import stage_range
 from .routing import Alignment, Routing, align_ids, route
 from .tiles import TileConfig, get_tile_config
@@ -58,7 +59,8 @@ def expert_tiles(num_tokens: int, num_experts: int, hidden: int, inter: int, top
     down_tile = replace(down_tile or get_tile_config("down", *lookup), BLOCK_M=gate_up_tile.BLOCK_M)
     for stage, tile in (("gate_up", gate_up_tile), ("down", down_tile)):
         check_fp8_tile(stage, tile, fp8)
-    h_block_order = down_tile.A_DESC and inter * dtype.itemsize % 16 == 0
+    h_elem = 1 if down_tile.A_FP8 else dtype.itemsize
+    h_block_order = down_tile.A_DESC and inter * h_elem % 16 == 0
     return ExpertTiles(gate_up_tile, down_tile, h_block_order)
 
 
@@ -92,10 +94,25 @@ def _weight_descriptor(gate_up: bool, w, tile: TileConfig):
 _W_SCALE = {None: 0, "channel": 1, "block": 2}
 
 
-def _grouped_gemm(gate_up: bool, a, w, w_scale, out, topk_weights, alignment: Alignment,
+def quantize_input(a: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a8 e4m3 [R, K], scale): one scale per row for "channel" weights, one per row per
+    128 columns for "block" ones (``kernels.quantize``, one launch)."""
+    rows, k = a.shape
+    per_row = scheme == "channel"
+    a8 = torch.empty(rows, k, dtype=FP8_DTYPE, device=a.device)
+    scale = torch.empty((rows,) if per_row else (rows, triton.cdiv(k, 128)), dtype=torch.float32,
+                        device=a.device)
+    with stage_range("quantize"):
+        quantize_kernel[(triton.cdiv(rows, BLOCKS.quantize_rows),)](
+            a, a8, scale, rows, k, a.stride(0), BLOCK_R=BLOCKS.quantize_rows, PER_ROW=per_row)
+    return a8, scale
+
+
+def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alignment: Alignment,
                   num_slots, rows_per_slot_div, n, k, tile: TileConfig, h_block_order: bool):
     """One ``grouped_gemm_kernel`` launch (the gate_up stage or the down stage); ``w_scale``
-    None for float weights, else fp8 ``w``'s scales (``moe_ops.fp8``)."""
+    None for float weights, else fp8 ``w``'s scales (``moe_ops.fp8``); ``a_scale`` those of
+    an e4m3 ``a`` (tiles with A_FP8), else None."""
     sorted_slots, block_expert, num_blocks, max_blocks = alignment
     grid = (max_blocks * triton.cdiv(n, tile.BLOCK_N),)
     use_desc = tile.B_DESC and descriptor_ok(w)
@@ -104,9 +121,9 @@ def _grouped_gemm(gate_up: bool, a, w, w_scale, out, topk_weights, alignment: Al
               if h_block_order and not gate_up else None)
     with stage_range("gate_up" if gate_up else "down"):
         grouped_gemm_kernel[grid](
-            a, a_desc, w, w_desc, w_scale, out, topk_weights, sorted_slots, block_expert,
+            a, a_desc, a_scale, w, w_desc, w_scale, out, topk_weights, sorted_slots, block_expert,
             num_blocks, n, k, num_slots, rows_per_slot_div, max_blocks,
-            a.stride(0), w.stride(0), w.stride(1),
+            a.stride(0), 0 if a_scale is None else a_scale.stride(0), w.stride(0), w.stride(1),
             0 if w_scale is None else w_scale.stride(0), 0 if w_scale is None else w_scale.stride(1),
             out.stride(0),
             GATE_UP=gate_up, BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K,
@@ -119,20 +136,24 @@ def _grouped_gemm(gate_up: bool, a, w, w_scale, out, topk_weights, alignment: Al
 
 def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: ExpertTiles,
             alignment: Alignment, w_gate_up_scale=None, w_down_scale=None):
-    """gate_up -> down -> combine over an alignment: out [T, H]. h is kept in the hidden
-    dtype whatever the weights (fp8 activation tiles quantise it as they load it)."""
+    """gate_up -> down -> combine over an alignment: out [T, H]. A stage whose tile has
+    A_FP8 reads its input quantised by one launch before it (``quantize_input``)."""
     num_tokens, hidden = hidden_states.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     num_slots = topk_ids.numel()
     top_k = topk_ids.shape[1]
     dtype, device = hidden_states.dtype, hidden_states.device
     h_rows = alignment.max_blocks * tiles.block_m if tiles.h_block_order else num_slots
+    scheme = scheme_of(w_gate_up_scale)
+    x, x_scale = (quantize_input(hidden_states, scheme) if tiles.gate_up.A_FP8
+                  else (hidden_states, None))
     h = torch.empty(h_rows, inter, dtype=dtype, device=device)
-    _grouped_gemm(True, hidden_states, w_gate_up, w_gate_up_scale, h, topk_weights, alignment,
+    _grouped_gemm(True, x, x_scale, w_gate_up, w_gate_up_scale, h, topk_weights, alignment,
                   num_slots, top_k, inter, hidden, tiles.gate_up, tiles.h_block_order)
+    h, h_scale = quantize_input(h, scheme) if tiles.down.A_FP8 else (h, None)
     y = torch.empty(num_slots, hidden, dtype=dtype, device=device)
-    _grouped_gemm(False, h, w_down, w_down_scale, y, topk_weights, alignment, num_slots, 1,
-                  hidden, inter, tiles.down, tiles.h_block_order)
+    _grouped_gemm(False, h, h_scale, w_down, w_down_scale, y, topk_weights, alignment, num_slots,
+                  1, hidden, inter, tiles.down, tiles.h_block_order)
     out = torch.empty_like(hidden_states)
     with stage_range("combine"):
         combine_kernel[(triton.cdiv(num_tokens, BLOCKS.combine_t), triton.cdiv(hidden, BLOCKS.combine_h))](

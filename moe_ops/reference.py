@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .fp8 import dequantize_weight, quantize_activations
+from .fp8 import dequantize_weight, quantize_activations, scheme_of
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -84,7 +84,9 @@ def fused_experts_reference(
 
     fp8 weights come with their scales (``moe_ops.fp8``) and are dequantised;
     ``fp8_activations`` (gate_up, down) quantises that stage's input rows the way the
-    kernels' fp8-activation tiles do (``TileConfig.A_FP8``)."""
+    kernels' fp8-activation tiles do (``TileConfig.A_FP8``: per row with channel scales,
+    per row per 128 columns with block scales)."""
+    per_row = scheme_of(w_gate_up_scale) == "channel"
     num_tokens, hidden = hidden_states.shape
     inter = w_down.shape[2]
     if w_gate_up_scale is not None:
@@ -98,13 +100,13 @@ def fused_experts_reference(
             continue
         rows = x[token_idx]
         if fp8_activations[0]:
-            rows = quantize_activations(rows)
+            rows = quantize_activations(rows, per_row)
         gate_up = rows @ w_gate_up[expert].float().t()
         h = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
         # The kernels hand h to the down projection in the hidden dtype.
         h = h.to(hidden_states.dtype).float()
         if fp8_activations[1]:
-            h = quantize_activations(h)
+            h = quantize_activations(h, per_row)
         y = (h @ w_down[expert].float().t()) * topk_weights[token_idx, k_idx, None].float()
         out.index_add_(0, token_idx, y)
     return out.to(hidden_states.dtype)

@@ -64,8 +64,9 @@ def heuristic_tile(stage: str, num_experts: int, hidden: int, inter: int,
     the ones the H200 table settles on: weights through descriptors at every T, and at
     128-row blocks wide tiles (gate_up 128x(2x128), down 128x256) with down reading h
     through a descriptor too (measured within 0.86-1.10x of the tuned tiles' time).
-    fp8 weights (``fp8`` names the scheme) take BLOCK_K = 128, and fp8 activations at
-    128-row blocks, where the dot is bound by the tensor cores rather than the weights.
+    fp8 weights (``fp8`` names the scheme) take BLOCK_K = 128, and fp8 activations where
+    an expert gets 128 rows or more, where the dot is bound by the tensor cores rather
+    than the weights.
     """
     rows_per_expert = max(1, num_tokens * top_k // num_experts)
     if interpreter_active():
@@ -91,11 +92,15 @@ def heuristic_tile(stage: str, num_experts: int, hidden: int, inter: int,
     # As many pipeline stages as fit in ~160 KB of shared memory, 2 to 4.
     if fp8:
         block_k = 128
+        if block_m == 128 and tma:
+            # fp8 activations: the H200 tuner's 64-row tiles (block scales keep a second
+            # accumulator per K step, which 128x256 tiles spill).
+            block_m, block_n, group_m, warps = 64, (256 if stage == "down" else 128), 8, 8
     b_tiles = 2 if stage == "gate_up" else 1
     stage_bytes = block_m * block_k * elem + b_tiles * block_k * block_n * w_elem
     stages = max(2, min(4, (160 * 1024) // stage_bytes))
     return TileConfig(block_m, block_n, block_k, group_m, warps, stages, B_DESC=tma, A_DESC=a_desc,
-                      A_FP8=fp8 is not None and block_m >= 128)
+                      A_FP8=fp8 is not None and rows_per_expert * 3 // 2 >= 128)
 
 
 @functools.lru_cache(maxsize=None)

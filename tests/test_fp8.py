@@ -5,16 +5,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-import triton
-import triton.language as tl
-
 import moe_ops
 from moe_ops import FusedMoE
 from moe_ops.fp8 import (FP8_DTYPE, dequantize_weight, quantize_activations, quantize_weight,
                          scale_shape)
-from moe_ops.interpreter import interpreter_active
-from moe_ops.kernels.fp8 import quantize_rows
-from moe_ops.pipeline import fused_experts_impl
+from moe_ops.pipeline import quantize_input, fused_experts_impl
 from moe_ops.reference import fused_experts_reference, route_reference
 from moe_ops.tiles import TileConfig, get_tile_config
 
@@ -61,25 +56,22 @@ def test_weight_quantisation_round_trip(scheme, device):
     assert_close_l2(dequantize_weight(w8, scale), w, 4e-2)
 
 
-@triton.jit
-def _quantize_kernel(a_ptr, q_ptr, s_ptr, INTERPRETER: tl.constexpr):
-    rows = tl.arange(0, 16)
-    cols = tl.arange(0, 128)
-    q, s = quantize_rows(tl.load(a_ptr + rows[:, None] * 128 + cols[None, :]), INTERPRETER)
-    tl.store(q_ptr + rows[:, None] * 128 + cols[None, :], q.to(tl.float32))
-    tl.store(s_ptr + rows, s)
-
-
-def test_kernel_activation_quantisation_is_torchs(device):
-    """quantize_rows rounds exactly as torch's float32 -> e4m3fn cast (emulated under the
-    interpreter, whose own cast is wrong), over normals, subnormals and ties."""
-    a = torch.randn(16, 128, device=device) * torch.logspace(-4, 2, 16, device=device)[:, None]
-    a[3, :8] = 0.0
-    q = torch.empty_like(a)
-    s = torch.empty(16, device=device)
-    _quantize_kernel[(1,)](a, q, s, INTERPRETER=interpreter_active())
-    expected = quantize_activations(a)
-    torch.testing.assert_close(q * s[:, None], expected, rtol=0, atol=0)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_activation_quantisation_is_torchs(scheme, device):
+    """The quantisation launch rounds exactly as torch's float32 -> e4m3fn cast (done on the
+    bits, since the interpreter's own cast is wrong), over normals, subnormals, zero rows
+    and a partial 128-column group, on a strided input."""
+    rows, cols = 40, 300
+    a = torch.randn(rows, cols + 8, device=device) * torch.logspace(-5, 2, rows, device=device)[:, None]
+    a[3] = 0.0
+    a = a.bfloat16()[:, :cols]
+    a8, scale = quantize_input(a, scheme)
+    assert a8.dtype == FP8_DTYPE
+    per_row = scheme == "channel"
+    assert scale.shape == ((rows,) if per_row else (rows, 3))
+    full = scale[:, None] if per_row else scale.repeat_interleave(128, 1)[:, :cols]
+    torch.testing.assert_close(a8.float() * full, quantize_activations(a.float(), per_row),
+                               rtol=0, atol=0)
 
 
 @pytest.mark.usefixtures("poison_allocations")

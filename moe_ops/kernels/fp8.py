@@ -1,5 +1,6 @@
-"""fp8 helpers of the grouped GEMM: activation quantisation in registers, and the one
-conversion the Triton interpreter gets wrong (float32 -> e4m3, emulated there).
+"""fp8 helpers of the quantisation kernel: a tile's rows quantised in registers, and the
+float32 -> e4m3 rounding done on the bits (the Triton interpreter's own cast rounds
+wrongly, so values are rounded before any cast).
 
 Quantisation of a tile a [M, 128] (one 128-column group per row), as ``moe_ops.fp8``:
 ``s = max(amax_row, 1e-10) / 448``, ``q = e4m3(a / s)``, so that ``a ~= q * s[:, None]``.
@@ -25,14 +26,9 @@ def round_e4m3(x):
 
 
 @triton.jit
-def quantize_rows(a, INTERPRETER: tl.constexpr):
-    """(q, s): a [M, K] tile quantised per row, q e4m3 (float32 e4m3 values under the
-    interpreter) and s [M] float32, a ~= q * s[:, None]."""
+def quantize_rows(a):
+    """(q, s): a [M, K] tile quantised per row, s [M] float32, q [M, K] the e4m3 values
+    in float32 (cast them with ``.to(tl.float8e4nv)``), a ~= q * s[:, None]."""
     a = a.to(tl.float32)
     s = tl.maximum(tl.max(tl.abs(a), axis=1), AMAX_FLOOR) / FP8_MAX
-    q = tl.minimum(tl.maximum(a / s[:, None], -FP8_MAX), FP8_MAX)
-    if INTERPRETER:
-        q = round_e4m3(q)
-    else:
-        q = q.to(tl.float8e4nv)
-    return q, s
+    return round_e4m3(tl.minimum(tl.maximum(a / s[:, None], -FP8_MAX), FP8_MAX)), s

@@ -24,9 +24,12 @@ both halves.
 fp8 weights (W_SCALE, scales as ``moe_ops.fp8`` lays them out) are e4m3 with float32
 multipliers: W_SCALE=1 one per output row (applied once, before the epilogue), W_SCALE=2
 one per 128x128 block (applied to each K step's partial product; BLOCK_K divides 128).
-With A_FP8 (BLOCK_K = 128) each A tile is quantised in registers per row to e4m3 and
-the dot runs in fp8 (partial product times the rows' scales); without it the weight tile
-is converted to A's dtype and the dot runs there (weight-only fp8).
+With A_FP8 (BLOCK_K = 128) A arrives in e4m3 (``kernels.quantize``, one launch before
+each GEMM) and the dot runs in fp8: with per-channel weights A has one scale per row,
+applied with the weights' in the epilogue, so the K loop is bare fp8 MMAs; with block
+weights one per row per 128 columns, applied with the weight block's to each K step's
+partial product. Without A_FP8 the weight tile is converted to A's dtype and the dot
+runs there (weight-only fp8).
 
 In INTERPRETER mode (the Triton CPU interpreter) loads are upcast to float32 and bf16
 stores rounded to nearest, because the interpreter gets 16-bit floats wrong. float32
@@ -38,7 +41,6 @@ import triton
 import triton.language as tl
 
 from .casting import cast_rne
-from .fp8 import quantize_rows
 
 
 @triton.jit
@@ -88,16 +90,12 @@ def _weight_tile_descriptor(w_desc, expert, n0, k0, GATE_UP: tl.constexpr,
 
 
 @triton.jit
-def _step(acc, a, w, w_scale_k, INTERPRETER: tl.constexpr, W_SCALE: tl.constexpr,
-          A_FP8: tl.constexpr):
-    """acc + a . w for one K step, fp8 weights dequantised and A quantised as the flags say."""
-    if A_FP8:
-        q, a_scale = quantize_rows(a, INTERPRETER)
-        part = tl.dot(q, w, input_precision="ieee") if INTERPRETER else tl.dot(q, w)
-        if W_SCALE == 2:
-            acc += part * (a_scale[:, None] * w_scale_k[None, :])
-        else:
-            acc += part * a_scale[:, None]
+def _step(acc, a, w, a_scale_k, w_scale_k, W_SCALE: tl.constexpr, A_FP8: tl.constexpr):
+    """acc + a . w for one K step, with the fp8 scales the flags call for."""
+    if A_FP8 and W_SCALE == 2:
+        acc += tl.dot(a, w, input_precision="ieee") * (a_scale_k[:, None] * w_scale_k[None, :])
+    elif A_FP8:
+        acc = tl.dot(a, w, acc, input_precision="ieee")
     elif W_SCALE == 2:
         acc += tl.dot(a, w.to(a.dtype), input_precision="ieee") * w_scale_k[None, :]
     elif W_SCALE == 1:
@@ -108,8 +106,8 @@ def _step(acc, a, w, w_scale_k, INTERPRETER: tl.constexpr, W_SCALE: tl.constexpr
 
 
 @triton.jit
-def _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, w_scale_ptr, expert, pid_n, N, K,
-              stride_we, stride_wn, stride_se, stride_sn,
+def _mainloop(a_ptrs, a_desc, row0, row_mask, a_scale_ptrs, w_ptr, w_desc, w_scale_ptr, expert,
+              pid_n, N, K, stride_we, stride_wn, stride_se, stride_sn,
               GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, A_DESC: tl.constexpr,
               B_DESC: tl.constexpr, W_SCALE: tl.constexpr, A_FP8: tl.constexpr,
@@ -132,10 +130,13 @@ def _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, w_scale_ptr, expert
         else:
             w = _weight_tile_pointers(w_ptrs, col_mask, k0, K, offs_k, EVEN_K, INTERPRETER)
         w_scale_k = None
+        a_scale_k = None
         if W_SCALE == 2:  # the block scales of this tile's rows at this K step
             w_scale_k = tl.load(w_scale_ptr + expert.to(tl.int64) * stride_se
                                 + (w_rows // 128) * stride_sn + k0 // 128, mask=col_mask, other=0.0)
-        acc = _step(acc, a, w, w_scale_k, INTERPRETER, W_SCALE, A_FP8)
+            if A_FP8:  # and A's, one per row per 128 columns
+                a_scale_k = tl.load(a_scale_ptrs + k0 // 128, mask=row_mask, other=0.0)
+        acc = _step(acc, a, w, a_scale_k, w_scale_k, W_SCALE, A_FP8)
         if not A_DESC:
             a_ptrs += BLOCK_K
         if not B_DESC:
@@ -143,6 +144,8 @@ def _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, w_scale_ptr, expert
     if W_SCALE == 1:
         channel_ptrs = w_scale_ptr + expert.to(tl.int64) * stride_se + w_rows * stride_sn
         acc = acc * tl.load(channel_ptrs, mask=col_mask, other=0.0)[None, :]
+        if A_FP8:
+            acc = acc * tl.load(a_scale_ptrs, mask=row_mask, other=0.0)[:, None]
     if GATE_UP:
         gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
         acc = gate * tl.sigmoid(gate) * up
@@ -151,10 +154,10 @@ def _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, w_scale_ptr, expert
 
 @triton.jit
 def grouped_gemm_kernel(
-    a_ptr, a_desc, w_ptr, w_desc, w_scale_ptr, out_ptr, topk_weights_ptr,
+    a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr, topk_weights_ptr,
     sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
     N, K, num_slots, a_rows_per_slot_div, max_blocks,
-    stride_a, stride_we, stride_wn, stride_se, stride_sn, stride_out,
+    stride_a, stride_as, stride_we, stride_wn, stride_se, stride_sn, stride_out,
     GATE_UP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, H_BLOCK_ORDER: tl.constexpr,
@@ -180,9 +183,15 @@ def grouped_gemm_kernel(
     A_DESC: tl.constexpr = H_BLOCK_ORDER and not GATE_UP
     a_rows = (slots // a_rows_per_slot_div).to(tl.int64)
     a_ptrs = a_ptr + a_rows[:, None] * stride_a + tl.arange(0, BLOCK_K)[None, :]
-    acc = _mainloop(a_ptrs, a_desc, row0, row_mask, w_ptr, w_desc, w_scale_ptr, expert, pid_n,
-                    N, K, stride_we, stride_wn, stride_se, stride_sn, GATE_UP, BLOCK_M, BLOCK_N,
-                    BLOCK_K, EVEN_K, A_DESC, B_DESC, W_SCALE, A_FP8, INTERPRETER)
+    a_scale_ptrs = None
+    if A_FP8:  # A's scales, by the rows A is read at (block order through a_desc)
+        if A_DESC:
+            a_scale_ptrs = a_scale_ptr + offs_m.to(tl.int64) * stride_as
+        else:
+            a_scale_ptrs = a_scale_ptr + a_rows * stride_as
+    acc = _mainloop(a_ptrs, a_desc, row0, row_mask, a_scale_ptrs, w_ptr, w_desc, w_scale_ptr,
+                    expert, pid_n, N, K, stride_we, stride_wn, stride_se, stride_sn, GATE_UP,
+                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, A_DESC, B_DESC, W_SCALE, A_FP8, INTERPRETER)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = offs_n < N
