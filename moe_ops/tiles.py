@@ -2,7 +2,7 @@
 
 Tables (``moe_ops.tile_table``, one JSON file per GPU) are written by ``tools/tune.py``.
 A lookup takes the entry of the same (stage, E, H, I, weights) whose T bucket is nearest
-in log scale (weights: the dtype's name, or "fp8-block" / "fp8-channel"); anything not in a table falls back to ``heuristic_tile``.
+in log scale, within 8x (weights: the dtype's name, or "fp8-block" / "fp8-channel"); anything not in a table falls back to ``heuristic_tile``.
 """
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ import torch
 from .fp8 import tile_key
 from .interpreter import interpreter_active
 from .tile_table import gpu_entries
+
+
+# A tuned bucket stands for token counts within 8x of its own; past that the regime may
+# differ (an fp8 table tuned at T=8192 only must not give T=1 its fp8-activation tiles).
+NEAREST_MAX_LOG2 = 3
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,8 @@ def get_tile_config(stage: str, num_experts: int, hidden: int, inter: int, num_t
             (stage, num_experts, hidden, inter, tile_key(dtype, fp8)))
         if candidates:
             log_t = math.log2(max(1, num_tokens))
-            _, config = min(candidates, key=lambda tc: abs(math.log2(tc[0]) - log_t))
-            return config
+            t, config = min(candidates, key=lambda tc: abs(math.log2(tc[0]) - log_t))
+            if abs(math.log2(t) - log_t) <= NEAREST_MAX_LOG2:
+                return config
     return heuristic_tile(stage, num_experts, hidden, inter, num_tokens, top_k, dtype,
                           has_tma(device), fp8)

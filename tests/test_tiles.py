@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import moe_ops  # noqa: F401
+from moe_ops.fp8 import quantize_weight
 from moe_ops.pipeline import descriptor_ok, fused_experts_impl
 from moe_ops.reference import fused_experts_reference
 from moe_ops.tile_table import TABLE_DIR
@@ -19,19 +20,22 @@ TABLES = {path.name: json.loads(path.read_text()) for path in sorted(TABLE_DIR.g
 
 
 def table_tiles():
-    """Distinct (stage, E, top_k-free tile) choices over all shipped tables."""
+    """Distinct (stage, E, fp8 scheme or None, top_k-free tile) choices over all shipped tables."""
     seen = set()
     for table in TABLES.values():
         for entry in table["entries"]:
-            seen.add((entry["stage"], entry["E"], TileConfig(**entry["config"])))
+            scheme = entry["dtype"][4:] if entry["dtype"].startswith("fp8-") else None
+            seen.add((entry["stage"], entry["E"], scheme, TileConfig(**entry["config"])))
     return sorted(seen, key=repr)
 
 
 ALL_TILES = table_tiles()
-# The interpreter ignores warps and stages and is slow: a sample of block shapes on CPU.
-TILES = ALL_TILES if ON_GPU else sorted(
-    {(s, e, TileConfig(t.BLOCK_M, t.BLOCK_N, t.BLOCK_K, t.GROUP_M)) for s, e, t in ALL_TILES
-     if e <= 8}, key=repr)[:4]
+# The interpreter ignores warps and stages and is slow: a sample of block shapes on CPU,
+# float and fp8.
+TILES = ALL_TILES if ON_GPU else [
+    sorted({(s, e, f, TileConfig(t.BLOCK_M, t.BLOCK_N, t.BLOCK_K, t.GROUP_M, A_FP8=t.A_FP8))
+            for s, e, f, t in ALL_TILES if e <= 8 and (f is None) == float_weights}, key=repr)[i]
+    for float_weights, i in ((True, 0), (True, 1), (True, 2), (True, 3), (False, 0), (False, -1))]
 
 
 def test_tables_are_well_formed():
@@ -43,20 +47,31 @@ def test_tables_are_well_formed():
             TileConfig(**entry["config"])
 
 
-@pytest.mark.parametrize("stage,num_experts,tile", TILES, ids=repr)
-def test_table_tile_is_correct(stage, num_experts, tile, device):
+@pytest.mark.parametrize("stage,num_experts,scheme,tile", TILES, ids=repr)
+def test_table_tile_is_correct(stage, num_experts, scheme, tile, device):
+    """Each tile against the reference: float tables' in the table's dtype, fp8 tables'
+    (scheme) on quantised experts against the emulation of the same quantisation."""
     top_k = 2 if num_experts <= 8 else 8
     hidden, inter = (512, 384) if ON_GPU else (64, 80)  # 80: a partial BLOCK_K/BLOCK_N
-    x, weights, w_gate_up, w_down = expert_inputs(
-        96, num_experts, top_k, hidden, inter, torch.bfloat16 if ON_GPU else torch.float32, device)
+    if scheme:
+        hidden, inter = (512, 384) if ON_GPU else (192, 160)  # partial 128-blocks
+    dtype = torch.bfloat16 if ON_GPU or scheme else torch.float32
+    x, weights, w_gate_up, w_down = expert_inputs(96, num_experts, top_k, hidden, inter, dtype, device)
     ids = torch.rand(96, num_experts, device=device).topk(top_k, dim=1).indices.to(torch.int32)
+    scales = {}
+    if scheme:
+        (w_gate_up, gate_up_scale), (w_down, down_scale) = (quantize_weight(w, scheme)
+                                                            for w in (w_gate_up, w_down))
+        scales = dict(w_gate_up_scale=gate_up_scale, w_down_scale=down_scale)
     other = heuristic_tile("gate_up" if stage == "down" else "down", num_experts, hidden, inter,
-                           96, top_k, x.dtype)
+                           96, top_k, x.dtype, fp8=scheme)
     tiles = {"gate_up_tile": tile, "down_tile": other} if stage == "gate_up" else \
-        {"gate_up_tile": TileConfig(tile.BLOCK_M, other.BLOCK_N, other.BLOCK_K), "down_tile": tile}
-    out = fused_experts_impl(x, weights, ids, w_gate_up, w_down, **tiles)
-    ref = fused_experts_reference(x, weights, ids, w_gate_up, w_down)
-    assert_close_l2(out, ref, 1e-2 if ON_GPU else 1e-4)
+        {"gate_up_tile": replace(other, BLOCK_M=tile.BLOCK_M), "down_tile": tile}
+    out = fused_experts_impl(x, weights, ids, w_gate_up, w_down, **tiles, **scales)
+    a_fp8 = (tiles["gate_up_tile"].A_FP8, tiles["down_tile"].A_FP8)
+    ref = fused_experts_reference(x, weights, ids, w_gate_up, w_down, **scales,
+                                  fp8_activations=a_fp8)
+    assert_close_l2(out, ref, 1e-2 if ON_GPU or scheme else 1e-4)
 
 
 def test_lookup_takes_nearest_bucket_and_falls_back_to_heuristic():
@@ -67,7 +82,7 @@ def test_lookup_takes_nearest_bucket_and_falls_back_to_heuristic():
         name = torch.cuda.get_device_name()
         for table in TABLES.values():
             if table["gpu"] == name:
-                entry = table["entries"][0]
+                entry = next(e for e in table["entries"] if not e["dtype"].startswith("fp8"))
                 found = get_tile_config(entry["stage"], entry["E"], entry["H"], entry["I"],
                                         entry["T"], 2, getattr(torch, entry["dtype"]),
                                         torch.device("cuda"))

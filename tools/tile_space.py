@@ -6,8 +6,7 @@
     GROUP_M   8 only where an expert spans several row blocks (something to group)
     warps     by tile area; stages 3..5 within SMEM_LIMIT of shared memory
     B_DESC    weights through pointers and through a tensor descriptor
-    fp8       (fp8 weights) BLOCK_K 128 only, 1-byte weight tiles; A_FP8 both ways at
-              BLOCK_M >= 64 (fp8 activations pay off only where the dot is compute-bound)
+    fp8       (fp8 weights) BLOCK_K 128 only, 1-byte weight tiles; A_FP8 both ways
 
 ``LARGE_T_SEEDS`` are shapes Hopper GEMMs are known to like, always timed where legal;
 ``sample`` draws the rest reproducibly.
@@ -58,7 +57,7 @@ def candidate_tiles(stage: str, num_tokens: int, top_k: int, num_experts: int,
                             smem = stages * (bm * bk * elem_bytes + weight_tiles * bn * bk * w_bytes)
                             if smem > SMEM_LIMIT:
                                 continue
-                            for a_fp8 in ((False, True) if fp8 and bm >= 64 else (False,)):
+                            for a_fp8 in ((False, True) if fp8 else (False,)):
                                 out.append(TileConfig(bm, bn, bk, group_m, warps, stages,
                                                       B_DESC=desc, A_FP8=a_fp8))
     return out
