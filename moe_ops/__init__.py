@@ -18,6 +18,7 @@ check_installed()  # before anything imports what an older Triton lacks
 from . import configs, ops, reference  # noqa: E402
 from .configs import CONFIGS, MoEConfig, get_config, shrink  # noqa: E402
 from .eager_graphs import set_eager_graphs  # noqa: E402
+from .fp8 import set_fp8_fast_accumulation  # noqa: E402
 from .hf_experts import install_import_hook, register_hf_experts  # noqa: E402
 from .hf_patch import patch_hf_model  # noqa: E402
 from .module import FusedMoE  # noqa: E402
@@ -29,5 +30,5 @@ install_import_hook()
 __all__ = [
     "CONFIGS", "FusedMoE", "MoEConfig", "configs", "fused_experts", "fused_moe", "get_config", "ops",
     "patch_hf_model", "reference", "register_hf_experts", "route", "set_eager_graphs",
-    "set_topk_ids_check", "shrink",
+    "set_fp8_fast_accumulation", "set_topk_ids_check", "shrink",
 ]

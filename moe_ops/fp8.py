@@ -25,6 +25,22 @@ BLOCK = 128
 SCHEMES = ("block", "channel")
 AMAX_FLOOR = 1e-10
 
+_fast_accumulation = False
+
+
+def set_fp8_fast_accumulation(enabled: bool) -> None:
+    """Let fp8 MMAs with per-channel scales accumulate at Hopper's reduced precision over
+    the whole K (as torch's ``use_fast_accum`` and vLLM's Triton kernel do): up to 2x
+    faster at large T, about 1e-2 further from exact float32 accumulation. Off by
+    default. Read at each launch (a captured CUDA graph keeps the setting it saw)."""
+    global _fast_accumulation
+    _fast_accumulation = bool(enabled)
+
+
+def fast_accumulation() -> bool:
+    """Whether ``set_fp8_fast_accumulation`` turned fast fp8 accumulation on."""
+    return _fast_accumulation
+
 
 def scheme_of(scale: torch.Tensor | None) -> str | None:
     """``"block"`` for a 3-D scale, ``"channel"`` for a 2-D one, None without a scale."""

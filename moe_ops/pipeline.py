@@ -18,7 +18,7 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .fp8 import FP8_DTYPE, scheme_of
+from .fp8 import FP8_DTYPE, fast_accumulation, scheme_of
 from .interpreter import BLOCKS, interpreter_active
 from .kernels.combine import combine_kernel
 from .kernels.grouped_gemm import grouped_gemm_kernel
@@ -129,6 +129,7 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
             GATE_UP=gate_up, BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K,
             GROUP_M=tile.GROUP_M, EVEN_K=k % tile.BLOCK_K == 0, H_BLOCK_ORDER=h_block_order,
             B_DESC=use_desc, W_SCALE=_W_SCALE[scheme_of(w_scale)], A_FP8=tile.A_FP8,
+            FAST_ACC=fast_accumulation(),
             INTERPRETER=interpreter_active(),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )

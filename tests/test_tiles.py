@@ -66,7 +66,8 @@ def test_table_tile_is_correct(stage, num_experts, scheme, tile, device):
     other = heuristic_tile("gate_up" if stage == "down" else "down", num_experts, hidden, inter,
                            96, top_k, x.dtype, fp8=scheme)
     tiles = {"gate_up_tile": tile, "down_tile": other} if stage == "gate_up" else \
-        {"gate_up_tile": replace(other, BLOCK_M=tile.BLOCK_M), "down_tile": tile}
+        {"gate_up_tile": TileConfig(tile.BLOCK_M, other.BLOCK_N, other.BLOCK_K, A_FP8=other.A_FP8),
+         "down_tile": tile}
     out = fused_experts_impl(x, weights, ids, w_gate_up, w_down, **tiles, **scales)
     a_fp8 = (tiles["gate_up_tile"].A_FP8, tiles["down_tile"].A_FP8)
     ref = fused_experts_reference(x, weights, ids, w_gate_up, w_down, **scales,

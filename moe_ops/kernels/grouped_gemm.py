@@ -28,7 +28,9 @@ With A_FP8 (BLOCK_K = 128) A arrives in e4m3 (``kernels.quantize``, one launch b
 each GEMM) and the dot runs in fp8: with per-channel weights A has one scale per row,
 applied with the weights' in the epilogue, so the K loop is bare fp8 MMAs; with block
 weights one per row per 128 columns, applied with the weight block's to each K step's
-partial product. Without A_FP8 the weight tile is converted to A's dtype and the dot
+partial product. FAST_ACC lets the per-row-scaled fp8 MMAs accumulate at the hardware's
+reduced precision over the whole K (Hopper; otherwise folded into fp32 every 128 of K,
+which costs up to 2x at large T). Without A_FP8 the weight tile is converted to A's dtype and the dot
 runs there (weight-only fp8).
 
 In INTERPRETER mode (the Triton CPU interpreter) loads are upcast to float32 and bf16
@@ -90,13 +92,16 @@ def _weight_tile_descriptor(w_desc, expert, n0, k0, GATE_UP: tl.constexpr,
 
 
 @triton.jit
-def _step(acc, a, w, a_scale_k, w_scale_k, W_SCALE: tl.constexpr, A_FP8: tl.constexpr):
+def _step(acc, a, w, a_scale_k, w_scale_k, W_SCALE: tl.constexpr, A_FP8: tl.constexpr,
+          FAST_ACC: tl.constexpr):
     """acc + a . w for one K step, with the fp8 scales the flags call for."""
     if A_FP8 and W_SCALE == 2:
         acc += tl.dot(a, w, input_precision="ieee") * (a_scale_k[:, None] * w_scale_k[None, :])
+    elif A_FP8 and FAST_ACC:
+        acc = tl.dot(a, w, acc, input_precision="ieee")
     elif A_FP8:
         # Hopper's fp8 MMAs add in reduced precision: fold into fp32 every 128 of K
-        # (unpromoted, K=7168 drifts 1.2e-2 from the float32 emulation).
+        # (without, K=1280 drifts 1.2e-2 from the float32 emulation; FAST_ACC allows it).
         acc = tl.dot(a, w, acc, input_precision="ieee", max_num_imprecise_acc=128)
     elif W_SCALE == 2:
         acc += tl.dot(a, w.to(a.dtype), input_precision="ieee") * w_scale_k[None, :]
@@ -113,7 +118,7 @@ def _mainloop(a_ptrs, a_desc, row0, row_mask, a_scale_ptrs, w_ptr, w_desc, w_sca
               GATE_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, A_DESC: tl.constexpr,
               B_DESC: tl.constexpr, W_SCALE: tl.constexpr, A_FP8: tl.constexpr,
-              INTERPRETER: tl.constexpr):
+              FAST_ACC: tl.constexpr, INTERPRETER: tl.constexpr):
     """[BLOCK_M, BLOCK_N] fp32: A . W^T (gate_up: already silu(gate) * up)."""
     W_COLS: tl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
     offs_k = tl.arange(0, BLOCK_K)
@@ -138,7 +143,7 @@ def _mainloop(a_ptrs, a_desc, row0, row_mask, a_scale_ptrs, w_ptr, w_desc, w_sca
                                 + (w_rows // 128) * stride_sn + k0 // 128, mask=col_mask, other=0.0)
             if A_FP8:  # and A's, one per row per 128 columns
                 a_scale_k = tl.load(a_scale_ptrs + k0 // 128, mask=row_mask, other=0.0)
-        acc = _step(acc, a, w, a_scale_k, w_scale_k, W_SCALE, A_FP8)
+        acc = _step(acc, a, w, a_scale_k, w_scale_k, W_SCALE, A_FP8, FAST_ACC)
         if not A_DESC:
             a_ptrs += BLOCK_K
         if not B_DESC:
@@ -163,7 +168,7 @@ def grouped_gemm_kernel(
     GATE_UP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, H_BLOCK_ORDER: tl.constexpr,
-    B_DESC: tl.constexpr, W_SCALE: tl.constexpr, A_FP8: tl.constexpr,
+    B_DESC: tl.constexpr, W_SCALE: tl.constexpr, A_FP8: tl.constexpr, FAST_ACC: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -193,7 +198,8 @@ def grouped_gemm_kernel(
             a_scale_ptrs = a_scale_ptr + a_rows * stride_as
     acc = _mainloop(a_ptrs, a_desc, row0, row_mask, a_scale_ptrs, w_ptr, w_desc, w_scale_ptr,
                     expert, pid_n, N, K, stride_we, stride_wn, stride_se, stride_sn, GATE_UP,
-                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, A_DESC, B_DESC, W_SCALE, A_FP8, INTERPRETER)
+                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, A_DESC, B_DESC, W_SCALE, A_FP8, FAST_ACC,
+                    INTERPRETER)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = offs_n < N
