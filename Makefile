@@ -23,3 +23,4 @@ test: install
 
 bench: install
 	$(PYTHON) -m benchmarks.bench_moe
+	$(PYTHON) -m benchmarks.bench_fp8

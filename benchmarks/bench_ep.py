@@ -138,7 +138,9 @@ def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
                 imbalance=max(received) / max(1e-9, sum(received) / W))
 
     def compute():
-        return fused_experts_impl(rx, rw, rids, layer.w_gate_up, layer.w_down)
+        return fused_experts_impl(rx, rw, rids, layer.w_gate_up, layer.w_down,
+                                  w_gate_up_scale=layer.w_gate_up_scale,
+                                  w_down_scale=layer.w_down_scale)
 
     def timed(system, fn, graph):
         if graph and on_gpu():

@@ -15,7 +15,7 @@ grouped GEMM). Run from the checkout root::
     python -m benchmarks.bench_fp8                     # uniform, then Zipf(1.2) for DeepSeek-V3
     python -m benchmarks.bench_fp8 --models mixtral-8x7b --tokens 1 8192
 
-Writes ``fp8_<gpu>.{json,md}`` under --out. Without CUDA it runs shrunk configs through
+Writes ``fp8_<gpu>.{json,md,png}`` under --out. Without CUDA it runs shrunk configs through
 the Triton interpreter (code paths only; results-cpu-interpreter/).
 """
 from __future__ import annotations
@@ -149,6 +149,31 @@ def markdown(rows: list[dict], stamp: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict], stamp: dict, path: Path) -> None:
+    """ms against T (log-log), one panel per model (uniform routing): bf16, the fp8
+    schemes, and the best fp8 anchor where known."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model and r["routing"] == "uniform"]
+        for system in dict.fromkeys(r["system"] for r in mine):
+            points = [(r["T"], r["ms"]) for r in mine if r["system"] == system]
+            ax.plot(*zip(*points), marker="o", label=system)
+        anchors = sorted({(r["T"], r["anchor"]) for r in mine if r["anchor"]})
+        if anchors:
+            ax.plot(*zip(*anchors), "k--", marker="x", label="best fp8 anchor")
+        ax.set(xscale="log", yscale="log", title=model, xlabel="tokens", ylabel="ms")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"fp8 experts, {stamp['gpu']}, {stamp['date']} (CUDA-graph replay)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 @torch.no_grad()
 def main(argv=None) -> None:
     gpu = on_gpu()
@@ -188,7 +213,8 @@ def main(argv=None) -> None:
             del layer, fp8_layers
             if gpu:
                 torch.cuda.empty_cache()
-    log(f"wrote {stem}.json and .md")
+    plot(rows, stamp, stem.with_suffix(".png"))
+    log(f"wrote {stem}.json, .md and .png")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,15 @@ the shared experts' linears for ``FP8Linear``), whose weights are then filled wi
 needs a kernel from the Hub, so the truth is transformers' forward of the float model
 with the dequantised weights (``w8 * scale_inv``), and the project's emulation
 (``fused_experts_reference`` with the scales and the tiles' fp8-activation choice).
+
+Found on the way (transformers 5.24 here, 5.17 on the H200): ``from_pretrained`` with a
+``FineGrainedFP8Config`` cannot build an fp8 model without a GPU, hence
+``replace_with_fp8_linear``; its ``modules_to_not_convert`` entries match name prefixes, so
+attention is kept in float with ``r".*self_attn"``, not ``"self_attn"``. 5.17 sets neither
+``has_post_expert_norm`` nor ``_is_expert_parallel`` on experts modules (the checks default
+them); 5.24's ``FP8Experts`` takes ``expert_dtype=`` (only attributes are read here) and
+keeps DeepSeek-V3's router in float32 in a bf16 model (cast to the hidden dtype on
+conversion: exact for checkpoints, which store it in bf16).
 """
 import copy
 import math
