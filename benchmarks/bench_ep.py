@@ -8,12 +8,20 @@ per-call CUDA-event timings:
     ep_nvlink            ExpertParallelMoE, nvlink transport (overlap=False, the default)
     ep_nvlink_overlap    the same with overlap=True (own tokens computed during the dispatch)
     ep_all_to_all        all_to_all transport with max_tokens_per_rank=T (fixed splits)
+    ep_nvlink_serving    nvlink with a serving capacity max_tokens_per_rank=max(T, --capacity)
+    ep_all_to_all_serving  all_to_all with that capacity (what a server sized once pays)
     ep_all_to_all_sync   all_to_all without it (one count exchange, host-synced), eager
     compute_only         this rank's fused_experts on exactly the rows it receives
     shared_only          the shared expert of this rank's tokens (part of every ep_* row)
     comm_only            the nvlink transport moving the same blocks there and back
     baseline             what users write today: per-pair all_to_all_single with host-synced
                          splits, torch._grouped_mm experts, un-sort, weighted sum (eager)
+
+Every ep_* row also records ``wire_bytes``, the bytes its forward moves between ranks
+(the other ranks' blocks both ways, headers included: capacity-sized with fixed buffers,
+the routed rows without), beside each cell's ``routed_bytes`` (each routed token row once
+to each other owning rank and back: the least any transport can move), and on a GPU its
+``launches`` (GPU activities of one eager forward, torch.profiler).
 
 Systems marked "graph" in the JSON are CUDA-graph replays (the no-sync ones). Floor: the
 slower rank's expert compute at the measured copy bandwidth / matmul rate
@@ -47,6 +55,7 @@ from moe_ops.pipeline import fused_experts_impl  # noqa: E402
 from moe_ops.reference import rel_l2  # noqa: E402
 from tools.ceilings import measure_ceilings  # noqa: E402
 from tools.cli import on_gpu, slug  # noqa: E402
+from tools.profiler import count_launches  # noqa: E402
 from tools.timing import capture_graph, median_event_ms, median_wall_ms  # noqa: E402
 from tools.workloads import bias_column, layer_config, log_popularity, tokens_with_bias_input  # noqa: E402
 
@@ -113,6 +122,27 @@ def received_rows(layer, x):
             int(owned.sum()), distinct)
 
 
+def rows_to_ranks(layer, x) -> list[int]:
+    """How many of this rank's tokens need each rank's experts (host-synced; untimed)."""
+    c = layer.config
+    bias = None if layer.score_bias is None else layer.score_bias.float()
+    _, ids = torch.ops.tritonmoe.route(x, layer.router_weight, c.top_k, c.scoring, c.renormalize,
+                                       c.n_group, c.topk_group, bias, c.routed_scaling_factor)
+    owner = ids.long() // (c.num_experts // layer.world_size)
+    return [int((owner == d).any(dim=1).sum()) for d in range(layer.world_size)]
+
+
+def wire_bytes(layer, rows_per_peer: list[int], header_rows: int) -> int:
+    """Bytes one forward moves between this rank and the others: each other rank's block
+    of ``rows_per_peer[d] + header_rows`` rows out (token, ids, weights) and back (partials)."""
+    c, r = layer.config, layer.rank
+    elem = layer.router_weight.element_size()
+    out_row = c.hidden_size * elem + c.top_k * (4 + 4)
+    back_row = c.hidden_size * elem
+    return sum((rows + header_rows) * (out_row + back_row)
+               for d, rows in enumerate(rows_per_peer) if d != r)
+
+
 def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
     """Time every system at T tokens per rank, append their rows, check they agree."""
     c, W = layer.config, layer.world_size
@@ -122,9 +152,9 @@ def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
     cell = dict(stamp, model=model, tokens_per_rank=T, routing=routing)
     results, outputs = {}, {}
 
-    def record(system, ms, graph, note=""):
+    def record(system, ms, graph, note="", **extra):
         results[system] = ms
-        rows.append(dict(cell, system=system, ms=ms, graph=graph, note=note))
+        rows.append(dict(cell, system=system, ms=ms, graph=graph, note=note, **extra))
 
     rx, rw, rids, pairs, distinct = received_rows(layer, x)
     H, I = c.hidden_size, c.intermediate_size
@@ -134,8 +164,11 @@ def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
     gathered = [torch.empty_like(recv_tokens) for _ in range(W)]
     dist.all_gather(gathered, recv_tokens)
     received = [int(g.item()) for g in gathered]
+    to_ranks = rows_to_ranks(layer, x)
     cell.update(floor_ms=floor_ms, received_tokens=received,
-                imbalance=max(received) / max(1e-9, sum(received) / W))
+                imbalance=max(received) / max(1e-9, sum(received) / W),
+                routed_bytes=wire_bytes(layer, to_ranks, 0))
+    capacity = max(T, args.capacity)
 
     def compute():
         return fused_experts_impl(rx, rw, rids, layer.w_gate_up, layer.w_down,
@@ -143,13 +176,19 @@ def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
                                   w_down_scale=layer.w_down_scale)
 
     def timed(system, fn, graph):
+        extra = {}
+        if system.startswith("ep_"):
+            C = layer.max_tokens_per_rank
+            extra["wire_bytes"] = wire_bytes(layer, [C] * W if C else to_ranks,
+                                             layer.transport.header_rows)
+            extra["launches"] = count_launches(fn)[0]
         if graph and on_gpu():
             graph, out = capture_graph(fn)
             ms = slowest(median_ms(graph.replay, args.iters))
         else:
             out = fn()
             ms = slowest(median_ms(fn, args.iters))
-        record(system, ms, graph and on_gpu())
+        record(system, ms, graph and on_gpu(), **extra)
         return out
 
     with torch.no_grad():
@@ -164,8 +203,14 @@ def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
                 outputs[system] = timed(system, lambda: layer.forward_impl(x), True).clone()
             layer.overlap = False
             timed("comm_only", lambda: comm_round_trip(layer, x), True)
+            layer.set_transport("nvlink", capacity)
+            outputs["ep_nvlink_serving"] = timed("ep_nvlink_serving", lambda: layer.forward_impl(x),
+                                                 True).clone()
         layer.set_transport("all_to_all", T)
         outputs["ep_all_to_all"] = timed("ep_all_to_all", lambda: layer.forward_impl(x), True).clone()
+        layer.set_transport("all_to_all", capacity)
+        outputs["ep_all_to_all_serving"] = timed("ep_all_to_all_serving",
+                                                 lambda: layer.forward_impl(x), True).clone()
         layer.set_transport("all_to_all", None)
         outputs["ep_all_to_all_sync"] = timed("ep_all_to_all_sync", lambda: layer.forward_impl(x), False)
         if on_gpu():
@@ -210,6 +255,9 @@ def main(argv=None) -> None:
     parser.add_argument("--routing", nargs="+", default=["uniform", "zipf"])
     parser.add_argument("--zipf-s", type=float, default=1.2)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--capacity", type=int, default=None,
+                        help="serving max_tokens_per_rank of the *_serving rows (default 4096; "
+                             "CPU 16)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -221,6 +269,7 @@ def main(argv=None) -> None:
     dist.init_process_group("nccl" if gpu else "gloo")
     device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
     tokens = args.tokens or (TOKENS if gpu else [1, 9])
+    args.capacity = args.capacity or (4096 if gpu else 16)
     out_dir = args.out or default_out_dir(gpu)
     gpu_name = device_label(gpu, device)
     W = dist.get_world_size()

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SYSTEMS = ["ep_nvlink", "ep_nvlink_overlap", "ep_all_to_all", "ep_all_to_all_sync",
-           "compute_only", "shared_only", "comm_only", "baseline"]
+SYSTEMS = ["ep_nvlink", "ep_nvlink_overlap", "ep_nvlink_serving", "ep_all_to_all",
+           "ep_all_to_all_serving", "ep_all_to_all_sync", "compute_only", "shared_only",
+           "comm_only", "baseline"]
 
 
 def write_outputs(rows, stamp, out_dir: Path, stem: str) -> None:
@@ -30,10 +31,14 @@ def markdown(rows, stamp) -> str:
              "replay, ep_all_to_all_sync and baseline eager). `x compute` = ep_nvlink / "
              "compute_only; `x comp+shared` = ep_nvlink / (compute_only + shared_only); "
              "`vs baseline` = baseline / ep_nvlink; % floor = the slower rank's "
-             "expert-compute floor / ep_nvlink; imbalance = max/mean tokens received.", "",
-             "| model | routing | T/rank | " + " | ".join(SYSTEMS)
-             + " | x compute | x comp+shared | vs baseline | % floor | imbalance |",
-             "|---|---|---:|" + "---:|" * (len(SYSTEMS) + 5)]
+             "expert-compute floor / ep_nvlink; imbalance = max/mean tokens received; "
+             "exposed = ep_nvlink - compute_only - shared_only (ms); MB moved = this rank's "
+             "wire bytes per forward, routed rows only / ep_nvlink / ep_nvlink_serving "
+             "(ep_all_to_all_serving where nvlink is absent); launches of ep_nvlink's forward.",
+             "", "| model | routing | T/rank | " + " | ".join(SYSTEMS)
+             + " | x compute | x comp+shared | vs baseline | % floor | imbalance | exposed "
+             "| MB moved | launches |",
+             "|---|---|---:|" + "---:|" * (len(SYSTEMS) + 8)]
     cells = {}
     for r in rows:
         cells.setdefault((r["model"], r["routing"], r["tokens_per_rank"]), {})[r["system"]] = r
@@ -47,11 +52,17 @@ def markdown(rows, stamp) -> str:
         nv, comp, base, shared = (by[s]["ms"] if s in by else None
                                   for s in ("ep_nvlink", "compute_only", "baseline", "shared_only"))
         first = next(iter(by.values()))
+        fixed = by.get("ep_nvlink") or by.get("ep_all_to_all") or {}
+        serving = by.get("ep_nvlink_serving") or by.get("ep_all_to_all_serving") or {}
+        moved = " / ".join(f"{b / 1e6:.2f}" if b is not None else "-" for b in (
+            first.get("routed_bytes"), fixed.get("wire_bytes"), serving.get("wire_bytes")))
         ratios = [f"{nv / comp:.2f}" if nv and comp else "-",
                   f"{nv / (comp + (shared or 0)):.2f}" if nv and comp else "-",
                   f"{base / nv:.2f}" if nv and base else "-",
                   f"{100 * first['floor_ms'] / nv:.0f}%" if nv else "-",
-                  f"{first['imbalance']:.2f}"]
+                  f"{first['imbalance']:.2f}",
+                  f"{nv - comp - (shared or 0):.3f}" if nv and comp else "-", moved,
+                  str(fixed.get("launches") or "-")]
         lines.append(f"| {model} | {routing} | {T} | " + " | ".join(ms(s) for s in SYSTEMS)
                      + " | " + " | ".join(ratios) + " |")
     return "\n".join(lines) + "\n"

@@ -1,25 +1,10 @@
 """The ``all_to_all`` transport: ``torch.distributed.all_to_all_single`` on the group's
-backend (NCCL between GPUs on any number of nodes, gloo on CPU).
+backend (NCCL between GPUs on any number of nodes, gloo on CPU); the steps are
+``transport.Transport``'s.
 
-Every transport offers the same steps (``call`` is the forward's ``protocol.Call``)::
-
-    begin(call)                                               once per forward
-    exchange_counts(call, counts) -> (send_rows, recv_rows)   without fixed buffers only
-    send_buffers(rows, hidden, top_k, dtype, device) -> (send_x, send_ids, send_weights)
-    dispatch(send_x, send_ids, send_weights, send_rows, recv_rows, filled_rows, call=)
-        -> pending
-    receive(pending, call=) -> (recv_x, recv_ids, recv_weights)   waits for the dispatch
-    send_back(partials, send_rows, recv_rows, filled_rows, call=) -> pending
-    receive_back(pending, call=) -> back                          waits for the partials
-    end(call)                                                 once per forward
-    abort(call, hidden, top_k, dtype, device)   after a failure on this rank: finish the
-                                                forward's exchanges carrying its status
-    reset()                     finish and drain what failed forwards left (``layer.reset``)
-
-``send_rows[d]`` rows go to rank d, ``recv_rows[s]`` come from rank s, blocks in rank
-order; each block is its tokens followed by ``header_rows`` rows holding the protocol's
-header (``protocol``: layer, call count, status), stamped and checked on the device. With
-fixed buffers every block is ``capacity + header_rows`` rows (no host synchronisation,
+Each block is its tokens followed by ``header_rows`` rows holding the protocol's header
+(``protocol``: layer, call count, status), stamped and checked on the device. With fixed
+buffers every block is ``capacity + header_rows`` rows (no host synchronisation,
 capturable in a CUDA graph); otherwise ``exchange_counts`` first moves each block's size
 with a header, one small collective that the host waits for and checks.
 
@@ -41,6 +26,7 @@ from moe_ops.profiling import stage_range
 from . import protocol as P
 from .kernels import check_headers_kernel, stamp_headers_kernel
 from .streams import StreamOrder
+from .transport import Transport
 
 # Failed forwards whose block sizes never arrived (their count exchange timed out), per
 # process group, in the order they failed. Their exchanges are issued at reset(), and the
@@ -55,7 +41,7 @@ class Pending(NamedTuple):
     tensors: tuple
 
 
-class AllToAllTransport:
+class AllToAllTransport(Transport):
     name = "all_to_all"
 
     def __init__(self, group, rank: int, world_size: int, capacity: int | None, hidden: int,

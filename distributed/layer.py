@@ -360,7 +360,7 @@ class ExpertParallelMoE(nn.Module):
     def _exchange_and_compute(self, x: torch.Tensor, call: P.Call) -> torch.Tensor:
         transport, c = self.transport, self.config
         W, r, C = self.world_size, self.rank, self.max_tokens_per_rank
-        h = getattr(transport, "header_rows", 0)
+        h = transport.header_rows
         T = x.shape[0]
         overlap = self.overlap
         transport.begin(call)

@@ -49,6 +49,7 @@ from moe_ops.profiling import stage_range
 from . import protocol as P
 from .kernels import CLOCK_TICKS_PER_S, bump_epoch_kernel, put_flag_kernel, wait_flags_kernel
 from .streams import StreamOrder
+from .transport import Transport
 
 _ALIGN = 256
 
@@ -112,8 +113,8 @@ class _Workspace:
 _WORKSPACES: dict = {}
 
 
-class NVLinkTransport:
-    """The steps of ``all_to_all.AllToAllTransport`` over symmetric memory (``call`` is
+class NVLinkTransport(Transport):
+    """The steps of ``transport.Transport`` over symmetric memory (``call`` is
     optional, for the benchmark's transport-only loop). ``timeout``: seconds a wait spins
     before it fails the workspace; ``None``: the process group's time-out."""
     name = "nvlink"

@@ -485,3 +485,18 @@ def test_sleepy_rank_every_forward_right_or_an_error_everywhere(fixed):
     # Short stalls are waited for: only the long ones may fail.
     assert sum(status == "ok" for status, _, _ in steps0) >= STRESS_FORWARDS - sum(
         long for _, _, long in steps0)
+
+
+def test_both_transports_implement_the_declared_interface():
+    """The layer calls only ``transport.Transport``'s steps: both transports implement all
+    of them, and a transport without a count exchange says what it needs."""
+    import inspect
+
+    from moe_ops.distributed.all_to_all import AllToAllTransport
+    from moe_ops.distributed.nvlink import NVLinkTransport
+    from moe_ops.distributed.transport import Transport
+
+    for transport in (AllToAllTransport, NVLinkTransport):
+        assert issubclass(transport, Transport) and not inspect.isabstract(transport)
+    with pytest.raises(ValueError, match="needs max_tokens_per_rank"):
+        NVLinkTransport.exchange_counts(object.__new__(NVLinkTransport), None, None)

@@ -1,0 +1,77 @@
+"""What the expert-parallel layer asks of a transport: the ``Transport`` interface.
+
+``all_to_all.AllToAllTransport`` (``torch.distributed`` collectives, any backend) and
+``nvlink.NVLinkTransport`` (symmetric memory, one node) implement it; the layer calls
+only these steps, in this order per forward (``call`` is the forward's ``protocol.Call``)::
+
+    begin(call)
+    send_buffers(rows, hidden, top_k, dtype, device) -> (send_x, send_ids, send_weights)
+    exchange_counts(call, counts) -> (send_rows, recv_rows)   without fixed buffers only
+    dispatch(send_x, send_ids, send_weights, send_rows, recv_rows, filled_rows, call=) -> pending
+    receive(pending, call=) -> (recv_x, recv_ids, recv_weights)     waits for the dispatch
+    send_back(partials, send_rows, recv_rows, filled_rows, call=) -> pending
+    receive_back(pending, call=) -> back                            waits for the partials
+    end(call)
+    abort(call, hidden, top_k, dtype, device)   after a failure on this rank: finish the
+                                                forward's exchanges carrying its status
+    reset()                     collective: drain what failed forwards left (``layer.reset``)
+
+``send_rows[d]`` rows go to rank d and ``recv_rows[s]`` come from rank s, blocks in rank
+order; each block is its tokens followed by ``header_rows`` rows of protocol header
+(``protocol``). ``filled_rows[d]``: how many rows of block d hold data (0 skips the copy).
+``order`` (``streams.StreamOrder``) orders forwards issued from several CUDA streams.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from .streams import StreamOrder
+
+
+class Transport(ABC):
+    """One way of moving the layer's token blocks to the ranks and the partial sums back."""
+
+    name: str
+    header_rows: int  # protocol rows after each block's tokens (0: the transport checks otherwise)
+    order: StreamOrder
+
+    @abstractmethod
+    def begin(self, call) -> None:
+        """Once per forward, before anything moves."""
+
+    @abstractmethod
+    def send_buffers(self, rows: int, hidden: int, top_k: int, dtype, device):
+        """(send_x [rows, hidden], send_ids [rows, top_k], send_weights [rows, top_k]) to pack into."""
+
+    def exchange_counts(self, call, counts):
+        """Block sizes without fixed buffers: (send_rows, recv_rows) lists, host-known."""
+        raise ValueError(f"transport {self.name!r} needs max_tokens_per_rank (fixed buffers)")
+
+    @abstractmethod
+    def dispatch(self, send_x, send_ids, send_weights, send_rows, recv_rows, filled_rows,
+                 call=None):
+        """Start moving the packed blocks; returns what ``receive`` waits on."""
+
+    @abstractmethod
+    def receive(self, pending, call=None):
+        """(recv_x, recv_ids, recv_weights) of every source's block, once they are here."""
+
+    @abstractmethod
+    def send_back(self, partials, send_rows, recv_rows, filled_rows, call=None):
+        """Start moving the partial sums back; returns what ``receive_back`` waits on."""
+
+    @abstractmethod
+    def receive_back(self, pending, call=None):
+        """The partial sums of this rank's tokens from every rank, once they are here."""
+
+    @abstractmethod
+    def end(self, call) -> None:
+        """Once per forward, after the partial sums are read."""
+
+    @abstractmethod
+    def abort(self, call, hidden: int, top_k: int, dtype, device) -> None:
+        """After an exception inside a forward: let the peers' waits end with the failure."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Collective: make the transport usable again after a failed forward."""

@@ -1,0 +1,34 @@
+"""The expert-parallel benchmark runs (two gloo ranks under torchrun, the interpreter) and
+records what the serving issue asks of it: the serving-capacity rows, bytes moved per
+forward beside the routed rows' bytes, and the outputs of every system agreeing."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ON_GPU
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU (gloo) run; GPUs run tools/gpu_session.sh ep")
+def test_bench_ep_records_serving_rows_and_bytes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "benchmarks.bench_ep", "--models", "mixtral-8x7b", "--tokens", "3",
+         "--routing", "uniform", "--iters", "1", "--capacity", "16", "--out", str(tmp_path)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    rows = json.loads(next(tmp_path.glob("ep_*.json")).read_text())["rows"]
+    by_system = {row["system"]: row for row in rows}
+    serving, fixed = by_system["ep_all_to_all_serving"], by_system["ep_all_to_all"]
+    assert serving["max_rel_err"] <= 1e-4
+    # Capacity 16 moves 16 (+ header) rows per peer each way, T=3 moves 3 (+ header); the
+    # routed rows (at most 3 tokens to the other rank) are the least of the three.
+    assert serving["wire_bytes"] > fixed["wire_bytes"] >= fixed["routed_bytes"] > 0
+    assert "| MB moved |" in next(tmp_path.glob("ep_*.md")).read_text()
