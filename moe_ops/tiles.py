@@ -17,6 +17,8 @@ from .interpreter import interpreter_active
 from .tile_table import gpu_entries
 
 
+# fp8 experts multiply in fp8 (activations quantised) from this many tokens on.
+FP8_ACTIVATIONS_MIN_T = 32
 # A tuned bucket stands for token counts within 8x of its own; past that the regime may
 # differ (an fp8 table tuned at T=8192 only must not give T=1 its fp8-activation tiles).
 NEAREST_MAX_LOG2 = 3
@@ -30,8 +32,8 @@ class TileConfig:
     of pointer loads, where the weights' layout allows one (``descriptor_ok``).
     A_DESC (down tiles only) has gate_up write h in block order, so that down reads its
     A tiles through a descriptor instead of gathering rows by slot.
-    A_FP8 (fp8 weights only, BLOCK_K = 128) quantises each A tile to e4m3 in registers
-    and multiplies in fp8; without it fp8 weights are widened to A's dtype.
+    A_FP8 (fp8 weights only, BLOCK_K = 128): A is quantised to e4m3 by a launch before
+    the GEMM and the dot runs in fp8; without it fp8 weights are widened to A's dtype.
     """
 
     BLOCK_M: int
@@ -69,15 +71,16 @@ def heuristic_tile(stage: str, num_experts: int, hidden: int, inter: int,
     the ones the H200 table settles on: weights through descriptors at every T, and at
     128-row blocks wide tiles (gate_up 128x(2x128), down 128x256) with down reading h
     through a descriptor too (measured within 0.86-1.10x of the tuned tiles' time).
-    fp8 weights (``fp8`` names the scheme) take BLOCK_K = 128, and fp8 activations where
-    an expert gets 128 rows or more, where the dot is bound by the tensor cores rather
-    than the weights.
+    fp8 weights (``fp8`` names the scheme) take BLOCK_K = 128, and fp8 activations from
+    FP8_ACTIVATIONS_MIN_T tokens on (the H200 tuner chose them at every T >= 32 it tried:
+    widening the weights costs more than the quantisation launches); below, weight-only.
     """
+    a_fp8 = fp8 is not None and num_tokens >= FP8_ACTIVATIONS_MIN_T
     rows_per_expert = max(1, num_tokens * top_k // num_experts)
     if interpreter_active():
         # The interpreter's cost is per program: few, large programs.
         block_m = min(64, max(16, _next_pow2(rows_per_expert)))
-        return TileConfig(block_m, 64, 128 if fp8 else 64, 1, 4, 1)
+        return TileConfig(block_m, 64, 128 if fp8 else 64, 1, 4, 1, A_FP8=a_fp8)
     # Room for 1.5x the mean rows: an expert spilling into a second block reads its
     # weights twice.
     block_m = min(128, max(16, _next_pow2(rows_per_expert * 3 // 2)))
@@ -94,18 +97,18 @@ def heuristic_tile(stage: str, num_experts: int, hidden: int, inter: int,
         a_desc = stage == "down"
     else:
         block_n, block_k, group_m, warps = (128 if stage == "down" else 64), 64, 8, 8
-    # As many pipeline stages as fit in ~160 KB of shared memory, 2 to 4.
     if fp8:
         block_k = 128
         if block_m == 128 and tma:
-            # fp8 activations: the H200 tuner's 64-row tiles (block scales keep a second
-            # accumulator per K step, which 128x256 tiles spill).
+            # 64-row tiles: block scales keep a second accumulator per K step, which
+            # 128x256 tiles spill (the H200 tuner's block entries are 64-row ones).
             block_m, block_n, group_m, warps = 64, (256 if stage == "down" else 128), 8, 8
+    # As many pipeline stages as fit in ~160 KB of shared memory, 2 to 4.
     b_tiles = 2 if stage == "gate_up" else 1
     stage_bytes = block_m * block_k * elem + b_tiles * block_k * block_n * w_elem
     stages = max(2, min(4, (160 * 1024) // stage_bytes))
     return TileConfig(block_m, block_n, block_k, group_m, warps, stages, B_DESC=tma, A_DESC=a_desc,
-                      A_FP8=fp8 is not None and rows_per_expert * 3 // 2 >= 128)
+                      A_FP8=a_fp8)
 
 
 @functools.lru_cache(maxsize=None)
