@@ -123,10 +123,16 @@ def fp8_parity_scenario(rank, world, device, cases, seed):
         torch.manual_seed(seed + 7 * rank + i)
         x = torch.randn(TOKENS[world][i % 2][rank], config.hidden_size, device=device, dtype=bf16)
         key = f"{scheme}/{name}/max_tokens={max_tokens}/overlap={overlap}/{built}"
-        errors[key] = _check_against_single_process(ep, moe, x, 1e-2)
+        # fp8 GEMMs choose per call, by its row count, between weight-only and fp8
+        # activations (moe_ops.tiles.FP8_ACTIVATIONS_MIN_T); a rank's calls (received rows,
+        # capacity-padded buffers) need not choose as the single-process layer does, and
+        # the two ways differ by the activations' quantisation (1-3e-2), so the bound is
+        # fp8's against dequantised weights. A wrong shard of weights or scales is 1e-1 off.
+        errors[key] = _check_against_single_process(ep, moe, x, FP8_PARITY_TOL)
     return errors
 
 
+FP8_PARITY_TOL = 6e-2
 # Small fp8 layers (hidden 256: two 128-wide scale blocks along K): Mixtral as it is, and
 # Qwen2-MoE (gated shared expert) cut to 8 experts, top-2.
 FP8_CONFIGS = {
