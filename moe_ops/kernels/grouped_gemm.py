@@ -30,8 +30,8 @@ applied with the weights' in the epilogue, so the K loop is bare fp8 MMAs; with 
 weights one per row per 128 columns, applied with the weight block's to each K step's
 partial product. FAST_ACC lets the per-row-scaled fp8 MMAs accumulate at the hardware's
 reduced precision over the whole K (Hopper; otherwise folded into fp32 every 128 of K,
-which costs up to 2x at large T). Without A_FP8 the weight tile is converted to A's dtype and the dot
-runs there (weight-only fp8).
+which costs up to 2x at large T). Without A_FP8 the weight tile is converted to A's
+dtype and the dot runs there (weight-only fp8).
 
 In INTERPRETER mode (the Triton CPU interpreter) loads are upcast to float32 and bf16
 stores rounded to nearest, because the interpreter gets 16-bit floats wrong. float32
