@@ -4,21 +4,44 @@
     PER_ROW      s = scale[r]                 one scale per row (per-channel weights)
     otherwise    s = scale[r, c // 128]       one per row per 128 columns (block weights)
 
-with ``s = max(amax, 1e-10) / 448`` over the row or the group (``moe_ops.kernels.fp8``).
-Grid: cdiv(rows, BLOCK_R) programs of BLOCK_R rows; each walks K in 128-column steps
-(twice per row with PER_ROW: the amax, then the values). Layouts: src [rows, K] with
-row stride ``stride_src``, dst [rows, K] contiguous, scale [rows] or [rows, cdiv(K, 128)].
+with ``s = max(amax, 1e-10) / 448`` over the row or the group (``moe_ops.fp8`` does the
+same in torch). The float32 -> e4m3 rounding is done on the bits (``round_e4m3``): the
+Triton interpreter's own cast rounds wrongly, while its cast of an exact e4m3 value is
+right. Grid: cdiv(rows, BLOCK_R) programs of BLOCK_R rows; each walks K in 128-column
+steps (twice per row with PER_ROW: the amax, then the values). Layouts: src [rows, K]
+with row stride ``stride_src``, dst [rows, K] contiguous, scale [rows] or
+[rows, cdiv(K, 128)].
 """
 import triton
 import triton.language as tl
 
-from .fp8 import AMAX_FLOOR, FP8_MAX, quantize_rows, round_e4m3
+FP8_MAX = tl.constexpr(448.0)
+AMAX_FLOOR = tl.constexpr(1e-10)
 
 
 @triton.jit
-def _to_e4m3(q):
-    """float32 q (|q| <= 448) as e4m3, rounded on the bits first: the interpreter's own
-    cast rounds wrongly (that of an exact e4m3 value is right)."""
+def round_e4m3(x):
+    """float32 x (|x| <= 448) rounded to the nearest even e4m3fn value, kept in float32."""
+    ax = tl.abs(x)
+    bits = ax.to(tl.uint32, bitcast=True)
+    # Normal range: keep 3 of the 23 mantissa bits, rounding to nearest even.
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    # Subnormals (below 2^-6) are multiples of 2^-9: adding 2^14 rounds there in float32.
+    subnormal = (ax + 16384.0) - 16384.0
+    r = tl.where(ax < 0.015625, subnormal, normal)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _scale(amax):
+    """The scale of rows whose largest magnitude is amax."""
+    return tl.maximum(amax, AMAX_FLOOR) / FP8_MAX
+
+
+@triton.jit
+def _to_e4m3(a, s):
+    """float32 a [M, K] over its rows' scales s [M], as e4m3."""
+    q = tl.minimum(tl.maximum(a / s[:, None], -FP8_MAX), FP8_MAX)
     return round_e4m3(q).to(tl.float8e4nv)
 
 
@@ -37,17 +60,16 @@ def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src,
             mask = row_mask[:, None] & ((k0 + cols) < K)[None, :]
             a = tl.load(src + k0, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(a), axis=1))
-        s = tl.maximum(amax, AMAX_FLOOR) / FP8_MAX
+        s = _scale(amax)
         tl.store(scale_ptr + rows, s, mask=row_mask)
         for k0 in range(0, K, 128):
             mask = row_mask[:, None] & ((k0 + cols) < K)[None, :]
             a = tl.load(src + k0, mask=mask, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(a / s[:, None], -FP8_MAX), FP8_MAX)
-            tl.store(dst + k0, _to_e4m3(q), mask=mask)
+            tl.store(dst + k0, _to_e4m3(a, s), mask=mask)
     else:
         for k0 in range(0, K, 128):
             mask = row_mask[:, None] & ((k0 + cols) < K)[None, :]
-            a = tl.load(src + k0, mask=mask, other=0.0)
-            q, s = quantize_rows(a)
-            tl.store(dst + k0, q.to(tl.float8e4nv), mask=mask)
+            a = tl.load(src + k0, mask=mask, other=0.0).to(tl.float32)
+            s = _scale(tl.max(tl.abs(a), axis=1))
+            tl.store(dst + k0, _to_e4m3(a, s), mask=mask)
             tl.store(scale_ptr + rows.to(tl.int64) * groups + k0 // 128, s, mask=row_mask)
