@@ -99,14 +99,18 @@ def apply_routing(layer, routing: str, zipf_s: float) -> None:
     bias_column(layer.router_weight, log_popularity(layer.config.num_experts, skew, device, gen))
 
 
+def route(layer, x):
+    """(topk_weights, topk_ids) of this rank's tokens under the layer's router."""
+    c = layer.config
+    bias = None if layer.score_bias is None else layer.score_bias.float()
+    return torch.ops.tritonmoe.route(x, layer.router_weight, c.top_k, c.scoring, c.renormalize,
+                                     c.n_group, c.topk_group, bias, c.routed_scaling_factor)
+
+
 def received_rows(layer, x):
     """(rows x, weights, local ids, pairs): the tokens of every rank that need this
     rank's experts, as this rank receives them (host-synced; outside any timing)."""
-    c = layer.config
-    bias = None if layer.score_bias is None else layer.score_bias.float()
-    weights, ids = torch.ops.tritonmoe.route(x, layer.router_weight, c.top_k, c.scoring,
-                                             c.renormalize, c.n_group, c.topk_group, bias,
-                                             c.routed_scaling_factor)
+    weights, ids = route(layer, x)
     gathered = [torch.empty_like(t) for t in (x, weights, ids) for _ in range(layer.world_size)]
     W = layer.world_size
     for i, t in enumerate((x, weights, ids)):
@@ -124,11 +128,8 @@ def received_rows(layer, x):
 
 def rows_to_ranks(layer, x) -> list[int]:
     """How many of this rank's tokens need each rank's experts (host-synced; untimed)."""
-    c = layer.config
-    bias = None if layer.score_bias is None else layer.score_bias.float()
-    _, ids = torch.ops.tritonmoe.route(x, layer.router_weight, c.top_k, c.scoring, c.renormalize,
-                                       c.n_group, c.topk_group, bias, c.routed_scaling_factor)
-    owner = ids.long() // (c.num_experts // layer.world_size)
+    _, ids = route(layer, x)
+    owner = ids.long() // (layer.config.num_experts // layer.world_size)
     return [int((owner == d).any(dim=1).sum()) for d in range(layer.world_size)]
 
 
