@@ -41,7 +41,7 @@ from moe_ops.tiles import get_tile_config  # noqa: E402
 from tools.ceilings import measure_ceilings, measure_fp8_rate  # noqa: E402
 from tools.cli import log, on_gpu, slug  # noqa: E402
 from tools.profiler import count_launches  # noqa: E402
-from tools.roofline import distinct_experts  # noqa: E402
+from tools.roofline import distinct_experts, layer_traffic  # noqa: E402
 from tools.timing import Timer  # noqa: E402
 from tools.workloads import layer_config  # noqa: E402
 
@@ -68,12 +68,13 @@ def parse_args(argv=None, gpu: bool = True):
 
 
 def fp8_floor_ms(cfg, num_tokens, distinct, bandwidth, fp8_rate) -> float:
-    """max(bytes / bandwidth, flops / fp8 rate) of the routed experts in fp8 (block scales)."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    weights = distinct * 3 * h * i * (1 + 4 / (128 * 128))
-    activations = 2 * num_tokens * h * 2
-    flops = 2 * num_tokens * cfg.top_k * 3 * h * i
-    return 1e3 * max((weights + activations) / bandwidth, flops / fp8_rate)
+    """max(bytes / bandwidth, flops / fp8 rate) of the routed experts in fp8: 1 byte per
+    weight plus a float32 scale per 128x128 block, bf16 x and out (``tools.roofline``'s
+    traffic, its weights at 1 byte)."""
+    traffic = layer_traffic(cfg, num_tokens, distinct, bytes_per_elem=1)
+    weights = traffic.weight_bytes * (1 + 4 / (128 * 128))
+    activations = 2 * traffic.activation_bytes  # counted at 1 byte there; bf16 here
+    return 1e3 * max((weights + activations) / bandwidth, traffic.flops / fp8_rate)
 
 
 def cell_rows(cell, routing, fp8_layers, timer, ceilings, fp8_rate, anchors, args) -> list[dict]:
@@ -201,10 +202,11 @@ def main(argv=None) -> None:
         for routing, zipf_s, tokens in routings:
             gen = torch.Generator(device=device).manual_seed(0)
             layer = random_layer(cfg, torch.bfloat16, device, zipf_s, gen)
-            fp8_layers = {s: quantize_weight(layer.w_gate_up, s) + quantize_weight(layer.w_down, s)
-                          for s in SCHEMES}
-            # (w_gate_up8, gate_up_scale, w_down8, down_scale) -> the op's argument order
-            fp8_layers = {s: (v[0], v[2], v[1], v[3]) for s, v in fp8_layers.items()}
+            fp8_layers = {}
+            for scheme in SCHEMES:  # in the op's order: w_gate_up, w_down, then their scales
+                (gate_up8, gate_up_scale), (down8, down_scale) = (
+                    quantize_weight(w, scheme) for w in (layer.w_gate_up, layer.w_down))
+                fp8_layers[scheme] = (gate_up8, down8, gate_up_scale, down_scale)
             for t in tokens:
                 cell = routed_cell(layer, t, gen)
                 rows += cell_rows(cell, routing, fp8_layers, timer, ceilings, fp8_rate, anchors, args)
