@@ -15,6 +15,7 @@ from moe_ops.tiles import TileConfig, get_tile_config
 
 from conftest import ON_GPU
 from helpers import assert_close_l2, capture
+from test_ops import expert_inputs
 
 SCHEMES = ("block", "channel")
 EMULATION_TOL = 1e-2  # against the reference that quantises the same way (bf16 output)
@@ -25,11 +26,10 @@ SHAPES = dict(num_tokens=96, num_experts=8, top_k=2, hidden=320, inter=192) if n
 
 
 def fp8_inputs(scheme, device, num_tokens, num_experts, top_k, hidden, inter):
-    """bf16 tokens and routing, float experts and their fp8 quantisation."""
-    x = torch.randn(num_tokens, hidden, device=device).bfloat16()
-    w_gate_up = torch.randn(num_experts, 2 * inter, hidden, device=device) * hidden ** -0.5
-    w_down = torch.randn(num_experts, hidden, inter, device=device) * inter ** -0.5
-    topk_weights = torch.rand(num_tokens, top_k, device=device)
+    """bf16 tokens and routing, and fp8 quantisations of float experts."""
+    x, topk_weights, w_gate_up, w_down = expert_inputs(num_tokens, num_experts, top_k, hidden,
+                                                       inter, torch.float32, device)
+    x = x.bfloat16()
     topk_ids = torch.rand(num_tokens, num_experts, device=device).topk(top_k, dim=1).indices.int()
     gate_up8, gate_up_scale = quantize_weight(w_gate_up, scheme)
     down8, down_scale = quantize_weight(w_down, scheme)
