@@ -297,6 +297,15 @@ def _right(steps):
     return all(status == "ok" and (err is None or err <= TOL) for status, err in steps)
 
 
+def _assert_peer_told_then_all_right(ranks, step, told):
+    """Rank 0's ``step`` raised saying ``told`` (rank 1's failure), and afterwards every
+    rank's forwards are right with nothing left for check()."""
+    status, message = ranks[0][step]
+    assert status == "error" and told in message, message
+    for rank, result in enumerate(ranks):
+        assert _right(result["after"]) and result["check"] is None, (rank, result)
+
+
 def _cases(world, name):
     return [pytest.param(case, id="-".join(
         ["max_tokens" if case[0] else "sized_per_call"] + [str(a) for a in case[2:]]))
@@ -353,20 +362,14 @@ def test_bad_input_on_one_rank_raises_everywhere_then_later_forwards_are_right(c
     ranks = _results(2, case)
     bad = ranks[1]["bad"]
     assert bad[0] == "error" and bad[1].startswith(BAD_INPUT_ERRORS[case[2]]), bad
-    status, message = ranks[0]["bad"]
-    assert status == "error" and "rank 1 rejected its input" in message, message
-    for rank, result in enumerate(ranks):
-        assert _right(result["after"]) and result["check"] is None, (rank, result)
+    _assert_peer_told_then_all_right(ranks, "bad", "rank 1 rejected its input")
 
 
 @pytest.mark.parametrize("case", _cases(2, "exception_inside"))
 def test_exception_inside_forward_tells_the_peers(case):
     ranks = _results(2, case)
     assert ranks[1]["failed"][0] == "error" and "injected failure" in ranks[1]["failed"][1]
-    status, message = ranks[0]["failed"]
-    assert status == "error" and "rank 1 raised inside the forward" in message, message
-    for rank, result in enumerate(ranks):
-        assert _right(result["after"]) and result["check"] is None, (rank, result)
+    _assert_peer_told_then_all_right(ranks, "failed", "rank 1 raised inside the forward")
 
 
 @pytest.mark.parametrize("case", _cases(2, "timeout"))
