@@ -39,6 +39,7 @@ def candidate_tiles(stage: str, num_tokens: int, top_k: int, num_experts: int,
     module docstring says."""
     rows_per_expert = num_tokens * top_k / num_experts
     weight_tiles = 2 if stage == "gate_up" else 1
+    w_bytes = 1 if fp8 else elem_bytes
     out = []
     for bm, desc in ((bm, desc) for bm in block_ms for desc in (False, True)):
         for bn in (32, 64, 128, 256):
@@ -53,7 +54,6 @@ def candidate_tiles(stage: str, num_tokens: int, top_k: int, num_experts: int,
                         if (warps == 8 and area < 64 * 128) or (warps == 4 and area > 128 * 128):
                             continue
                         for stages in (3, 4, 5):
-                            w_bytes = 1 if fp8 else elem_bytes
                             smem = stages * (bm * bk * elem_bytes + weight_tiles * bn * bk * w_bytes)
                             if smem > SMEM_LIMIT:
                                 continue
