@@ -65,12 +65,15 @@ def expert_tiles(num_tokens: int, num_experts: int, hidden: int, inter: int, top
 
 
 def check_fp8_tile(stage: str, tile: TileConfig, fp8: str | None) -> None:
-    """fp8 activations need BLOCK_K = 128 (one quantisation group per K step), block
-    scales a BLOCK_K dividing 128; fp8 activations need fp8 weights."""
-    if tile.A_FP8 and (fp8 is None or tile.BLOCK_K != 128):
-        raise ValueError(f"{stage} tile {tile}: A_FP8 needs fp8 weights and BLOCK_K=128")
+    """fp8 activations need fp8 weights; block scales need a BLOCK_K dividing 128, and
+    BLOCK_K = 128 with fp8 activations (one quantisation group per K step). Per-channel
+    scales take any BLOCK_K."""
+    if tile.A_FP8 and fp8 is None:
+        raise ValueError(f"{stage} tile {tile}: A_FP8 needs fp8 weights")
     if fp8 == "block" and 128 % tile.BLOCK_K != 0:
         raise ValueError(f"{stage} tile {tile}: block-fp8 weights need a BLOCK_K dividing 128")
+    if fp8 == "block" and tile.A_FP8 and tile.BLOCK_K != 128:
+        raise ValueError(f"{stage} tile {tile}: A_FP8 with block-fp8 weights needs BLOCK_K=128")
 
 
 def descriptor_ok(w: torch.Tensor) -> bool:

@@ -32,8 +32,9 @@ class TileConfig:
     of pointer loads, where the weights' layout allows one (``descriptor_ok``).
     A_DESC (down tiles only) has gate_up write h in block order, so that down reads its
     A tiles through a descriptor instead of gathering rows by slot.
-    A_FP8 (fp8 weights only, BLOCK_K = 128): A is quantised to e4m3 by a launch before
-    the GEMM and the dot runs in fp8; without it fp8 weights are widened to A's dtype.
+    A_FP8 (fp8 weights only; BLOCK_K = 128 with block scales): A is quantised to e4m3 by
+    a launch before the GEMM and the dot runs in fp8; without it fp8 weights are widened
+    to A's dtype.
     """
 
     BLOCK_M: int

@@ -106,14 +106,17 @@ def test_fast_accumulation_stays_near_the_emulation(device):
     assert not moe_ops.fp8.fast_accumulation()
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_block_scales_with_shorter_k_steps(scheme, device):
-    """Weight-only tiles may step K by 64 (half a scale block) and in 16-row blocks."""
+@pytest.mark.parametrize("scheme,block_k,a_fp8", [("block", 64, False), ("channel", 64, False),
+                                                   ("channel", 256, False), ("channel", 256, True)])
+def test_other_k_steps(scheme, block_k, a_fp8, device):
+    """Weight-only tiles may step K by 64 (half a scale block) and in 16-row blocks;
+    per-channel tiles by 256, with or without fp8 activations (K not a multiple of 256:
+    the last step is masked)."""
     x, topk_weights, topk_ids, fp8_weights = fp8_inputs(scheme, device, **SHAPES)
-    tile = TileConfig(16, 32, 64, 1, 4, 3)
+    tile = TileConfig(16, 32, block_k, 1, 4, 3, A_FP8=a_fp8)
     out = fused_experts_impl(x, topk_weights, topk_ids, fp8_weights[0], fp8_weights[1], tile, tile,
                              w_gate_up_scale=fp8_weights[2], w_down_scale=fp8_weights[3])
-    check_against_references(out, x, topk_weights, topk_ids, fp8_weights, (False, False))
+    check_against_references(out, x, topk_weights, topk_ids, fp8_weights, (a_fp8, a_fp8))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -240,8 +243,13 @@ def test_bad_fp8_arguments_are_named(device):
 
 def test_fp8_tiles_are_checked(device):
     x, topk_weights, topk_ids, fp8_weights = fp8_inputs("block", device, 8, 4, 2, 256, 128)
-    for tile, message in ((TileConfig(16, 32, 64, A_FP8=True), "A_FP8 needs fp8 weights and BLOCK_K=128"),
+    for tile, message in ((TileConfig(16, 32, 64, A_FP8=True), "A_FP8 with block-fp8 weights needs BLOCK_K=128"),
                           (TileConfig(16, 32, 256), "BLOCK_K dividing 128")):
         with pytest.raises(ValueError, match=message):
             fused_experts_impl(x, topk_weights, topk_ids, fp8_weights[0], fp8_weights[1], tile,
                                tile, w_gate_up_scale=fp8_weights[2], w_down_scale=fp8_weights[3])
+    bf16_weights = [dequantize_weight(w, scale, torch.bfloat16)
+                    for w, scale in (fp8_weights[0::2], fp8_weights[1::2])]
+    tile = TileConfig(16, 32, 128, A_FP8=True)
+    with pytest.raises(ValueError, match="A_FP8 needs fp8 weights"):
+        fused_experts_impl(x, topk_weights, topk_ids, *bf16_weights, tile, tile)

@@ -6,7 +6,9 @@
     GROUP_M   8 only where an expert spans several row blocks (something to group)
     warps     by tile area; stages 3..5 within SMEM_LIMIT of shared memory
     B_DESC    weights through pointers and through a tensor descriptor
-    fp8       (fp8 weights) BLOCK_K 128 only, 1-byte weight tiles; A_FP8 both ways
+    fp8       (fp8 weights) 1-byte weight tiles, A_FP8 both ways; BLOCK_K 128 for block
+              scales (their quantisation group), 128 or 256 for per-channel ones (at
+              small T a 256-wide fp8 step moves the bytes a 128-wide bf16 one does)
 
 ``LARGE_T_SEEDS`` are shapes Hopper GEMMs are known to like, always timed where legal;
 ``sample`` draws the rest reproducibly.
@@ -33,10 +35,10 @@ def block_m_choices(num_tokens: int, top_k: int, num_experts: int) -> list[int]:
 
 
 def candidate_tiles(stage: str, num_tokens: int, top_k: int, num_experts: int,
-                    elem_bytes: int, block_ms: list[int], fp8: bool = False) -> list[TileConfig]:
+                    elem_bytes: int, block_ms: list[int], fp8: str | None = None) -> list[TileConfig]:
     """The pruned cross product for one stage (gate_up loads two weight tiles per step),
-    weights through pointers and through a descriptor (B_DESC); ``fp8`` weights as the
-    module docstring says."""
+    weights through pointers and through a descriptor (B_DESC); ``fp8`` (the weights'
+    scheme, "block" or "channel") as the module docstring says."""
     rows_per_expert = num_tokens * top_k / num_experts
     weight_tiles = 2 if stage == "gate_up" else 1
     w_bytes = 1 if fp8 else elem_bytes
@@ -45,7 +47,7 @@ def candidate_tiles(stage: str, num_tokens: int, top_k: int, num_experts: int,
         for bn in (32, 64, 128, 256):
             if bn == 256 and bm < 64:
                 continue  # small T: keep programs many, so enough of them stream the weights
-            for bk in ((128,) if fp8 else (64, 128)):
+            for bk in {"block": (128,), "channel": (128, 256), None: (64, 128)}[fp8]:
                 for group_m in (1, 8):
                     if group_m == 8 and rows_per_expert < 2 * bm:
                         continue  # one row block per expert: nothing to group

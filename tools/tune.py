@@ -258,7 +258,7 @@ def tune_cell(cfg, num_tokens, weights, dtype, device, args, budget, gen):
 
     elem = x.element_size()
     block_ms = block_m_choices(num_tokens, k, e)
-    gu_space = candidate_tiles("gate_up", num_tokens, k, e, elem, block_ms, bool(fp8))
+    gu_space = candidate_tiles("gate_up", num_tokens, k, e, elem, block_ms, fp8)
     gu_cands = sample(gu_space, [heur_gu] + seeds("gate_up", num_tokens, k, e, block_ms, bool(fp8)),
                       args.max_configs, args.seed)
     log(f"{tag} gate_up: {len(gu_cands)} of {len(gu_space)} pruned candidates")
@@ -270,7 +270,7 @@ def tune_cell(cfg, num_tokens, weights, dtype, device, args, budget, gen):
     if best_gu is None or not gu_done:
         return None, None, record
 
-    down_space = candidate_tiles("down", num_tokens, k, e, elem, [best_gu.BLOCK_M], bool(fp8))
+    down_space = candidate_tiles("down", num_tokens, k, e, elem, [best_gu.BLOCK_M], fp8)
     down_keep = replace(heur_down, BLOCK_M=best_gu.BLOCK_M)
     down_cands = sample(down_space, [down_keep] + seeds("down", num_tokens, k, e, [best_gu.BLOCK_M],
                                                         bool(fp8)),

@@ -24,7 +24,7 @@ both halves.
 fp8 weights (W_SCALE, scales as ``moe_ops.fp8`` lays them out) are e4m3 with float32
 multipliers: W_SCALE=1 one per output row (applied once, before the epilogue), W_SCALE=2
 one per 128x128 block (applied to each K step's partial product; BLOCK_K divides 128).
-With A_FP8 (BLOCK_K = 128) A arrives in e4m3 (``kernels.quantize``, one launch before
+With A_FP8 (block scales: BLOCK_K = 128) A arrives in e4m3 (``kernels.quantize``, one launch before
 each GEMM) and the dot runs in fp8: with per-channel weights A has one scale per row,
 applied with the weights' in the epilogue, so the K loop is bare fp8 MMAs; with block
 weights one per row per 128 columns, applied with the weight block's to each K step's
