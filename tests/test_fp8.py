@@ -119,18 +119,6 @@ def test_other_k_steps(scheme, block_k, a_fp8, device):
     check_against_references(out, x, topk_weights, topk_ids, fp8_weights, (a_fp8, a_fp8))
 
 
-@pytest.mark.usefixtures("poison_allocations")
-@pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("a_fp8", [False, True])
-def test_one_row_tiles(scheme, a_fp8, device):
-    """BLOCK_M = 1 (no MMA) with fp8 weights, and with fp8 activations too."""
-    x, topk_weights, topk_ids, fp8_weights = fp8_inputs(scheme, device, **dict(SHAPES, num_tokens=9))
-    tile = TileConfig(1, 32, 128, 1, 4, 3, A_FP8=a_fp8)
-    out = fused_experts_impl(x, topk_weights, topk_ids, fp8_weights[0], fp8_weights[1], tile, tile,
-                             w_gate_up_scale=fp8_weights[2], w_down_scale=fp8_weights[3])
-    check_against_references(out, x, topk_weights, topk_ids, fp8_weights, (a_fp8, a_fp8))
-
-
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("num_tokens", [1, 200] if not ON_GPU else [1, 64, 4096])
 def test_default_tiles_match_emulation(scheme, num_tokens, device):

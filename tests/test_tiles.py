@@ -110,21 +110,6 @@ def test_descriptor_tiles_are_correct(block_m, inter, a_desc, device):
     assert_close_l2(out, ref, 1e-2 if ON_GPU else 1e-4)
 
 
-@pytest.mark.usefixtures("poison_allocations")
-@pytest.mark.parametrize("b_desc", [False, True])
-def test_one_row_tiles_are_correct(b_desc, device):
-    """BLOCK_M = 1 (decode tiles: no MMA, CUDA-core multiply-adds), experts with several
-    rows and partial BLOCK_N / BLOCK_K (inter 80) included."""
-    num_experts, top_k, hidden, inter = 8, 2, 64 if not ON_GPU else 512, 80
-    dtype = torch.bfloat16 if ON_GPU else torch.float32
-    x, weights, w_gate_up, w_down = expert_inputs(11, num_experts, top_k, hidden, inter, dtype, device)
-    ids = torch.rand(11, num_experts, device=device).topk(top_k, dim=1).indices.to(torch.int32)
-    tile = TileConfig(1, 32, 32, 1, 4, 3, B_DESC=b_desc)
-    out = fused_experts_impl(x, weights, ids, w_gate_up, w_down, gate_up_tile=tile, down_tile=tile)
-    ref = fused_experts_reference(x, weights, ids, w_gate_up, w_down)
-    assert_close_l2(out, ref, 1e-2 if ON_GPU else 1e-4)
-
-
 def test_descriptor_tile_falls_back_to_pointers_for_unaligned_weights(device):
     """Weights a descriptor can not address (a 16-byte-misaligned row stride) still
     compute, and so does A_DESC where h's rows (inter * 4 bytes) are misaligned."""

@@ -1,9 +1,7 @@
 """The tile configurations the tuner searches (``tools/tune.py``), pruned before any is timed.
 
     BLOCK_M   <= max(16, next_pow2(2*T*K/E)) and >= a quarter of that cap: a block should
-              not be mostly padding, nor so small that a hot expert needs many; 1 (no
-              MMA: CUDA-core multiply-adds, float32 product within 64 registers a
-              thread) where T*K <= E
+              not be mostly padding, nor so small that a hot expert needs many
     BLOCK_N   32..256 (256 only with BLOCK_M >= 64), BLOCK_K 64 or 128
     GROUP_M   8 only where an expert spans several row blocks (something to group)
     warps     by tile area; stages 3..5 within SMEM_LIMIT of shared memory
@@ -31,17 +29,9 @@ def _next_pow2(n: float) -> int:
 
 
 def block_m_choices(num_tokens: int, top_k: int, num_experts: int) -> list[int]:
-    """BLOCK_M <= max(16, next_pow2(2*T*K/E)), and no smaller than a quarter of that cap;
-    1 too (one row per block, no MMA) where experts get at most one row on average."""
+    """BLOCK_M <= max(16, next_pow2(2*T*K/E)), and no smaller than a quarter of that cap."""
     cap = min(128, max(16, _next_pow2(2 * num_tokens * top_k / num_experts)))
-    decode = [1] if num_tokens * top_k <= num_experts else []
-    return decode + [bm for bm in (16, 32, 64, 128) if cap // 4 <= bm <= cap]
-
-
-def _dot_free_fits(block_n: int, block_k: int, weight_tiles: int, warps: int) -> bool:
-    """A one-row tile multiplies on the CUDA cores: its [BLOCK_K, W_COLS] float32 product
-    must stay within 64 registers a thread."""
-    return block_k * weight_tiles * block_n <= 64 * 32 * warps
+    return [bm for bm in (16, 32, 64, 128) if cap // 4 <= bm <= cap]
 
 
 def candidate_tiles(stage: str, num_tokens: int, top_k: int, num_experts: int,
@@ -63,17 +53,13 @@ def candidate_tiles(stage: str, num_tokens: int, top_k: int, num_experts: int,
                         continue  # one row block per expert: nothing to group
                     for warps in (4, 8):
                         area = bm * bn
-                        if bm == 1:
-                            if not _dot_free_fits(bn, bk, weight_tiles, warps):
-                                continue
-                        elif (warps == 8 and area < 64 * 128) or (warps == 4 and area > 128 * 128):
+                        if (warps == 8 and area < 64 * 128) or (warps == 4 and area > 128 * 128):
                             continue
                         for stages in (3, 4, 5):
                             smem = stages * (bm * bk * elem_bytes + weight_tiles * bn * bk * w_bytes)
                             if smem > SMEM_LIMIT:
                                 continue
-                            # One-row tiles keep A as it is (nothing for fp8 MMAs to gain).
-                            for a_fp8 in ((False, True) if fp8 and bm > 1 else (False,)):
+                            for a_fp8 in ((False, True) if fp8 else (False,)):
                                 out.append(TileConfig(bm, bn, bk, group_m, warps, stages,
                                                       B_DESC=desc, A_FP8=a_fp8))
     return out

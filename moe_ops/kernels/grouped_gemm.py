@@ -33,10 +33,6 @@ reduced precision over the whole K (Hopper; otherwise folded into fp32 every 128
 which costs up to 2x at large T). Without A_FP8 the weight tile is converted to A's
 dtype and the dot runs there (weight-only fp8).
 
-BLOCK_M < 16 (decode tiles, typically 1: one routed row per block, no padding) skips
-the MMA: each K step is a float32 broadcast multiply and a sum over K on the CUDA cores,
-scales applied as above.
-
 In INTERPRETER mode (the Triton CPU interpreter) loads are upcast to float32 and bf16
 stores rounded to nearest, because the interpreter gets 16-bit floats wrong. float32
 operands multiply in IEEE float32 (never tf32).
@@ -97,17 +93,9 @@ def _weight_tile_descriptor(w_desc, expert, n0, k0, GATE_UP: tl.constexpr,
 
 @triton.jit
 def _step(acc, a, w, a_scale_k, w_scale_k, W_SCALE: tl.constexpr, A_FP8: tl.constexpr,
-          FAST_ACC: tl.constexpr, DOT_FREE: tl.constexpr):
+          FAST_ACC: tl.constexpr):
     """acc + a . w for one K step, with the fp8 scales the flags call for."""
-    if DOT_FREE:
-        # A few rows (decode): float32 multiply-adds on the CUDA cores, no MMA tile to pad.
-        part = tl.sum(a.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-        if W_SCALE == 2:
-            part = part * w_scale_k[None, :]
-            if A_FP8:
-                part = part * a_scale_k[:, None]
-        acc += part
-    elif A_FP8 and W_SCALE == 2:
+    if A_FP8 and W_SCALE == 2:
         acc += tl.dot(a, w, input_precision="ieee") * (a_scale_k[:, None] * w_scale_k[None, :])
     elif A_FP8 and FAST_ACC:
         acc = tl.dot(a, w, acc, input_precision="ieee")
@@ -133,7 +121,6 @@ def _mainloop(a_ptrs, a_desc, row0, row_mask, a_scale_ptrs, w_ptr, w_desc, w_sca
               FAST_ACC: tl.constexpr, INTERPRETER: tl.constexpr):
     """[BLOCK_M, BLOCK_N] fp32: A . W^T (gate_up: already silu(gate) * up)."""
     W_COLS: tl.constexpr = 2 * BLOCK_N if GATE_UP else BLOCK_N
-    DOT_FREE: tl.constexpr = BLOCK_M < 16  # below the smallest MMA tile
     offs_k = tl.arange(0, BLOCK_K)
     # Column j < BLOCK_N: gate (or down) row n0 + j; column BLOCK_N + j: up row N + n0 + j.
     offs_w = tl.arange(0, W_COLS)
@@ -156,7 +143,7 @@ def _mainloop(a_ptrs, a_desc, row0, row_mask, a_scale_ptrs, w_ptr, w_desc, w_sca
                                 + (w_rows // 128) * stride_sn + k0 // 128, mask=col_mask, other=0.0)
             if A_FP8:  # and A's, one per row per 128 columns
                 a_scale_k = tl.load(a_scale_ptrs + k0 // 128, mask=row_mask, other=0.0)
-        acc = _step(acc, a, w, a_scale_k, w_scale_k, W_SCALE, A_FP8, FAST_ACC, DOT_FREE)
+        acc = _step(acc, a, w, a_scale_k, w_scale_k, W_SCALE, A_FP8, FAST_ACC)
         if not A_DESC:
             a_ptrs += BLOCK_K
         if not B_DESC:
