@@ -31,13 +31,15 @@ class LaunchBlocks:
     plan_block_t: int  # tokens per expert-parallel plan program
     gather_rows: int  # rows per expert-parallel packing program
     gather_h: int  # hidden columns per packing program
-    quantize_rows: int  # rows per fp8 activation-quantisation program
+    quantize_rows: int  # most rows per fp8 activation-quantisation program
+    quantize_tile: int  # elements (rows x columns) such a program holds per step
+    quantize_programs: int  # programs to spread the rows over, where rows allow
 
 
 INTERPRETER_BLOCKS = LaunchBlocks(combine_t=16, combine_h=256, route_block_h=64, rank_block_t=64,
                                   router_partials_h=64, plan_block_t=64, gather_rows=16, gather_h=64,
-                                  quantize_rows=64)
+                                  quantize_rows=64, quantize_tile=8192, quantize_programs=1)
 COMPILED_BLOCKS = LaunchBlocks(combine_t=4, combine_h=512, route_block_h=None, rank_block_t=None,
                                router_partials_h=128, plan_block_t=256, gather_rows=8, gather_h=512,
-                               quantize_rows=16)
+                               quantize_rows=16, quantize_tile=2048, quantize_programs=512)
 BLOCKS: LaunchBlocks = INTERPRETER_BLOCKS if ACTIVE else COMPILED_BLOCKS

@@ -105,9 +105,12 @@ def quantize_input(a: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Te
     a8 = torch.empty(rows, k, dtype=FP8_DTYPE, device=a.device)
     scale = torch.empty((rows,) if per_row else (rows, triton.cdiv(k, 128)), dtype=torch.float32,
                         device=a.device)
+    # Fewer rows per program where rows are few, wider column steps to make up.
+    block_r = min(BLOCKS.quantize_rows, 1 << max(0, (rows // BLOCKS.quantize_programs).bit_length() - 1))
+    block_c = max(128, BLOCKS.quantize_tile // block_r)
     with stage_range("quantize"):
-        quantize_kernel[(triton.cdiv(rows, BLOCKS.quantize_rows),)](
-            a, a8, scale, rows, k, a.stride(0), BLOCK_R=BLOCKS.quantize_rows, PER_ROW=per_row)
+        quantize_kernel[(triton.cdiv(rows, block_r),)](
+            a, a8, scale, rows, k, a.stride(0), BLOCK_R=block_r, BLOCK_C=block_c, PER_ROW=per_row)
     return a8, scale
 
 

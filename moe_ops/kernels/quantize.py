@@ -7,8 +7,10 @@
 with ``s = max(amax, 1e-10) / 448`` over the row or the group (``moe_ops.fp8`` does the
 same in torch). The float32 -> e4m3 rounding is done on the bits (``round_e4m3``): the
 Triton interpreter's own cast rounds wrongly, while its cast of an exact e4m3 value is
-right. Grid: cdiv(rows, BLOCK_R) programs of BLOCK_R rows; each walks K in 128-column
-steps (twice per row with PER_ROW: the amax, then the values). Layouts: src [rows, K]
+right. Grid: cdiv(rows, BLOCK_R) programs of BLOCK_R rows; each walks K in BLOCK_C-column
+steps (a multiple of 128; twice per row with PER_ROW: the amax, then the values). The
+launcher trades rows for columns, so that a few wide rows (h of a large-I model) still
+spread over many programs. Layouts: src [rows, K]
 with row stride ``stride_src``, dst [rows, K] contiguous, scale [rows] or
 [rows, cdiv(K, 128)].
 """
@@ -40,36 +42,41 @@ def _scale(amax):
 
 @triton.jit
 def _to_e4m3(a, s):
-    """float32 a [M, K] over its rows' scales s [M], as e4m3."""
-    q = tl.minimum(tl.maximum(a / s[:, None], -FP8_MAX), FP8_MAX)
+    """float32 a over its scales s (broadcast against a), as e4m3."""
+    q = tl.minimum(tl.maximum(a / s, -FP8_MAX), FP8_MAX)
     return round_e4m3(q).to(tl.float8e4nv)
 
 
 @triton.jit
 def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src,
-                    BLOCK_R: tl.constexpr, PER_ROW: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PER_ROW: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < num_rows
-    cols = tl.arange(0, 128)
+    cols = tl.arange(0, BLOCK_C)
     src = src_ptr + rows.to(tl.int64)[:, None] * stride_src + cols[None, :]
     dst = dst_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
-    groups = tl.cdiv(K, 128)
     if PER_ROW:
         amax = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for k0 in range(0, K, 128):
+        for k0 in range(0, K, BLOCK_C):
             mask = row_mask[:, None] & ((k0 + cols) < K)[None, :]
             a = tl.load(src + k0, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(a), axis=1))
         s = _scale(amax)
         tl.store(scale_ptr + rows, s, mask=row_mask)
-        for k0 in range(0, K, 128):
+        for k0 in range(0, K, BLOCK_C):
             mask = row_mask[:, None] & ((k0 + cols) < K)[None, :]
             a = tl.load(src + k0, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dst + k0, _to_e4m3(a, s), mask=mask)
+            tl.store(dst + k0, _to_e4m3(a, s[:, None]), mask=mask)
     else:
-        for k0 in range(0, K, 128):
+        GROUPS: tl.constexpr = BLOCK_C // 128
+        groups = tl.cdiv(K, 128)
+        offs_g = tl.arange(0, GROUPS)
+        for k0 in range(0, K, BLOCK_C):
             mask = row_mask[:, None] & ((k0 + cols) < K)[None, :]
-            a = tl.load(src + k0, mask=mask, other=0.0).to(tl.float32)
-            s = _scale(tl.max(tl.abs(a), axis=1))
-            tl.store(dst + k0, _to_e4m3(a, s), mask=mask)
-            tl.store(scale_ptr + rows.to(tl.int64) * groups + k0 // 128, s, mask=row_mask)
+            a = tl.reshape(tl.load(src + k0, mask=mask, other=0.0).to(tl.float32),
+                           [BLOCK_R, GROUPS, 128])
+            s = _scale(tl.max(tl.abs(a), axis=2))  # [BLOCK_R, GROUPS]
+            tl.store(dst + k0, tl.reshape(_to_e4m3(a, s[:, :, None]), [BLOCK_R, BLOCK_C]), mask=mask)
+            g = k0 // 128 + offs_g
+            tl.store(scale_ptr + rows.to(tl.int64)[:, None] * groups + g[None, :], s,
+                     mask=row_mask[:, None] & (g < groups)[None, :])
