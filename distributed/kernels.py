@@ -263,14 +263,14 @@ def check_headers_kernel(buf_ptr, counts_ptr, state_ptr, layer_id, self_rank, ro
         magic = tl.load(header + 0)
         layer = tl.load(header + 1)
         count = tl.load(header + 2)
-        status = tl.load(header + 3)
+        their = tl.load(header + 3)  # the peer's status (``status`` is this rank's own)
         new = tl.where(magic != _MAGIC, _NO_HEADER,
                        tl.where(layer != layer_id, _OTHER_LAYER,
                                 tl.where(count != expected, _OTHER_CALL,
-                                         tl.where(status != _OK, _PEER_STATUS, _NONE))))
+                                         tl.where(their != _OK, _PEER_STATUS, _NONE))))
         new = tl.where(self_rank == src, _NONE, new)
-        transient = (new == _PEER_STATUS) & ((status == _INPUT) | (status == _FAILED)
-                                              | (status == _PENDING))
+        transient = (new == _PEER_STATUS) & ((their == _INPUT) | (their == _FAILED)
+                                              | (their == _PENDING))
         new_sticky = (new != _NONE) & (transient == 0)
         take = (new != _NONE) & ((code == _NONE) | ((sticky == 0) & new_sticky))
         code = tl.where(take, new, code)
@@ -278,7 +278,7 @@ def check_headers_kernel(buf_ptr, counts_ptr, state_ptr, layer_id, self_rank, ro
         call = tl.where(take, expected, call)
         got_layer = tl.where(take, layer, got_layer)
         got_count = tl.where(take, count, got_count)
-        got_status = tl.where(take, status, got_status)
+        got_status = tl.where(take, their, got_status)
         at_phase = tl.where(take, phase, at_phase)
         sticky = tl.where(new_sticky, 1, sticky)
         poison = tl.where(new != _NONE, 1, poison)

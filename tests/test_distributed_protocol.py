@@ -138,6 +138,26 @@ def case_bad_input(rig, kind):
     return dict(bad=bad, after=rig.lockstep(), check=_raises(rig.layers[0].check))
 
 
+def case_bad_input_unread(rig, kind):
+    """The bad-input scenario on the CUDA fixed-buffer path (no host reads): rank 1 raises
+    its own error; rank 0's output is NaN and its check() names rank 1; rank 1's check()
+    has nothing to add (no peer failed), and later forwards are right."""
+    layer = rig.layers[0]
+    layer._raise_after_forward = False
+    try:
+        if rig.rank == 1:
+            bad = rig.step(0, bad_input(rig, kind))
+        else:
+            with torch.no_grad():
+                bad = ("nan", bool(layer(rig.x).isnan().all()))
+        check = _raises(layer.check)
+        after = rig.lockstep()
+        clean = _raises(layer.check)
+    finally:
+        layer._raise_after_forward = True
+    return dict(bad=bad, check=check, after=after, clean=clean)
+
+
 def case_exception_inside(rig, where):
     """An exception on rank 1 inside the forward, before (route) or after (the expert
     GEMMs of the received rows) the dispatch left."""
@@ -235,6 +255,7 @@ def _raises(fn):
 
 CASE_FUNCTIONS = {"sequence": case_sequence, "counter_2_31": case_counter_2_31,
                   "counter_2_63": case_counter_2_63, "bad_input": case_bad_input,
+                  "bad_input_unread": case_bad_input_unread,
                   "exception_inside": case_exception_inside, "timeout": case_timeout,
                   "nan_and_check": case_nan_and_check, "deferred_raise": case_deferred_raise,
                   "reset_other_layer": case_reset_other_layer}
@@ -267,6 +288,7 @@ CASES = {
         (True, "counter_2_31"), (False, "counter_2_63"), (True, "counter_2_63"),
         (False, "bad_input", "hidden"), (False, "bad_input", "device"),
         (True, "bad_input", "dtype"), (True, "bad_input", "tokens"),
+        (True, "bad_input_unread", "tokens"),
         (False, "exception_inside", "before_dispatch"), (False, "exception_inside", "after_dispatch"),
         (True, "exception_inside", "before_dispatch"), (True, "exception_inside", "after_dispatch"),
         (False, "timeout"), (True, "timeout"), (True, "nan_and_check"),
@@ -363,6 +385,17 @@ def test_bad_input_on_one_rank_raises_everywhere_then_later_forwards_are_right(c
     bad = ranks[1]["bad"]
     assert bad[0] == "error" and bad[1].startswith(BAD_INPUT_ERRORS[case[2]]), bad
     _assert_peer_told_then_all_right(ranks, "bad", "rank 1 rejected its input")
+
+
+@pytest.mark.parametrize("case", _cases(2, "bad_input_unread"))
+def test_bad_input_without_host_reads_blames_the_right_rank(case):
+    ranks = _results(2, case)
+    assert ranks[1]["bad"][0] == "error" and "max_tokens_per_rank" in ranks[1]["bad"][1], ranks[1]
+    assert ranks[0]["bad"] == ("nan", True), ranks[0]
+    assert ranks[0]["check"] is not None and "rank 1 rejected its input" in ranks[0]["check"], ranks[0]
+    assert ranks[1]["check"] is None, ranks[1]  # it raised its own error; no peer failed
+    for result in ranks:
+        assert _right(result["after"]) and result["clean"] is None, result
 
 
 @pytest.mark.parametrize("case", _cases(2, "exception_inside"))
