@@ -41,11 +41,13 @@ Signal kernels of the NVLink transport (one program each; GPU only). Flags and t
 64-bit epoch live in device memory so that a CUDA-graph replay signals the replay's epoch:
 
     bump_epoch_kernel   epoch += 1 and the layer's call count (once per forward)
-    put_flag_kernel     peer_flag <- epoch (or FLAG_FAILED), release at system scope,
-                        after the data
+    put_flag_kernel     the header [MAGIC, layer, count, status] into the peer's header
+                        slot, then peer_flag <- epoch (or FLAG_FAILED), release at system
+                        scope, after the data
     wait_flags_kernel   spin (acquire, system scope) until flags[src] == epoch exactly for
-                        every peer src, bounded in seconds of the device clock; on a
-                        failure mark the workspace failed and record it in the layer state
+                        every peer src, bounded in seconds of the device clock, then check
+                        src's header; record a failure in the layer state (a sticky one
+                        also marks the workspace failed)
 """
 import triton
 import triton.language as tl
@@ -84,6 +86,7 @@ _TIMEOUT: tl.constexpr = tl.constexpr(P.TIMEOUT)
 _OTHER_EPOCH: tl.constexpr = tl.constexpr(P.OTHER_EPOCH)
 _EPOCH: tl.constexpr = tl.constexpr(P.EPOCH)
 _FLAG_FAILED: tl.constexpr = tl.constexpr(P.FLAG_FAILED)
+_HEADER_WORDS: tl.constexpr = tl.constexpr(P.HEADER_WORDS)
 
 
 @triton.jit
@@ -242,6 +245,20 @@ def stamp_headers_kernel(buf_ptr, counts_ptr, state_ptr, layer_id, status, row_w
 
 
 @triton.jit
+def _header_verdict(magic, layer, count, their, layer_id, expected):
+    """(failure code or _NONE, whether it is sticky) of one peer's header words against
+    this call (layer_id, expected count): a peer's INPUT, FAILED or PENDING poisons only
+    this call; anything else wrong leaves the layer failed until reset."""
+    new = tl.where(magic != _MAGIC, _NO_HEADER,
+                   tl.where(layer != layer_id, _OTHER_LAYER,
+                            tl.where(count != expected, _OTHER_CALL,
+                                     tl.where(their != _OK, _PEER_STATUS, _NONE))))
+    transient = (new == _PEER_STATUS) & ((their == _INPUT) | (their == _FAILED)
+                                          | (their == _PENDING))
+    return new, (new != _NONE) & (transient == 0)
+
+
+@triton.jit
 def check_headers_kernel(buf_ptr, counts_ptr, state_ptr, layer_id, self_rank, row_words,
                          block_rows, capacity, phase, reply_ptr, status,
                          WORLD: tl.constexpr, HEADER_ROWS: tl.constexpr, FIXED: tl.constexpr,
@@ -264,14 +281,9 @@ def check_headers_kernel(buf_ptr, counts_ptr, state_ptr, layer_id, self_rank, ro
         layer = tl.load(header + 1)
         count = tl.load(header + 2)
         their = tl.load(header + 3)  # the peer's status (``status`` is this rank's own)
-        new = tl.where(magic != _MAGIC, _NO_HEADER,
-                       tl.where(layer != layer_id, _OTHER_LAYER,
-                                tl.where(count != expected, _OTHER_CALL,
-                                         tl.where(their != _OK, _PEER_STATUS, _NONE))))
+        new, new_sticky = _header_verdict(magic, layer, count, their, layer_id, expected)
         new = tl.where(self_rank == src, _NONE, new)
-        transient = (new == _PEER_STATUS) & ((their == _INPUT) | (their == _FAILED)
-                                              | (their == _PENDING))
-        new_sticky = (new != _NONE) & (transient == 0)
+        new_sticky = new_sticky & (self_rank != src)
         take = (new != _NONE) & ((code == _NONE) | ((sticky == 0) & new_sticky))
         code = tl.where(take, new, code)
         peer = tl.where(take, src, peer)
@@ -339,22 +351,36 @@ def bump_epoch_kernel(epoch_ptr, failed_ptr, state_ptr):
 
 
 @triton.jit
-def put_flag_kernel(epoch_ptr, failed_ptr, peer_flag_ptr):
-    """peer_flag <- epoch (release, system scope, after the data), or FLAG_FAILED when
-    this rank's workspace failed: the peer's wait then ends at once."""
+def put_flag_kernel(epoch_ptr, failed_ptr, state_ptr, peer_header_ptr, peer_flag_ptr, layer_id,
+                    status):
+    """peer_header <- [MAGIC, layer_id, this call's count, status (BROKEN when the layer
+    failed)], then peer_flag <- epoch (release, system scope, after the data and the
+    header), or FLAG_FAILED when this rank's workspace failed: the peer's wait then ends
+    at once."""
+    sticky = tl.load(state_ptr + _STICKY)
+    send = tl.where(status != 0, status, tl.where(sticky != 0, _BROKEN, _OK))
+    tl.store(peer_header_ptr + 0, tl.full([], _MAGIC, tl.int64))
+    tl.store(peer_header_ptr + 1, tl.full([], layer_id, tl.int64))
+    tl.store(peer_header_ptr + 2, tl.load(state_ptr + _COUNT))
+    tl.store(peer_header_ptr + 3, send.to(tl.int64))
+    tl.debug_barrier()  # the header's stores before the releasing flag
     value = tl.where(tl.load(failed_ptr) != 0, _FLAG_FAILED, tl.load(epoch_ptr))
     tl.atomic_xchg(peer_flag_ptr, value, sem="release", scope="sys")
 
 
 @triton.jit
-def wait_flags_kernel(epoch_ptr, flags_ptr, failed_ptr, state_ptr, self_rank, timeout_ticks,
-                      phase, WORLD: tl.constexpr, HIP: tl.constexpr):
-    """Spin (acquire, system scope) until flags[src] == epoch for every peer src. Ends
-    early when the workspace already failed (a queued wait after a failure costs nothing)
-    and on a peer's FLAG_FAILED, a flag from a later epoch (the ranks' calls differ) or
-    timeout_ticks of the device clock (``_device_clock``); then the workspace fails (failed <- 1) and the layer's
-    state records why and poisons the forward."""
+def wait_flags_kernel(epoch_ptr, flags_ptr, headers_ptr, failed_ptr, state_ptr, layer_id,
+                      self_rank, timeout_ticks, phase, WORLD: tl.constexpr, HIP: tl.constexpr):
+    """Spin (acquire, system scope) until flags[src] == epoch for every peer src, then
+    check src's header (headers [WORLD, HEADER_WORDS]) against this call as
+    ``check_headers_kernel`` does. Ends early when the workspace already failed (a queued
+    wait after a failure costs nothing) and on a peer's FLAG_FAILED, a flag from a later
+    epoch (the ranks' calls differ) or timeout_ticks of the device clock
+    (``_device_clock``). The layer's state records the first failure and poisons the
+    forward; a sticky one (any but a peer's rejected input or exception) also fails the
+    workspace (failed <- 1)."""
     epoch = tl.load(epoch_ptr)
+    expected = tl.load(state_ptr + _COUNT)
     start = _device_clock(HIP)
     for src in tl.static_range(WORLD):
         if src != self_rank:
@@ -366,23 +392,35 @@ def wait_flags_kernel(epoch_ptr, flags_ptr, failed_ptr, state_ptr, self_rank, ti
                 failed = tl.load(failed_ptr, volatile=True)
                 waiting = ((seen >= 0) & (seen < epoch) & (failed == 0)
                            & (_device_clock(HIP) - start < timeout_ticks))
-            if (seen != epoch) & (failed == 0):  # this wait is the first to fail
-                new = tl.where(seen == _FLAG_FAILED, _PEER_STATUS,
-                               tl.where(seen > epoch, _OTHER_EPOCH, _TIMEOUT))
+            header = headers_ptr + src * _HEADER_WORDS
+            layer = tl.load(header + 1, volatile=True)
+            count = tl.load(header + 2, volatile=True)
+            their = tl.load(header + 3, volatile=True)
+            arrived = seen == epoch
+            new, new_sticky = _header_verdict(tl.load(header + 0, volatile=True), layer, count,
+                                              their, layer_id, expected)
+            flag_new = tl.where(seen == _FLAG_FAILED, _PEER_STATUS,
+                                tl.where(seen > epoch, _OTHER_EPOCH, _TIMEOUT))
+            new = tl.where(failed != 0, _NONE, tl.where(arrived, new, flag_new))
+            new_sticky = (new != _NONE) & (new_sticky | (arrived == 0))
+            code = tl.load(state_ptr + _CODE)
+            take = (new != _NONE) & ((code == _NONE)
+                                     | ((tl.load(state_ptr + _STICKY) == 0) & new_sticky))
+            tl.store(state_ptr + _CODE, tl.where(take, new, code))
+            tl.store(state_ptr + _PEER, tl.where(take, src, tl.load(state_ptr + _PEER)))
+            tl.store(state_ptr + _CALL, tl.where(take, expected, tl.load(state_ptr + _CALL)))
+            tl.store(state_ptr + _GOT_LAYER, tl.where(take & arrived, layer,
+                                                      tl.load(state_ptr + _GOT_LAYER)))
+            tl.store(state_ptr + _GOT_COUNT, tl.where(take, tl.where(arrived, count, seen),
+                                                      tl.load(state_ptr + _GOT_COUNT)))
+            tl.store(state_ptr + _GOT_STATUS, tl.where(take, tl.where(arrived, their, _BROKEN),
+                                                       tl.load(state_ptr + _GOT_STATUS)))
+            tl.store(state_ptr + _EPOCH, tl.where(take, epoch, tl.load(state_ptr + _EPOCH)))
+            tl.store(state_ptr + _PHASE, tl.where(take, phase, tl.load(state_ptr + _PHASE)))
+            tl.store(state_ptr + _STICKY, tl.where(new_sticky, 1, tl.load(state_ptr + _STICKY)))
+            tl.store(state_ptr + _POISON, tl.where((new != _NONE) | (failed != 0), 1,
+                                                   tl.load(state_ptr + _POISON)))
+            if new_sticky:  # the ranks are out of step: the workspace fails
                 tl.store(failed_ptr, 1)
-                code = tl.load(state_ptr + _CODE)
-                take = (code == 0) | (tl.load(state_ptr + _STICKY) == 0)
-                tl.store(state_ptr + _CODE, tl.where(take, new, code))
-                tl.store(state_ptr + _PEER, tl.where(take, src, tl.load(state_ptr + _PEER)))
-                tl.store(state_ptr + _CALL, tl.where(take, tl.load(state_ptr + _COUNT),
-                                                     tl.load(state_ptr + _CALL)))
-                tl.store(state_ptr + _GOT_STATUS, tl.where(take, _BROKEN,
-                                                           tl.load(state_ptr + _GOT_STATUS)))
-                tl.store(state_ptr + _GOT_COUNT, tl.where(take, seen, tl.load(state_ptr + _GOT_COUNT)))
-                tl.store(state_ptr + _EPOCH, tl.where(take, epoch, tl.load(state_ptr + _EPOCH)))
-                tl.store(state_ptr + _PHASE, tl.where(take, phase, tl.load(state_ptr + _PHASE)))
-                tl.store(state_ptr + _STICKY, 1)
-            if failed != 0:
-                tl.store(state_ptr + _POISON, 1)
     tl.store(state_ptr + _POISON, tl.where(tl.load(failed_ptr, volatile=True) != 0, 1,
                                            tl.load(state_ptr + _POISON)))

@@ -9,6 +9,9 @@ dtype), one set of buffers on every rank (W ranks, capacity C):
     symmetric  recv_x [W, C, H]   block s: the tokens rank s sent here
                recv_ids [W, C, K] int32, recv_weights [W, C, K] fp32
                back [W, C, H]     block d: rank d's partial sums of the tokens sent to it
+               headers [2, W, 4] int64 headers[0, s] / headers[1, s]: the header
+                                  (``protocol``: magic, layer id, call count, status) of
+                                  rank s's dispatch / combine message
                flags [2, W] int64 flags[0, s] / flags[1, s]: the epoch whose dispatch /
                                   combine data from rank s has fully arrived, or
                                   FLAG_FAILED when rank s failed
@@ -18,10 +21,14 @@ dtype), one set of buffers on every rank (W ranks, capacity C):
 
 One forward: ``begin`` bumps the epoch and the layer's call count; ``dispatch`` makes
 the side stream wait for the packed blocks, push block d into rank d's ``recv_*[rank]``
-with the copy engine (``Tensor.copy_`` between mapped buffers uses no SM) and raise rank
-d's flag (release, system scope). ``receive`` spins on this rank's flags (acquire) until
-each equals the epoch exactly. The way back is the same through ``back`` and the second
-flag row. ``end`` joins the side stream.
+with the copy engine (``Tensor.copy_`` between mapped buffers uses no SM), then write
+the forward's header into rank d's ``headers[0, rank]`` and raise rank d's flag (one
+launch; release, system scope). ``receive`` spins on this rank's flags (acquire) until
+each equals the epoch exactly, then checks each header against this call: another layer
+or call count (two layers of one shape called in different orders, a skipped or extra
+call) fails the workspace on every rank; a peer that rejected its input (status INPUT)
+poisons this forward only. The way back is the same through ``back`` and the second
+flag and header rows. ``end`` joins the side stream.
 
 Failures: a wait ends early on a peer's FLAG_FAILED, on a flag from a later epoch (the
 ranks called the workspace's layers differently), or after ``timeout`` seconds of the
@@ -36,7 +43,6 @@ wait of forward n (the side stream waits for the main stream), which the peer si
 after its last read of forward n's dispatch data; ``end`` joins the side stream before
 the next forward packs its send blocks.
 
-Not carried: the layer's identity and call count (no header on this transport).
 NVLink multicast is never used: no multimem ops, no multicast objects.
 """
 from __future__ import annotations
@@ -61,6 +67,7 @@ def _layout(world, capacity, hidden, top_k, dtype):
                  back=(world * capacity * hidden * item, dtype, (world, capacity, hidden)),
                  recv_ids=(world * capacity * top_k * 4, torch.int32, (world, capacity, top_k)),
                  recv_weights=(world * capacity * top_k * 4, torch.float32, (world, capacity, top_k)),
+                 headers=(2 * world * P.HEADER_WORDS * 8, torch.int64, (2, world, P.HEADER_WORDS)),
                  flags=(2 * world * 8, torch.int64, (2, world)))
     layout, offset = {}, 0
     for name, (nbytes, dt, shape) in sizes.items():
@@ -89,6 +96,7 @@ class _Slot:
                 peer_raw = handle.get_buffer(peer, (total,), torch.uint8, 0)
                 self.peers[peer] = {name: _view(peer_raw, *spec) for name, spec in layout.items()}
         self.local["flags"].zero_()
+        self.local["headers"].zero_()
         self.send_x = torch.empty(world * capacity, hidden, dtype=dtype, device=device)
         self.send_ids = torch.empty(world * capacity, top_k, dtype=torch.int32, device=device)
         self.send_weights = torch.empty(world * capacity, top_k, dtype=torch.float32, device=device)
@@ -158,11 +166,24 @@ class NVLinkTransport(Transport):
         with torch.cuda.stream(ws.side):
             for peer, bufs in slot.peers.items():
                 self._copy_block(bufs, which, source, peer, filled_rows[peer], meta)
-                put_flag_kernel[(1,)](ws.epoch, ws.failed,
-                                      bufs["flags"][flag_row, self.rank:self.rank + 1])
+                self._signal(bufs, flag_row, call)
         self._copy_block(slot.local, which, source, self.rank, filled_rows[self.rank], meta)
         if call is not None:
             call.done.append("dispatch" if flag_row == 0 else "back")
+
+    def _signal(self, peer_bufs, flag_row: int, call=None):
+        """This call's header, then the flag, into the peer's slot (one launch)."""
+        ws = self.workspace
+        put_flag_kernel[(1,)](ws.epoch, ws.failed, self._state(call),
+                              peer_bufs["headers"][flag_row, self.rank],
+                              peer_bufs["flags"][flag_row, self.rank:self.rank + 1],
+                              *self._identity(call))
+
+    @staticmethod
+    def _identity(call):
+        """(layer id, status) this rank's messages carry; transport-only calls (no layer)
+        carry -1 and OK on every rank alike."""
+        return (call.layer_id, call.status) if call is not None else (-1, P.OK)
 
     def _copy_block(self, dest_bufs, which, source, block, rows, meta):
         C, slot = self.capacity, self.slot
@@ -175,8 +196,10 @@ class NVLinkTransport(Transport):
     def _wait(self, flag_row: int, stage: str, call=None):
         ws = self.workspace
         with stage_range(stage):
-            wait_flags_kernel[(1,)](ws.epoch, self.slot.local["flags"][flag_row], ws.failed,
-                                    self._state(call), self.rank, self.timeout_ticks,
+            wait_flags_kernel[(1,)](ws.epoch, self.slot.local["flags"][flag_row],
+                                    self.slot.local["headers"][flag_row], ws.failed,
+                                    self._state(call), self._identity(call)[0], self.rank,
+                                    self.timeout_ticks,
                                     P.DISPATCH if flag_row == 0 else P.COMBINE,
                                     WORLD=self.world_size, HIP=self.hip)
 
@@ -217,8 +240,7 @@ class NVLinkTransport(Transport):
             for row, name in ((0, "dispatch"), (1, "back")):
                 if name not in call.done:
                     for bufs in self.slot.peers.values():
-                        put_flag_kernel[(1,)](ws.epoch, ws.failed,
-                                              bufs["flags"][row, self.rank:self.rank + 1])
+                        self._signal(bufs, row, call)
         torch.cuda.current_stream().wait_stream(ws.side)
 
     def reset(self) -> None:
@@ -228,6 +250,7 @@ class NVLinkTransport(Transport):
         torch.cuda.synchronize()
         dist.barrier(group=self.group)
         self.slot.local["flags"].zero_()
+        self.slot.local["headers"].zero_()
         ws.epoch.zero_()
         ws.failed.zero_()
         torch.cuda.synchronize()

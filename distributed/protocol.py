@@ -7,11 +7,12 @@ Identity and sequence
     device, so that a CUDA-graph replay sends the replay's count. The count never wraps:
     at 2**63 - 1 the layer stops (``EXHAUSTED``) until ``reset()``.
 
-Header (four int64 words, on every message block of the ``all_to_all`` transport)
+Header (four int64 words, on every message of both transports)
     [MAGIC, layer id, call count, sender status]
-    It rides in ``header_rows`` extra rows at the end of each block of the dispatch and of
-    the partial sums sent back (the rows' ids are -1, so the expert kernels skip them),
-    and, without ``max_tokens_per_rank``, in the count exchange that precedes them.
+    ``all_to_all``: in ``header_rows`` extra rows at the end of each block of the dispatch
+    and of the partial sums sent back (the rows' ids are -1, so the expert kernels skip
+    them), and, without ``max_tokens_per_rank``, in the count exchange that precedes them.
+    ``nvlink``: in a slot beside each flag, written before the flag is raised.
 
 Sender status (header word 3)
     OK, INPUT (this rank rejected its input: it takes part with no tokens), FAILED (it
@@ -43,9 +44,10 @@ exchange: mismatches are symmetric and a failing rank tells all its peers)
     The rank whose input or code failed raises its own exception; the others raise
     ``ExpertParallelError`` naming it. A reported transient error is cleared.
 
-The ``nvlink`` transport carries no header: its flag waits (exact 64-bit epochs, a
-time-out on the GPU clock, a failure flag value) record their failures in the same state,
-as sticky failures of the workspace (``nvlink``).
+The ``nvlink`` transport writes the same header into a slot beside each flag it raises
+(``nvlink``) and checks it in the flag wait, with the same verdicts; its flag waits
+(exact 64-bit epochs, a time-out on the GPU clock, a failure flag value) record their own
+failures in the same state, as sticky failures of the workspace.
 """
 from __future__ import annotations
 

@@ -395,9 +395,10 @@ build(K.gather_rows_kernel, dict(x_ptr="*bf16", src_token_ptr="*i32", out_ptr="*
       num_rows="i32", hidden="i32"), BLOCK_R=8, BLOCK_H=512)
 flags = dict(epoch_ptr="*i64", failed_ptr="*i64")
 build(K.bump_epoch_kernel, dict(flags, state_ptr="*i64"))
-build(K.put_flag_kernel, dict(flags, peer_flag_ptr="*i64"))
-build(K.wait_flags_kernel, dict(flags, flags_ptr="*i64", state_ptr="*i64", self_rank="i32",
-      timeout_ticks="i64", phase="i32"), WORLD=2, HIP=False)
+build(K.put_flag_kernel, dict(flags, state_ptr="*i64", peer_header_ptr="*i64",
+      peer_flag_ptr="*i64", layer_id="i32", status="i32"))
+build(K.wait_flags_kernel, dict(flags, flags_ptr="*i64", headers_ptr="*i64", state_ptr="*i64",
+      layer_id="i32", self_rank="i32", timeout_ticks="i64", phase="i32"), WORLD=2, HIP=False)
 """
 
 
@@ -583,3 +584,51 @@ def nvlink_failure_scenario(rank, world, device, seed):
 @needs_two_gpus
 def test_gpu_nvlink_timeout_poisons_both_ranks_and_reset_recovers():
     assert_all_ok(run_on_ranks(nvlink_failure_scenario, 2, _seed()))
+
+
+def nvlink_header_scenario(rank, world, device, seed):
+    """nvlink carries each forward's header (item 1): two layers of one shape (one
+    workspace) called in different orders make both outputs NaN and check() name the
+    other rank's layer on every rank (reset() recovers); a rank that rejects its input
+    raises it, its peer's output is NaN and check() names that rank, and the next
+    forwards are right without a reset."""
+    from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
+
+    config = shrink("qwen3-30b-a3b")
+    moes = [random_fused_moe(config, seed + i, device=device) for i in range(2)]
+    layers = [ExpertParallelMoE.from_config(config, device=device, transport="nvlink",
+                                            max_tokens_per_rank=32, seed=seed + i)
+              for i in range(2)]
+    x = torch.randn(9 + rank, config.hidden_size, device=device)
+
+    def lockstep():
+        for layer, moe in zip(layers, moes):
+            assert rel_l2(layer(x), moe(x)) <= 1e-5
+            layer.check()
+
+    with torch.no_grad():
+        lockstep()
+        order = [0, 1] if rank == 0 else [1, 0]
+        outs = [layers[i](x) for i in order]
+        assert all(bool(out.isnan().all()) for out in outs)
+        for layer in layers:
+            with pytest.raises(RuntimeError, match=f"while rank {1 - rank} ran call"):
+                layer.check()
+        for layer in layers:
+            layer.reset()
+        lockstep()
+        if rank == 1:
+            with pytest.raises(ValueError, match="max_tokens_per_rank"):
+                layers[0](torch.randn(33, config.hidden_size, device=device))
+            layers[0].check()  # it raised its own error; no peer failed
+        else:
+            assert bool(layers[0](x).isnan().all())
+            with pytest.raises(RuntimeError, match="rank 1 rejected its input"):
+                layers[0].check()
+        lockstep()
+    return True
+
+
+@needs_two_gpus
+def test_gpu_nvlink_headers_catch_layer_order_and_carry_a_rejected_input():
+    assert_all_ok(run_on_ranks(nvlink_header_scenario, 2, _seed()))
