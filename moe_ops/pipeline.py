@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import triton
+import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fp8 import FP8_DTYPE, fast_accumulation, scheme_of
@@ -36,11 +37,15 @@ class ExpertTiles:
     writes h in block order (max_blocks * BLOCK_M rows, padding rows zero) so that down
     reads its A tiles through a tensor descriptor; otherwise h rows are indexed by slot
     and down gathers them. The down tile asks for it (``A_DESC``); it is granted where
-    h's rows are 16-byte aligned (h itself is a fresh, aligned allocation)."""
+    h's rows are 16-byte aligned (h itself is a fresh, aligned allocation). ``h_fp8``:
+    gate_up writes h in e4m3 with its block scales itself (block-fp8 weights, fp8
+    activations for down, gate_up's BLOCK_N a multiple of 128), saving down's
+    quantisation launch."""
 
     gate_up: TileConfig
     down: TileConfig
     h_block_order: bool
+    h_fp8: bool = False
 
     @property
     def block_m(self) -> int:
@@ -61,7 +66,8 @@ def expert_tiles(num_tokens: int, num_experts: int, hidden: int, inter: int, top
         check_fp8_tile(stage, tile, fp8)
     h_elem = 1 if down_tile.A_FP8 else dtype.itemsize
     h_block_order = down_tile.A_DESC and inter * h_elem % 16 == 0
-    return ExpertTiles(gate_up_tile, down_tile, h_block_order)
+    h_fp8 = fp8 == "block" and down_tile.A_FP8 and gate_up_tile.BLOCK_N % 128 == 0
+    return ExpertTiles(gate_up_tile, down_tile, h_block_order, h_fp8)
 
 
 def check_fp8_tile(stage: str, tile: TileConfig, fp8: str | None) -> None:
@@ -95,6 +101,7 @@ def _weight_descriptor(gate_up: bool, w, tile: TileConfig):
 
 
 _W_SCALE = {None: 0, "channel": 1, "block": 2}
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 def quantize_input(a: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,10 +122,12 @@ def quantize_input(a: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Te
 
 
 def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alignment: Alignment,
-                  num_slots, rows_per_slot_div, n, k, tile: TileConfig, h_block_order: bool):
+                  num_slots, rows_per_slot_div, n, k, tile: TileConfig, h_block_order: bool,
+                  out_scale=None, h_dtype=None):
     """One ``grouped_gemm_kernel`` launch (the gate_up stage or the down stage); ``w_scale``
     None for float weights, else fp8 ``w``'s scales (``moe_ops.fp8``); ``a_scale`` those of
-    an e4m3 ``a`` (tiles with A_FP8), else None."""
+    an e4m3 ``a`` (tiles with A_FP8), else None. ``out_scale``: gate_up writes e4m3 h
+    and its block scales there, from h as ``h_dtype`` would hold it."""
     sorted_slots, block_expert, num_blocks, max_blocks = alignment
     grid = (max_blocks * triton.cdiv(n, tile.BLOCK_N),)
     use_desc = tile.B_DESC and descriptor_ok(w)
@@ -127,12 +136,14 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
               if h_block_order and not gate_up else None)
     with stage_range("gate_up" if gate_up else "down"):
         grouped_gemm_kernel[grid](
-            a, a_desc, a_scale, w, w_desc, w_scale, out, topk_weights, sorted_slots, block_expert,
-            num_blocks, n, k, num_slots, rows_per_slot_div, max_blocks,
+            a, a_desc, a_scale, w, w_desc, w_scale, out, out_scale, topk_weights, sorted_slots,
+            block_expert, num_blocks, n, k, num_slots, rows_per_slot_div, max_blocks,
             a.stride(0), 0 if a_scale is None else a_scale.stride(0), w.stride(0), w.stride(1),
             0 if w_scale is None else w_scale.stride(0), 0 if w_scale is None else w_scale.stride(1),
-            out.stride(0),
-            GATE_UP=gate_up, BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K,
+            out.stride(0), 0 if out_scale is None else out_scale.stride(0),
+            GATE_UP=gate_up, OUT_FP8=out_scale is not None,
+            H_DTYPE=None if h_dtype is None else _TL_DTYPES[h_dtype],
+            BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K,
             GROUP_M=tile.GROUP_M, EVEN_K=k % tile.BLOCK_K == 0, H_BLOCK_ORDER=h_block_order,
             B_DESC=use_desc, W_SCALE=_W_SCALE[scheme_of(w_scale)], A_FP8=tile.A_FP8,
             FAST_ACC=fast_accumulation(),
@@ -144,7 +155,8 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
 def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: ExpertTiles,
             alignment: Alignment, w_gate_up_scale=None, w_down_scale=None):
     """gate_up -> down -> combine over an alignment: out [T, H]. A stage whose tile has
-    A_FP8 reads its input quantised by one launch before it (``quantize_input``)."""
+    A_FP8 reads its input quantised by one launch before it (``quantize_input``), except
+    down's when gate_up writes h in e4m3 itself (``ExpertTiles.h_fp8``)."""
     num_tokens, hidden = hidden_states.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     num_slots = topk_ids.numel()
@@ -154,10 +166,16 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     scheme = scheme_of(w_gate_up_scale)
     x, x_scale = (quantize_input(hidden_states, scheme) if tiles.gate_up.A_FP8
                   else (hidden_states, None))
-    h = torch.empty(h_rows, inter, dtype=dtype, device=device)
+    if tiles.h_fp8:
+        h = torch.empty(h_rows, inter, dtype=FP8_DTYPE, device=device)
+        h_scale = torch.empty(h_rows, triton.cdiv(inter, 128), dtype=torch.float32, device=device)
+    else:
+        h, h_scale = torch.empty(h_rows, inter, dtype=dtype, device=device), None
     _grouped_gemm(True, x, x_scale, w_gate_up, w_gate_up_scale, h, topk_weights, alignment,
-                  num_slots, top_k, inter, hidden, tiles.gate_up, tiles.h_block_order)
-    h, h_scale = quantize_input(h, scheme) if tiles.down.A_FP8 else (h, None)
+                  num_slots, top_k, inter, hidden, tiles.gate_up, tiles.h_block_order,
+                  h_scale if tiles.h_fp8 else None, dtype if tiles.h_fp8 else None)
+    if tiles.down.A_FP8 and not tiles.h_fp8:
+        h, h_scale = quantize_input(h, scheme)
     y = torch.empty(num_slots, hidden, dtype=dtype, device=device)
     _grouped_gemm(False, h, h_scale, w_down, w_down_scale, y, topk_weights, alignment, num_slots,
                   1, hidden, inter, tiles.down, tiles.h_block_order)

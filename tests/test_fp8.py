@@ -106,6 +106,30 @@ def test_fast_accumulation_stays_near_the_emulation(device):
     assert not moe_ops.fp8.fast_accumulation()
 
 
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("a_desc", [False, True])
+def test_gate_up_writes_block_fp8_h(a_desc, device, monkeypatch):
+    """Block weights with fp8 activations for down and a 128-wide gate_up tile: gate_up
+    writes h in e4m3 with its scales (one quantisation launch, for x, instead of two),
+    h in slot order and in block order (A_DESC), inter not a multiple of 128."""
+    import moe_ops.pipeline as pipeline
+
+    shape = dict(SHAPES, inter=SHAPES["inter"] + 64)  # a partial last 128-column group
+    x, topk_weights, topk_ids, fp8_weights = fp8_inputs("block", device, **shape)
+    gate_up = TileConfig(16, 128, 128, 1, 4, 3, A_FP8=True)
+    down = TileConfig(16, 64, 128, 1, 4, 3, A_DESC=a_desc, A_FP8=True)
+    tiles = pipeline.expert_tiles(x.shape[0], shape["num_experts"], shape["hidden"], shape["inter"],
+                                  shape["top_k"], x.dtype, x.device, gate_up, down, "block")
+    assert tiles.h_fp8 and tiles.h_block_order == a_desc
+    launches = []
+    quantize = pipeline.quantize_input
+    monkeypatch.setattr(pipeline, "quantize_input", lambda *a: launches.append(1) or quantize(*a))
+    out = fused_experts_impl(x, topk_weights, topk_ids, fp8_weights[0], fp8_weights[1], gate_up,
+                             down, w_gate_up_scale=fp8_weights[2], w_down_scale=fp8_weights[3])
+    assert len(launches) == 1
+    check_against_references(out, x, topk_weights, topk_ids, fp8_weights, (True, True))
+
+
 @pytest.mark.parametrize("scheme,block_k,a_fp8", [("block", 64, False), ("channel", 64, False),
                                                    ("channel", 256, False), ("channel", 256, True)])
 def test_other_k_steps(scheme, block_k, a_fp8, device):

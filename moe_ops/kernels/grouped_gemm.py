@@ -24,6 +24,10 @@ both halves.
 fp8 weights (W_SCALE, scales as ``moe_ops.fp8`` lays them out) are e4m3 with float32
 multipliers: W_SCALE=1 one per output row (applied once, before the epilogue), W_SCALE=2
 one per 128x128 block (applied to each K step's partial product; BLOCK_K divides 128).
+OUT_FP8 (gate_up, block scales, BLOCK_N a multiple of 128): the epilogue writes h in e4m3
+with one float32 scale per row per 128 columns into out_scale [h rows, cdiv(N, 128)] (as
+``kernels.quantize`` would, from h rounded to H_DTYPE), so down's fp8 input costs no
+launch of its own.
 With A_FP8 (block scales: BLOCK_K = 128) A arrives in e4m3 (``kernels.quantize``, one launch before
 each GEMM) and the dot runs in fp8: with per-channel weights A has one scale per row,
 applied with the weights' in the epilogue, so the K loop is bare fp8 MMAs; with block
@@ -43,6 +47,7 @@ import triton
 import triton.language as tl
 
 from .casting import cast_rne
+from .quantize import scale_of_amax, to_e4m3
 
 
 @triton.jit
@@ -161,11 +166,11 @@ def _mainloop(a_ptrs, a_desc, row0, row_mask, a_scale_ptrs, w_ptr, w_desc, w_sca
 
 @triton.jit
 def grouped_gemm_kernel(
-    a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr, topk_weights_ptr,
-    sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
+    a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr, out_scale_ptr,
+    topk_weights_ptr, sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
     N, K, num_slots, a_rows_per_slot_div, max_blocks,
-    stride_a, stride_as, stride_we, stride_wn, stride_se, stride_sn, stride_out,
-    GATE_UP: tl.constexpr,
+    stride_a, stride_as, stride_we, stride_wn, stride_se, stride_sn, stride_out, stride_os,
+    GATE_UP: tl.constexpr, OUT_FP8: tl.constexpr, H_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, H_BLOCK_ORDER: tl.constexpr,
     B_DESC: tl.constexpr, W_SCALE: tl.constexpr, A_FP8: tl.constexpr, FAST_ACC: tl.constexpr,
@@ -205,7 +210,22 @@ def grouped_gemm_kernel(
     col_mask = offs_n < N
     if not GATE_UP:
         acc = acc * tl.load(topk_weights_ptr + slots, mask=row_mask, other=0.0)[:, None]
-    acc = cast_rne(acc, out_ptr.dtype.element_ty, INTERPRETER)
+    if OUT_FP8:
+        # h in e4m3, one scale per row per 128 columns, of h as H_DTYPE would hold it (the
+        # numbers kernels.quantize would make of it).
+        GROUPS: tl.constexpr = BLOCK_N // 128
+        h = tl.reshape(cast_rne(acc, H_DTYPE, INTERPRETER).to(tl.float32), [BLOCK_M, GROUPS, 128])
+        scale = scale_of_amax(tl.max(tl.abs(h), axis=2))  # [BLOCK_M, GROUPS]
+        acc = tl.reshape(to_e4m3(h, scale[:, :, None]), [BLOCK_M, BLOCK_N])
+        group = pid_n * GROUPS + tl.arange(0, GROUPS)
+        scale_rows = offs_m if H_BLOCK_ORDER else slots
+        scale_mask = (group < tl.cdiv(N, 128))[None, :]
+        if not H_BLOCK_ORDER:
+            scale_mask = scale_mask & row_mask[:, None]
+        tl.store(out_scale_ptr + scale_rows[:, None].to(tl.int64) * stride_os + group[None, :],
+                 scale, mask=scale_mask)
+    else:
+        acc = cast_rne(acc, out_ptr.dtype.element_ty, INTERPRETER)
     if H_BLOCK_ORDER and GATE_UP:
         # Every row of the block, padding included (zeros there), so down reads no garbage.
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_out + offs_n[None, :]

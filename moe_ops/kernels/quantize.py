@@ -7,7 +7,8 @@
 with ``s = max(amax, 1e-10) / 448`` over the row or the group (``moe_ops.fp8`` does the
 same in torch). The float32 -> e4m3 rounding is done on the bits (``round_e4m3``): the
 Triton interpreter's own cast rounds wrongly, while its cast of an exact e4m3 value is
-right. Grid: cdiv(rows, BLOCK_R) programs of BLOCK_R rows; each walks K in BLOCK_C-column
+right. ``scale_of_amax`` and ``to_e4m3`` also serve the grouped GEMM's gate_up epilogue
+when it writes h in e4m3 itself (block scales). Grid: cdiv(rows, BLOCK_R) programs of BLOCK_R rows; each walks K in BLOCK_C-column
 steps (a multiple of 128; twice per row with PER_ROW: the amax, then the values). The
 launcher trades rows for columns, so that a few wide rows (h of a large-I model) still
 spread over many programs. Layouts: src [rows, K]
@@ -35,13 +36,13 @@ def round_e4m3(x):
 
 
 @triton.jit
-def _scale(amax):
+def scale_of_amax(amax):
     """The scale of rows whose largest magnitude is amax."""
     return tl.maximum(amax, AMAX_FLOOR) / FP8_MAX
 
 
 @triton.jit
-def _to_e4m3(a, s):
+def to_e4m3(a, s):
     """float32 a over its scales s (broadcast against a), as e4m3."""
     q = tl.minimum(tl.maximum(a / s, -FP8_MAX), FP8_MAX)
     return round_e4m3(q).to(tl.float8e4nv)
@@ -61,12 +62,12 @@ def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src,
             mask = row_mask[:, None] & ((k0 + cols) < K)[None, :]
             a = tl.load(src + k0, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(a), axis=1))
-        s = _scale(amax)
+        s = scale_of_amax(amax)
         tl.store(scale_ptr + rows, s, mask=row_mask)
         for k0 in range(0, K, BLOCK_C):
             mask = row_mask[:, None] & ((k0 + cols) < K)[None, :]
             a = tl.load(src + k0, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dst + k0, _to_e4m3(a, s[:, None]), mask=mask)
+            tl.store(dst + k0, to_e4m3(a, s[:, None]), mask=mask)
     else:
         GROUPS: tl.constexpr = BLOCK_C // 128
         groups = tl.cdiv(K, 128)
@@ -75,8 +76,8 @@ def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src,
             mask = row_mask[:, None] & ((k0 + cols) < K)[None, :]
             a = tl.reshape(tl.load(src + k0, mask=mask, other=0.0).to(tl.float32),
                            [BLOCK_R, GROUPS, 128])
-            s = _scale(tl.max(tl.abs(a), axis=2))  # [BLOCK_R, GROUPS]
-            tl.store(dst + k0, tl.reshape(_to_e4m3(a, s[:, :, None]), [BLOCK_R, BLOCK_C]), mask=mask)
+            s = scale_of_amax(tl.max(tl.abs(a), axis=2))  # [BLOCK_R, GROUPS]
+            tl.store(dst + k0, tl.reshape(to_e4m3(a, s[:, :, None]), [BLOCK_R, BLOCK_C]), mask=mask)
             g = k0 // 128 + offs_g
             tl.store(scale_ptr + rows.to(tl.int64)[:, None] * groups + g[None, :], s,
                      mask=row_mask[:, None] & (g < groups)[None, :])
