@@ -130,6 +130,22 @@ def test_gate_up_writes_block_fp8_h(a_desc, device, monkeypatch):
     check_against_references(out, x, topk_weights, topk_ids, fp8_weights, (True, True))
 
 
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("a_fp8", [False, True])
+def test_float16_hidden_states(scheme, a_fp8, device):
+    """fp8 experts beside float16 tokens (h, and block scales' h written by gate_up, in
+    float16 before quantisation)."""
+    x, topk_weights, topk_ids, fp8_weights = fp8_inputs(scheme, device, **SHAPES)
+    x = x.half()
+    gate_up = TileConfig(16, 128, 128, 1, 4, 3, A_FP8=a_fp8)
+    down = TileConfig(16, 64, 128, 1, 4, 3, A_FP8=a_fp8)
+    out = fused_experts_impl(x, topk_weights, topk_ids, fp8_weights[0], fp8_weights[1], gate_up,
+                             down, w_gate_up_scale=fp8_weights[2], w_down_scale=fp8_weights[3])
+    assert out.dtype == torch.float16
+    check_against_references(out, x, topk_weights, topk_ids, fp8_weights, (a_fp8, a_fp8))
+
+
 @pytest.mark.parametrize("scheme,block_k,a_fp8", [("block", 64, False), ("channel", 64, False),
                                                    ("channel", 256, False), ("channel", 256, True)])
 def test_other_k_steps(scheme, block_k, a_fp8, device):
