@@ -15,3 +15,23 @@ def test_seeds_are_legal_and_always_sampled():
     drawn = sample(space, [space[0]] + gate_up + [space[0]], 12, seed=0)
     assert drawn[: 1 + len(gate_up)] == [space[0]] + gate_up
     assert len(drawn) == 12 and len(set(drawn)) == 12
+
+
+def test_fp8_small_t_adds_wgmma_rows_with_fp8_activations_only():
+    """fp8 weights at decode sizes: 64-row tiles join the space (Hopper runs fp8 dots as
+    e4m3 wgmma only from 64 rows), only with fp8 activations, and are always timed."""
+    from tools.tile_space import WGMMA_ROWS
+
+    top_k, num_experts = 8, 256
+    assert WGMMA_ROWS not in block_m_choices(1, top_k, num_experts)
+    block_ms = block_m_choices(1, top_k, num_experts, "channel")
+    assert WGMMA_ROWS in block_ms
+    space = candidate_tiles("gate_up", 1, top_k, num_experts, 2, block_ms, "channel")
+    wide = [t for t in space if t.BLOCK_M == WGMMA_ROWS]
+    assert wide and all(t.A_FP8 for t in wide)
+    assert any(not t.A_FP8 for t in space if t.BLOCK_M == 16)
+    fp8_seeds = seeds("gate_up", 1, top_k, num_experts, block_ms, fp8=True)
+    assert fp8_seeds and all(t.BLOCK_M == WGMMA_ROWS and t.A_FP8 for t in fp8_seeds)
+    assert set(fp8_seeds) <= set(space)
+    # Where the tokens fill 64-row blocks anyway, nothing is added or restricted.
+    assert block_m_choices(8192, top_k, num_experts, "channel") == block_m_choices(8192, top_k, num_experts)

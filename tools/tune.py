@@ -257,7 +257,7 @@ def tune_cell(cfg, num_tokens, weights, dtype, device, args, budget, gen):
     log(f"{tag} heuristic {fmt_tile(heur_gu)} / {fmt_tile(heur_down)}: {heur_ms:.4f} ms")
 
     elem = x.element_size()
-    block_ms = block_m_choices(num_tokens, k, e)
+    block_ms = block_m_choices(num_tokens, k, e, fp8)
     gu_space = candidate_tiles("gate_up", num_tokens, k, e, elem, block_ms, fp8)
     gu_cands = sample(gu_space, [heur_gu] + seeds("gate_up", num_tokens, k, e, block_ms, bool(fp8)),
                       args.max_configs, args.seed)
