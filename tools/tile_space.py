@@ -109,7 +109,7 @@ def seeds(stage: str, num_tokens: int, top_k: int, num_experts: int,
     rows_per_expert = num_tokens * top_k / num_experts
     out = []
     if fp8 and WGMMA_ROWS in set(block_ms) - set(block_m_choices(num_tokens, top_k, num_experts)):
-        out += [replace(tile, BLOCK_M=WGMMA_ROWS) for tile in FP8_WGMMA_SEEDS]
+        out += FP8_WGMMA_SEEDS
     for tile in LARGE_T_SEEDS[stage]:
         if stage == "down":
             tile = replace(tile, BLOCK_M=block_ms[0])

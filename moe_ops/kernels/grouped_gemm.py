@@ -24,18 +24,19 @@ both halves.
 fp8 weights (W_SCALE, scales as ``moe_ops.fp8`` lays them out) are e4m3 with float32
 multipliers: W_SCALE=1 one per output row (applied once, before the epilogue), W_SCALE=2
 one per 128x128 block (applied to each K step's partial product; BLOCK_K divides 128).
+With A_FP8 (block scales: BLOCK_K = 128) A arrives in e4m3 (``kernels.quantize``, one
+launch before the GEMM, or gate_up's OUT_FP8 epilogue) and the dot runs in fp8: with
+per-channel weights A has one scale per row, applied with the weights' in the epilogue,
+so the K loop is bare fp8 MMAs; with block weights one per row per 128 columns, applied
+with the weight block's to each K step's partial product. FAST_ACC lets the
+per-row-scaled fp8 MMAs accumulate at the hardware's reduced precision over the whole K (Hopper;
+otherwise folded into fp32 every 128 of K, which costs up to 2x at large T). Without
+A_FP8 the weight tile is converted to A's dtype and the dot runs there (weight-only
+fp8).
 OUT_FP8 (gate_up, block scales, BLOCK_N a multiple of 128): the epilogue writes h in e4m3
 with one float32 scale per row per 128 columns into out_scale [h rows, cdiv(N, 128)] (as
 ``kernels.quantize`` would, from h rounded to H_DTYPE), so down's fp8 input costs no
 launch of its own.
-With A_FP8 (block scales: BLOCK_K = 128) A arrives in e4m3 (``kernels.quantize``, one launch before
-each GEMM) and the dot runs in fp8: with per-channel weights A has one scale per row,
-applied with the weights' in the epilogue, so the K loop is bare fp8 MMAs; with block
-weights one per row per 128 columns, applied with the weight block's to each K step's
-partial product. FAST_ACC lets the per-row-scaled fp8 MMAs accumulate at the hardware's
-reduced precision over the whole K (Hopper; otherwise folded into fp32 every 128 of K,
-which costs up to 2x at large T). Without A_FP8 the weight tile is converted to A's
-dtype and the dot runs there (weight-only fp8).
 
 In INTERPRETER mode (the Triton CPU interpreter) loads are upcast to float32 and bf16
 stores rounded to nearest, because the interpreter gets 16-bit floats wrong. float32

@@ -1,4 +1,5 @@
-"""Activation quantisation to e4m3 for the fp8-activation GEMMs: one launch per GEMM input.
+"""Activation quantisation to e4m3 for the fp8-activation GEMMs: one launch per GEMM input
+(but h under block scales, which gate_up can write in e4m3 itself).
 
     dst[r, c] = e4m3(src[r, c] / s),   src ~= dst * s
     PER_ROW      s = scale[r]                 one scale per row (per-channel weights)
@@ -8,11 +9,11 @@ with ``s = max(amax, 1e-10) / 448`` over the row or the group (``moe_ops.fp8`` d
 same in torch). The float32 -> e4m3 rounding is done on the bits (``round_e4m3``): the
 Triton interpreter's own cast rounds wrongly, while its cast of an exact e4m3 value is
 right. ``scale_of_amax`` and ``to_e4m3`` also serve the grouped GEMM's gate_up epilogue
-when it writes h in e4m3 itself (block scales). Grid: cdiv(rows, BLOCK_R) programs of BLOCK_R rows; each walks K in BLOCK_C-column
-steps (a multiple of 128; twice per row with PER_ROW: the amax, then the values). The
-launcher trades rows for columns, so that a few wide rows (h of a large-I model) still
-spread over many programs. Layouts: src [rows, K]
-with row stride ``stride_src``, dst [rows, K] contiguous, scale [rows] or
+when it writes h in e4m3 itself (block scales). Grid: cdiv(rows, BLOCK_R) programs of
+BLOCK_R rows; each walks K in BLOCK_C-column steps (a multiple of 128; twice per row
+with PER_ROW: the amax, then the values). The launcher trades rows for columns, so that
+a few wide rows (h of a large-I model) still spread over many programs. Layouts: src
+[rows, K] with row stride ``stride_src``, dst [rows, K] contiguous, scale [rows] or
 [rows, cdiv(K, 128)].
 """
 import triton
