@@ -29,10 +29,10 @@ launch before the GEMM, or gate_up's OUT_FP8 epilogue) and the dot runs in fp8: 
 per-channel weights A has one scale per row, applied with the weights' in the epilogue,
 so the K loop is bare fp8 MMAs; with block weights one per row per 128 columns, applied
 with the weight block's to each K step's partial product. FAST_ACC lets the
-per-row-scaled fp8 MMAs accumulate at the hardware's reduced precision over the whole K (Hopper;
-otherwise folded into fp32 every 128 of K, which costs up to 2x at large T). Without
-A_FP8 the weight tile is converted to A's dtype and the dot runs there (weight-only
-fp8).
+per-row-scaled fp8 MMAs accumulate at the hardware's reduced precision over the whole K
+(Hopper; otherwise folded into fp32 every 128 of K, which costs up to 2x at large T).
+Without A_FP8 the weight tile is converted to A's dtype and the dot runs there
+(weight-only fp8).
 OUT_FP8 (gate_up, block scales, BLOCK_N a multiple of 128): the epilogue writes h in e4m3
 with one float32 scale per row per 128 columns into out_scale [h rows, cdiv(N, 128)] (as
 ``kernels.quantize`` would, from h rounded to H_DTYPE), so down's fp8 input costs no
