@@ -16,9 +16,9 @@ from dataclasses import dataclass, replace
 
 import torch
 import triton
-import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .dtypes import TRITON
 from .fp8 import FP8_DTYPE, fast_accumulation, scheme_of
 from .interpreter import BLOCKS, interpreter_active
 from .kernels.combine import combine_kernel
@@ -101,7 +101,6 @@ def _weight_descriptor(gate_up: bool, w, tile: TileConfig):
 
 
 _W_SCALE = {None: 0, "channel": 1, "block": 2}
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 def quantize_input(a: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +141,7 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
             0 if w_scale is None else w_scale.stride(0), 0 if w_scale is None else w_scale.stride(1),
             out.stride(0), 0 if out_scale is None else out_scale.stride(0),
             GATE_UP=gate_up, OUT_FP8=out_scale is not None,
-            H_DTYPE=None if h_dtype is None else _TL_DTYPES[h_dtype],
+            H_DTYPE=None if h_dtype is None else TRITON[h_dtype],
             BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K,
             GROUP_M=tile.GROUP_M, EVEN_K=k % tile.BLOCK_K == 0, H_BLOCK_ORDER=h_block_order,
             B_DESC=use_desc, W_SCALE=_W_SCALE[scheme_of(w_scale)], A_FP8=tile.A_FP8,
