@@ -25,7 +25,7 @@ from .kernels.combine import combine_kernel
 from .kernels.grouped_gemm import grouped_gemm_kernel
 from .kernels.quantize import quantize_kernel
 from .profiling import stage_range
-from .routing import Alignment, Routing, align_ids, route
+from .routing import Alignment, Routing, align_ids, route_and_quantize
 from .tiles import TileConfig, get_tile_config
 
 
@@ -152,10 +152,11 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
 
 
 def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: ExpertTiles,
-            alignment: Alignment, w_gate_up_scale=None, w_down_scale=None):
+            alignment: Alignment, w_gate_up_scale=None, w_down_scale=None, x_quantized=None):
     """gate_up -> down -> combine over an alignment: out [T, H]. A stage whose tile has
     A_FP8 reads its input quantised by one launch before it (``quantize_input``), except
-    down's when gate_up writes h in e4m3 itself (``ExpertTiles.h_fp8``)."""
+    down's when gate_up writes h in e4m3 itself (``ExpertTiles.h_fp8``) and gate_up's when
+    the router already quantised x (``x_quantized``: (x8, scale))."""
     num_tokens, hidden = hidden_states.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     num_slots = topk_ids.numel()
@@ -163,8 +164,9 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     dtype, device = hidden_states.dtype, hidden_states.device
     h_rows = alignment.max_blocks * tiles.block_m if tiles.h_block_order else num_slots
     scheme = scheme_of(w_gate_up_scale)
-    x, x_scale = (quantize_input(hidden_states, scheme) if tiles.gate_up.A_FP8
-                  else (hidden_states, None))
+    x, x_scale = hidden_states, None
+    if tiles.gate_up.A_FP8:
+        x, x_scale = x_quantized or quantize_input(hidden_states, scheme)
     if tiles.h_fp8:
         h = torch.empty(h_rows, inter, dtype=FP8_DTYPE, device=device)
         h_scale = torch.empty(h_rows, triton.cdiv(inter, 128), dtype=torch.float32, device=device)
@@ -211,14 +213,16 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
 
 def fused_moe_impl(hidden_states, router_weight, w_gate_up, w_down, routing: Routing,
                    score_bias=None, w_gate_up_scale=None, w_down_scale=None):
-    """route and align -> gate_up -> down -> combine, five launches."""
+    """route and align -> gate_up -> down -> combine, five launches (with fp8 activations
+    the router kernel also quantises x, off the decode path)."""
     num_tokens, hidden = hidden_states.shape
     if num_tokens == 0:
         return torch.empty_like(hidden_states)
     num_experts, inter = w_down.shape[0], w_down.shape[2]
+    scheme = scheme_of(w_gate_up_scale)
     tiles = expert_tiles(num_tokens, num_experts, hidden, inter, routing.top_k,
-                         hidden_states.dtype, hidden_states.device, fp8=scheme_of(w_gate_up_scale))
-    topk_weights, topk_ids, alignment = route(hidden_states, router_weight, routing, score_bias,
-                                              block_m=tiles.block_m)
-    return experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles, alignment,
-                   w_gate_up_scale, w_down_scale)
+                         hidden_states.dtype, hidden_states.device, fp8=scheme)
+    routed, x_quantized = route_and_quantize(hidden_states, router_weight, routing, score_bias,
+                                             tiles.block_m, scheme if tiles.gate_up.A_FP8 else None)
+    return experts(hidden_states, routed.topk_weights, routed.topk_ids, w_gate_up, w_down, tiles,
+                   routed.alignment, w_gate_up_scale, w_down_scale, x_quantized)

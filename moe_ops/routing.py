@@ -26,6 +26,7 @@ import torch
 import triton
 
 from .dtypes import TRITON
+from .fp8 import FP8_DTYPE
 from .interpreter import BLOCKS, interpreter_active
 from .kernels.align import align_kernel, rank_kernel
 from .kernels.decode_route import router_partials_kernel, select_align_kernel
@@ -106,17 +107,26 @@ def max_blocks_for(num_slots: int, num_experts: int, block_m: int) -> int:
 def route(hidden_states, router_weight, routing: Routing, score_bias=None,
           block_m: int | None = None) -> Routed:
     """Route T tokens (x [T, H], router [E, H]); with ``block_m`` also align them."""
+    return route_and_quantize(hidden_states, router_weight, routing, score_bias, block_m)[0]
+
+
+def route_and_quantize(hidden_states, router_weight, routing: Routing, score_bias=None,
+                       block_m: int | None = None, quantize: str | None = None
+                       ) -> tuple[Routed, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``route``, and with ``quantize`` (an fp8 scheme, "channel" or "block") x in e4m3
+    with its scales for fp8-activation experts, written by the router kernel; None on
+    the decode path (which quantises nothing) or without ``quantize``."""
     num_tokens = hidden_states.shape[0]
     if _is_decode(num_tokens):
         # Without an alignment wanted, its by-product is dropped: the launch is the routing.
         weights, ids, alignment = _decode_route_align(
             hidden_states, router_weight, routing, score_bias, block_m or _DECODE_BLOCK_M,
             stage="align" if block_m else "route")
-        return Routed(weights, ids, alignment if block_m else None)
-    weights, ids, ranks = _route_blocks(hidden_states, router_weight, routing, score_bias,
-                                       with_ranks=block_m is not None)
+        return Routed(weights, ids, alignment if block_m else None), None
+    weights, ids, ranks, quantized = _route_blocks(hidden_states, router_weight, routing,
+                                                   score_bias, block_m is not None, quantize)
     alignment = None if block_m is None else _align(ids, ranks, router_weight.shape[0], block_m)
-    return Routed(weights, ids, alignment)
+    return Routed(weights, ids, alignment), quantized
 
 
 def align_ids(topk_ids, num_experts: int, block_m: int) -> Alignment:
@@ -145,8 +155,10 @@ def _empty_ranks(num_tokens, num_experts, top_k, device) -> _TokenBlockRanks:
         block_t)
 
 
-def _route_blocks(hidden_states, router_weight, routing: Routing, score_bias, with_ranks: bool):
-    """``route_kernel``: (weights, ids, the first alignment step or None)."""
+def _route_blocks(hidden_states, router_weight, routing: Routing, score_bias, with_ranks: bool,
+                  quantize: str | None = None):
+    """``route_kernel``: (weights, ids, the first alignment step or None, (x8, scale) or
+    None)."""
     num_tokens, hidden = hidden_states.shape
     num_experts = router_weight.shape[0]
     top_k = routing.top_k
@@ -154,8 +166,14 @@ def _route_blocks(hidden_states, router_weight, routing: Routing, score_bias, wi
     topk_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
     topk_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
     ranks = _empty_ranks(num_tokens, num_experts, top_k, device) if with_ranks else None
+    quantized = None
+    if quantize is not None:
+        per_row = quantize == "channel"
+        quantized = (torch.empty(num_tokens, hidden, dtype=FP8_DTYPE, device=device),
+                     torch.empty((num_tokens,) if per_row else (num_tokens, triton.cdiv(hidden, 128)),
+                                 dtype=torch.float32, device=device))
     if num_tokens == 0:
-        return topk_weights, topk_ids, ranks
+        return topk_weights, topk_ids, ranks, quantized
     block_t = _rank_block_t(num_tokens, num_experts, top_k)  # the ranks' token blocks
     selection = routing.selection_constexprs(num_experts, score_bias is not None)
     # Keep one pipeline stage of router weights near 32 KB of shared memory.
@@ -168,11 +186,14 @@ def _route_blocks(hidden_states, router_weight, routing: Routing, score_bias, wi
             topk_weights, topk_ids,
             ranks.block_counts if with_ranks else topk_ids,  # unread without ranks
             ranks.ranks if with_ranks else topk_ids,
+            *(quantized or (topk_ids, topk_weights)),  # unread without quantisation
             num_tokens, hidden, float(routing.routed_scaling_factor),
             **selection, BLOCK_T=block_t, BLOCK_H=block_h, WRITE_RANKS=with_ranks,
+            QUANTIZE={None: 0, "channel": 1, "block": 2}[quantize],
+            QUANT_C=max(128, BLOCKS.quantize_tile // block_t),
             INTERPRETER=interpreter_active(), num_warps=8 if block_t >= 32 else 4,
         )
-    return topk_weights, topk_ids, ranks
+    return topk_weights, topk_ids, ranks, quantized
 
 
 def _rank(topk_ids, num_experts) -> _TokenBlockRanks:

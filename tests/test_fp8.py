@@ -293,3 +293,35 @@ def test_fp8_tiles_are_checked(device):
     tile = TileConfig(16, 32, 128, A_FP8=True)
     with pytest.raises(ValueError, match="A_FP8 needs fp8 weights"):
         fused_experts_impl(x, topk_weights, topk_ids, *bf16_weights, tile, tile)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_router_kernel_quantises_x(scheme, device, monkeypatch):
+    """fused_moe with fp8 activations for gate_up, past the decode path: the router kernel
+    writes x in e4m3 (no quantisation launch for x), bit for bit what the launch makes."""
+    import moe_ops.pipeline as pipeline
+    from moe_ops.routing import DECODE_MAX_T, Routing, route_and_quantize
+
+    x, router, fp8_weights, routing = deepseek_like(device, scheme)
+    assert x.shape[0] > DECODE_MAX_T
+    _, (x8, scale) = route_and_quantize(
+        x, router, Routing(**{k: v for k, v in routing.items() if k != "score_bias"}),
+        routing["score_bias"], 16, scheme)
+    launched = quantize_input(x, scheme)
+    assert torch.equal(x8.view(torch.uint8), launched[0].view(torch.uint8))
+    assert torch.equal(scale, launched[1])
+
+    inputs = []
+    quantize = pipeline.quantize_input
+    monkeypatch.setattr(pipeline, "quantize_input", lambda a, s: inputs.append(a) or quantize(a, s))
+    tile = TileConfig(16, 64, 128, 1, 4, 3, A_FP8=True)
+    monkeypatch.setattr(pipeline, "get_tile_config", lambda *args: tile)
+    pipeline.expert_tiles.cache_clear()
+    try:
+        out = moe_ops.fused_moe(x, router, *fp8_weights[:2], w_gate_up_scale=fp8_weights[2],
+                                w_down_scale=fp8_weights[3], **routing)
+    finally:
+        pipeline.expert_tiles.cache_clear()
+    assert all(a.shape[1] != x.shape[1] for a in inputs)  # only h was quantised by a launch
+    weights, ids = route_reference(x, router, **routing)
+    check_against_references(out, x, weights, ids, fp8_weights, (True, True))

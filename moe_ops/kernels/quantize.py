@@ -1,5 +1,6 @@
-"""Activation quantisation to e4m3 for the fp8-activation GEMMs: one launch per GEMM input
-(but h under block scales, which gate_up can write in e4m3 itself).
+"""Activation quantisation to e4m3 for the fp8-activation GEMMs: one launch per GEMM input,
+except x when the router kernel quantises it (``quantize_rows``) and h under block
+scales, which gate_up can write in e4m3 itself.
 
     dst[r, c] = e4m3(src[r, c] / s),   src ~= dst * s
     PER_ROW      s = scale[r]                 one scale per row (per-channel weights)
@@ -50,10 +51,11 @@ def to_e4m3(a, s):
 
 
 @triton.jit
-def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src,
-                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PER_ROW: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < num_rows
+def quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, row_mask, K, stride_src,
+                  BLOCK_C: tl.constexpr, PER_ROW: tl.constexpr):
+    """Quantise the rows ``rows`` (a [BLOCK_R] tile, ``row_mask`` the real ones) as the
+    module docstring says, in BLOCK_C-column steps (also the router kernel's tail)."""
+    BLOCK_R: tl.constexpr = rows.shape[0]
     cols = tl.arange(0, BLOCK_C)
     src = src_ptr + rows.to(tl.int64)[:, None] * stride_src + cols[None, :]
     dst = dst_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
@@ -82,3 +84,11 @@ def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src,
             g = k0 // 128 + offs_g
             tl.store(scale_ptr + rows.to(tl.int64)[:, None] * groups + g[None, :], s,
                      mask=row_mask[:, None] & (g < groups)[None, :])
+
+
+@triton.jit
+def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PER_ROW: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, rows < num_rows, K, stride_src, BLOCK_C,
+                  PER_ROW)

@@ -18,7 +18,9 @@ depend on how a backend's max treats NaN.
 
 Layouts: x [T, H], W [E, H] (H contiguous), bias fp32 [E];
 topk_weights fp32 [T, K], topk_ids int32 [T, K]. With WRITE_RANKS it also does the
-first step of the alignment (``align.block_ranks``) for its block of tokens. The whole expert axis (E_PAD, a
+first step of the alignment (``align.block_ranks``) for its block of tokens; with
+QUANTIZE it also writes its tokens in e4m3 for fp8-activation experts (x8 [T, H] and
+their scales, as ``quantize.quantize_kernel`` would: one launch fewer). The whole expert axis (E_PAD, a
 power of two >= 16) lives in registers, so selection never leaves the program.
 ``router_logits`` and ``select_topk`` also serve the decode path (``decode_route``).
 """
@@ -27,6 +29,7 @@ import triton.language as tl
 
 from .align import block_ranks
 from .casting import cast_rne
+from .quantize import quantize_rows
 
 
 UNAVAILABLE = tl.constexpr(-2147483648)  # the key of padding, excluded and picked entries
@@ -147,13 +150,13 @@ def select_topk(logits, bias_ptr, routed_scaling_factor, LOGIT_DTYPE: tl.constex
 @triton.jit
 def route_kernel(
     x_ptr, w_ptr, bias_ptr, topk_weights_ptr, topk_ids_ptr, block_counts_ptr, ranks_ptr,
-    num_tokens, hidden, routed_scaling_factor,
+    x8_ptr, x_scale_ptr, num_tokens, hidden, routed_scaling_factor,
     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
     SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
     E_PAD: tl.constexpr, K_PAD: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, WRITE_RANKS: tl.constexpr,
-    INTERPRETER: tl.constexpr,
+    QUANTIZE: tl.constexpr, QUANT_C: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -174,3 +177,6 @@ def route_kernel(
     if WRITE_RANKS:  # step 1 of the alignment, while the ids are in registers
         block_ranks(topk_i, out_mask, out_offs, block_counts_ptr + pid * NUM_EXPERTS, ranks_ptr,
                     NUM_EXPERTS, E_PAD, BLOCK_T * K_PAD)
+    if QUANTIZE:  # this block's tokens in e4m3 for gate_up (1: per row, 2: per 128 columns)
+        quantize_rows(x_ptr, x8_ptr, x_scale_ptr, offs_t, token_mask, hidden, hidden, QUANT_C,
+                      QUANTIZE == 1)
