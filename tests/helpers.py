@@ -63,3 +63,22 @@ def capture(fn):
     with torch.cuda.graph(graph):
         static_out = fn()
     return graph, static_out
+
+
+def compile_for_sm90(code: str, cache_dir) -> None:
+    """Run ``code`` (Python that calls ``triton.compile`` for ``GPUTarget("cuda", 90, 32)``)
+    in a fresh interpreter without TRITON_INTERPRET, so a CPU-only CI catches kernels the
+    interpreter accepts and the H100/H200 compiler would not; fails with its stderr."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = str(Path(__file__).resolve().parents[1])
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])),
+               TRITON_CACHE_DIR=str(cache_dir))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distributed_harness import assert_all_ok, run_on_ranks, use_gpus
-from helpers import capture, rel_l2
+from helpers import capture, compile_for_sm90, rel_l2
 from moe_ops.configs import shrink
 
 MODELS = ["mixtral-8x7b", "qwen2-57b-a14b", "qwen3-30b-a3b", "deepseek-v3"]
@@ -405,18 +405,7 @@ build(K.wait_flags_kernel, dict(flags, flags_ptr="*i64", headers_ptr="*i64", sta
 def test_kernels_compile_for_sm90(tmp_path):
     """Every kernel of the layer compiles for an H100/H200 (sm_90) from any machine, so a
     CPU-only CI catches what the interpreter accepts and the GPU compiler would not."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = str(Path(__file__).resolve().parents[1])
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])),
-               TRITON_CACHE_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, "-c", SM90_COMPILE], capture_output=True, text=True,
-                          cwd=root, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    compile_for_sm90(SM90_COMPILE, tmp_path)
 
 
 # -- GPU: NCCL and nvlink, bf16, graph capture, no host sync -----------------------------
