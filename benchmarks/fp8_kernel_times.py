@@ -27,6 +27,8 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=["deepseek-v3", "mixtral-8x7b"])
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 128])
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.fp8_kernel_times profiles GPU kernels: it needs CUDA")
     moe_ops.set_topk_ids_check(False)
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name in args.models:
