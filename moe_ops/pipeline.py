@@ -112,7 +112,8 @@ def quantize_input(a: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Te
     scale = torch.empty((rows,) if per_row else (rows, triton.cdiv(k, 128)), dtype=torch.float32,
                         device=a.device)
     # Fewer rows per program where rows are few, wider column steps to make up.
-    block_r = min(BLOCKS.quantize_rows, 1 << max(0, (rows // BLOCKS.quantize_programs).bit_length() - 1))
+    spread = rows // BLOCKS.quantize_programs
+    block_r = min(BLOCKS.quantize_rows, 1 << max(0, spread.bit_length() - 1))
     block_c = max(128, BLOCKS.quantize_tile // block_r)
     with stage_range("quantize"):
         quantize_kernel[(triton.cdiv(rows, block_r),)](

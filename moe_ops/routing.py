@@ -6,6 +6,9 @@ One entry point each way:
                                                             (with block_m) their alignment
     align_ids(topk_ids, num_experts, block_m)               the alignment of given ids
 
+(``route_and_quantize`` is ``route`` whose router kernel also writes x in e4m3 for
+fp8-activation experts, past the decode path.)
+
 Both pick the launches by token count in one place (``_is_decode``):
 
     T <= DECODE_MAX_T   the router GEMM split over ~128 programs, then selection, ranks
@@ -169,9 +172,9 @@ def _route_blocks(hidden_states, router_weight, routing: Routing, score_bias, wi
     quantized = None
     if quantize is not None:
         per_row = quantize == "channel"
+        scale_shape = (num_tokens,) if per_row else (num_tokens, triton.cdiv(hidden, 128))
         quantized = (torch.empty(num_tokens, hidden, dtype=FP8_DTYPE, device=device),
-                     torch.empty((num_tokens,) if per_row else (num_tokens, triton.cdiv(hidden, 128)),
-                                 dtype=torch.float32, device=device))
+                     torch.empty(scale_shape, dtype=torch.float32, device=device))
     if num_tokens == 0:
         return topk_weights, topk_ids, ranks, quantized
     block_t = _rank_block_t(num_tokens, num_experts, top_k)  # the ranks' token blocks

@@ -392,7 +392,8 @@ def test_bad_input_without_host_reads_blames_the_right_rank(case):
     ranks = _results(2, case)
     assert ranks[1]["bad"][0] == "error" and "max_tokens_per_rank" in ranks[1]["bad"][1], ranks[1]
     assert ranks[0]["bad"] == ("nan", True), ranks[0]
-    assert ranks[0]["check"] is not None and "rank 1 rejected its input" in ranks[0]["check"], ranks[0]
+    check = ranks[0]["check"]
+    assert check is not None and "rank 1 rejected its input" in check, ranks[0]
     assert ranks[1]["check"] is None, ranks[1]  # it raised its own error; no peer failed
     for result in ranks:
         assert _right(result["after"]) and result["clean"] is None, result

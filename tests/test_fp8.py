@@ -283,7 +283,8 @@ def test_bad_fp8_arguments_are_named(device):
 
 def test_fp8_tiles_are_checked(device):
     x, topk_weights, topk_ids, fp8_weights = fp8_inputs("block", device, 8, 4, 2, 256, 128)
-    for tile, message in ((TileConfig(16, 32, 64, A_FP8=True), "A_FP8 with block-fp8 weights needs BLOCK_K=128"),
+    for tile, message in ((TileConfig(16, 32, 64, A_FP8=True),
+                           "A_FP8 with block-fp8 weights needs BLOCK_K=128"),
                           (TileConfig(16, 32, 256), "BLOCK_K dividing 128")):
         with pytest.raises(ValueError, match=message):
             fused_experts_impl(x, topk_weights, topk_ids, fp8_weights[0], fp8_weights[1], tile,

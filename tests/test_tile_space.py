@@ -34,4 +34,5 @@ def test_fp8_small_t_adds_wgmma_rows_with_fp8_activations_only():
     assert fp8_seeds and all(t.BLOCK_M == WGMMA_ROWS and t.A_FP8 for t in fp8_seeds)
     assert set(fp8_seeds) <= set(space)
     # Where the tokens fill 64-row blocks anyway, nothing is added or restricted.
-    assert block_m_choices(8192, top_k, num_experts, "channel") == block_m_choices(8192, top_k, num_experts)
+    large = (8192, top_k, num_experts)
+    assert block_m_choices(*large, "channel") == block_m_choices(*large)

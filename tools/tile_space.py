@@ -46,7 +46,8 @@ def block_m_choices(num_tokens: int, top_k: int, num_experts: int,
 
 
 def candidate_tiles(stage: str, num_tokens: int, top_k: int, num_experts: int,
-                    elem_bytes: int, block_ms: list[int], fp8: str | None = None) -> list[TileConfig]:
+                    elem_bytes: int, block_ms: list[int],
+                    fp8: str | None = None) -> list[TileConfig]:
     """The pruned cross product for one stage (gate_up loads two weight tiles per step),
     weights through pointers and through a descriptor (B_DESC); ``fp8`` (the weights'
     scheme, "block" or "channel") as the module docstring says."""

@@ -16,11 +16,11 @@ no other token is affected.
 Comparisons run on int32 keys of that order (``_order_key``), so the result does not
 depend on how a backend's max treats NaN.
 
-Layouts: x [T, H], W [E, H] (H contiguous), bias fp32 [E];
-topk_weights fp32 [T, K], topk_ids int32 [T, K]. With WRITE_RANKS it also does the
-first step of the alignment (``align.block_ranks``) for its block of tokens; with
-QUANTIZE it also writes its tokens in e4m3 for fp8-activation experts (x8 [T, H] and
-their scales, as ``quantize.quantize_kernel`` would: one launch fewer). The whole expert axis (E_PAD, a
+Layouts: x [T, H], W [E, H] (H contiguous), bias fp32 [E]; topk_weights fp32 [T, K],
+topk_ids int32 [T, K]. With WRITE_RANKS it also does the first step of the alignment
+(``align.block_ranks``) for its block of tokens; with QUANTIZE it also writes its tokens
+in e4m3 for fp8-activation experts (x8 [T, H] and their scales, as
+``quantize.quantize_kernel`` would: one launch fewer). The whole expert axis (E_PAD, a
 power of two >= 16) lives in registers, so selection never leaves the program.
 ``router_logits`` and ``select_topk`` also serve the decode path (``decode_route``).
 """
