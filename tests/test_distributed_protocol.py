@@ -87,6 +87,26 @@ def case_sequence(rig, name):
     return dict(steps=steps, after=rig.lockstep())
 
 
+def case_new_group(rig):
+    """After a sticky failure (the ranks call A and B in different orders), before any
+    reset: a new layer on a new process group works, and the failed layers still refuse
+    until reset()."""
+    import torch.distributed as dist
+
+    from moe_ops.distributed import ExpertParallelMoE
+
+    failed = [rig.step(i) for i in SEQUENCES["other_order"][rig.rank]]
+    group = dist.new_group(list(range(dist.get_world_size())))
+    fresh = ExpertParallelMoE.from_config(rig.config, group=group, device=rig.device,
+                                          transport="all_to_all", seed=SEED,
+                                          max_tokens_per_rank=rig.layers[0].max_tokens_per_rank)
+    with torch.no_grad():
+        fresh_errors = [rel_l2(fresh(rig.x), rig.expected[0]) for _ in range(2)]
+    refused = rig.step(0)
+    rig.reset()
+    return dict(failed=failed, fresh=fresh_errors, refused=refused, after=rig.lockstep())
+
+
 def case_counter_2_31(rig):
     """Counts cross 2**31 untruncated: right; then counts equal in their low 32 bits but
     2**32 apart are told apart."""
@@ -253,7 +273,8 @@ def _raises(fn):
         return f"{type(error).__name__}: {error}"
 
 
-CASE_FUNCTIONS = {"sequence": case_sequence, "counter_2_31": case_counter_2_31,
+CASE_FUNCTIONS = {"sequence": case_sequence, "new_group": case_new_group,
+                  "counter_2_31": case_counter_2_31,
                   "counter_2_63": case_counter_2_63, "bad_input": case_bad_input,
                   "bad_input_unread": case_bad_input_unread,
                   "exception_inside": case_exception_inside, "timeout": case_timeout,
@@ -289,6 +310,7 @@ CASES = {
         (False, "bad_input", "hidden"), (False, "bad_input", "device"),
         (True, "bad_input", "dtype"), (True, "bad_input", "tokens"),
         (True, "bad_input_unread", "tokens"),
+        (True, "new_group"),
         (False, "exception_inside", "before_dispatch"), (False, "exception_inside", "after_dispatch"),
         (True, "exception_inside", "before_dispatch"), (True, "exception_inside", "after_dispatch"),
         (False, "timeout"), (True, "timeout"), (True, "nan_and_check"),
@@ -385,6 +407,15 @@ def test_bad_input_on_one_rank_raises_everywhere_then_later_forwards_are_right(c
     bad = ranks[1]["bad"]
     assert bad[0] == "error" and bad[1].startswith(BAD_INPUT_ERRORS[case[2]]), bad
     _assert_peer_told_then_all_right(ranks, "bad", "rank 1 rejected its input")
+
+
+@pytest.mark.parametrize("case", _cases(2, "new_group"))
+def test_after_a_failure_a_new_layer_on_a_new_group_works(case):
+    for result in _results(2, case):
+        assert all(status == "error" for status, _ in result["failed"]), result
+        assert max(result["fresh"]) <= TOL, result
+        assert result["refused"][0] == "error" and "reset()" in result["refused"][1], result
+        assert _right(result["after"]), result
 
 
 @pytest.mark.parametrize("case", _cases(2, "bad_input_unread"))
