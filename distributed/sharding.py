@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from moe_ops.configs import MoEConfig
-from moe_ops.fp8 import FP8_DTYPE, quantize_weight, scheme_of
+from moe_ops.fp8 import quantize_weight, scheme_of, wants_fp8
 from moe_ops.module import FusedMoE
 
 
@@ -57,16 +57,6 @@ def draw_replicated(config: MoEConfig, seed: int, dtype, device) -> dict:
     )
 
 
-def is_fp8(weight_dtype, dtype) -> bool:
-    """Whether ``weight_dtype`` asks for fp8 experts beside hidden ``dtype`` (None or
-    ``dtype``: float experts), as ``FusedMoE.from_config`` reads it."""
-    if weight_dtype is None or weight_dtype == dtype:
-        return False
-    if weight_dtype != FP8_DTYPE:
-        raise ValueError(f"weight_dtype must be None, dtype or torch.float8_e4m3fn, got {weight_dtype}")
-    return True
-
-
 def draw_experts(config: MoEConfig, seed: int, experts: range, dtype, device,
                  weight_dtype=None, scheme: str = "block") -> tuple:
     """(w_gate_up [n, 2I, H], w_down [n, H, I], w_gate_up_scale, w_down_scale) of the
@@ -79,7 +69,7 @@ def draw_experts(config: MoEConfig, seed: int, experts: range, dtype, device,
     for i, expert in enumerate(experts):
         w_gate_up[i] = _normal((2 * I, H), H ** -0.5, base + 2 * expert, dtype, device)
         w_down[i] = _normal((H, I), I ** -0.5, base + 2 * expert + 1, dtype, device)
-    if not is_fp8(weight_dtype, dtype):
+    if not wants_fp8(weight_dtype, dtype):
         return w_gate_up, w_down, None, None
     (w_gate_up, gate_up_scale), (w_down, down_scale) = (quantize_weight(w_gate_up, scheme),
                                                         quantize_weight(w_down, scheme))

@@ -59,6 +59,30 @@ def scale_shape(scheme: str, weight_shape) -> tuple[int, ...]:
     raise ValueError(f"fp8 scheme must be one of {SCHEMES}, got {scheme!r}")
 
 
+# The kernels' number for a weights' scheme (W_SCALE, the router kernel's QUANTIZE).
+SCHEME_CODES = {None: 0, "channel": 1, "block": 2}
+
+
+def wants_fp8(weight_dtype: torch.dtype | None, dtype: torch.dtype) -> bool:
+    """Whether ``weight_dtype`` asks for fp8 experts beside hidden ``dtype`` (None or
+    ``dtype``: float experts); ValueError for any other dtype."""
+    if weight_dtype is None or weight_dtype == dtype:
+        return False
+    if weight_dtype != FP8_DTYPE:
+        raise ValueError(f"weight_dtype must be None, dtype or torch.float8_e4m3fn, "
+                         f"got {weight_dtype}")
+    return True
+
+
+def empty_activations(rows: int, cols: int, scheme: str,
+                      device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (a8 e4m3 [rows, cols], float32 scale) for activations quantised for
+    ``scheme``'s weights: one scale per row ("channel") or per row per 128 columns ("block")."""
+    shape = (rows,) if scheme == "channel" else (rows, -(-cols // BLOCK))
+    return (torch.empty(rows, cols, dtype=FP8_DTYPE, device=device),
+            torch.empty(shape, dtype=torch.float32, device=device))
+
+
 def tile_key(dtype: torch.dtype, scheme: str | None) -> str:
     """The weights' name in the tile tables: the dtype's (``"bfloat16"``) or ``"fp8-block"``."""
     return f"fp8-{scheme}" if scheme else dtype_name(dtype)

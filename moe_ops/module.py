@@ -24,7 +24,7 @@ from torch import nn
 
 from .configs import MoEConfig, get_config
 from .eager_graphs import EagerGraphs
-from .fp8 import FP8_DTYPE, quantize_weight, scheme_of
+from .fp8 import quantize_weight, scheme_of, wants_fp8
 from .hf_blocks import read_block
 from .ops import fused_moe, plain_eager
 
@@ -89,10 +89,7 @@ class FusedMoE(nn.Module):
         """A randomly initialised layer of a named model config (``moe_ops.configs``);
         ``weight_dtype=torch.float8_e4m3fn`` quantises its experts with ``scheme``."""
         module = cls(get_config(name_or_config), dtype=dtype, device=device)
-        if weight_dtype is not None and weight_dtype != dtype:
-            if weight_dtype != FP8_DTYPE:
-                raise ValueError(f"weight_dtype must be None, dtype or torch.float8_e4m3fn, "
-                                 f"got {weight_dtype}")
+        if wants_fp8(weight_dtype, dtype):
             module.quantize_experts(scheme)
         return module
 

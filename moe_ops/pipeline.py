@@ -19,7 +19,7 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .dtypes import TRITON
-from .fp8 import FP8_DTYPE, fast_accumulation, scheme_of
+from .fp8 import SCHEME_CODES, empty_activations, fast_accumulation, scheme_of
 from .interpreter import BLOCKS, interpreter_active
 from .kernels.combine import combine_kernel
 from .kernels.grouped_gemm import grouped_gemm_kernel
@@ -100,24 +100,21 @@ def _weight_descriptor(gate_up: bool, w, tile: TileConfig):
     return TensorDescriptor(w, list(w.shape), list(w.stride()), [1, tile.BLOCK_N, tile.BLOCK_K])
 
 
-_W_SCALE = {None: 0, "channel": 1, "block": 2}
 
 
 def quantize_input(a: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(a8 e4m3 [R, K], scale): one scale per row for "channel" weights, one per row per
     128 columns for "block" ones (``kernels.quantize``, one launch)."""
     rows, k = a.shape
-    per_row = scheme == "channel"
-    a8 = torch.empty(rows, k, dtype=FP8_DTYPE, device=a.device)
-    scale = torch.empty((rows,) if per_row else (rows, triton.cdiv(k, 128)), dtype=torch.float32,
-                        device=a.device)
+    a8, scale = empty_activations(rows, k, scheme, a.device)
     # Fewer rows per program where rows are few, wider column steps to make up.
     spread = rows // BLOCKS.quantize_programs
     block_r = min(BLOCKS.quantize_rows, 1 << max(0, spread.bit_length() - 1))
     block_c = max(128, BLOCKS.quantize_tile // block_r)
     with stage_range("quantize"):
         quantize_kernel[(triton.cdiv(rows, block_r),)](
-            a, a8, scale, rows, k, a.stride(0), BLOCK_R=block_r, BLOCK_C=block_c, PER_ROW=per_row)
+            a, a8, scale, rows, k, a.stride(0), BLOCK_R=block_r, BLOCK_C=block_c,
+            PER_ROW=scheme == "channel")
     return a8, scale
 
 
@@ -145,7 +142,7 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
             H_DTYPE=None if h_dtype is None else TRITON[h_dtype],
             BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K,
             GROUP_M=tile.GROUP_M, EVEN_K=k % tile.BLOCK_K == 0, H_BLOCK_ORDER=h_block_order,
-            B_DESC=use_desc, W_SCALE=_W_SCALE[scheme_of(w_scale)], A_FP8=tile.A_FP8,
+            B_DESC=use_desc, W_SCALE=SCHEME_CODES[scheme_of(w_scale)], A_FP8=tile.A_FP8,
             FAST_ACC=fast_accumulation(),
             INTERPRETER=interpreter_active(),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
@@ -169,8 +166,7 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     if tiles.gate_up.A_FP8:
         x, x_scale = x_quantized or quantize_input(hidden_states, scheme)
     if tiles.h_fp8:
-        h = torch.empty(h_rows, inter, dtype=FP8_DTYPE, device=device)
-        h_scale = torch.empty(h_rows, triton.cdiv(inter, 128), dtype=torch.float32, device=device)
+        h, h_scale = empty_activations(h_rows, inter, scheme, device)
     else:
         h, h_scale = torch.empty(h_rows, inter, dtype=dtype, device=device), None
     _grouped_gemm(True, x, x_scale, w_gate_up, w_gate_up_scale, h, topk_weights, alignment,

@@ -29,7 +29,7 @@ import torch
 import triton
 
 from .dtypes import TRITON
-from .fp8 import FP8_DTYPE
+from .fp8 import SCHEME_CODES, empty_activations
 from .interpreter import BLOCKS, interpreter_active
 from .kernels.align import align_kernel, rank_kernel
 from .kernels.decode_route import router_partials_kernel, select_align_kernel
@@ -169,12 +169,8 @@ def _route_blocks(hidden_states, router_weight, routing: Routing, score_bias, wi
     topk_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
     topk_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
     ranks = _empty_ranks(num_tokens, num_experts, top_k, device) if with_ranks else None
-    quantized = None
-    if quantize is not None:
-        per_row = quantize == "channel"
-        scale_shape = (num_tokens,) if per_row else (num_tokens, triton.cdiv(hidden, 128))
-        quantized = (torch.empty(num_tokens, hidden, dtype=FP8_DTYPE, device=device),
-                     torch.empty(scale_shape, dtype=torch.float32, device=device))
+    quantized = (None if quantize is None
+                 else empty_activations(num_tokens, hidden, quantize, device))
     if num_tokens == 0:
         return topk_weights, topk_ids, ranks, quantized
     block_t = _rank_block_t(num_tokens, num_experts, top_k)  # the ranks' token blocks
@@ -192,7 +188,7 @@ def _route_blocks(hidden_states, router_weight, routing: Routing, score_bias, wi
             *(quantized or (topk_ids, topk_weights)),  # unread without quantisation
             num_tokens, hidden, float(routing.routed_scaling_factor),
             **selection, BLOCK_T=block_t, BLOCK_H=block_h, WRITE_RANKS=with_ranks,
-            QUANTIZE={None: 0, "channel": 1, "block": 2}[quantize],
+            QUANTIZE=SCHEME_CODES[quantize],
             QUANT_C=max(128, BLOCKS.quantize_tile // block_t),
             INTERPRETER=interpreter_active(), num_warps=8 if block_t >= 32 else 4,
         )

@@ -2,7 +2,8 @@
 
 Tables (``moe_ops.tile_table``, one JSON file per GPU) are written by ``tools/tune.py``.
 A lookup takes the entry of the same (stage, E, H, I, weights) whose T bucket is nearest
-in log scale, within 8x (weights: the dtype's name, or "fp8-block" / "fp8-channel"); anything not in a table falls back to ``heuristic_tile``.
+in log scale, within 8x (weights: the dtype's name, or "fp8-block" / "fp8-channel");
+anything not in a table falls back to ``heuristic_tile``.
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ class TileConfig:
     of pointer loads, where the weights' layout allows one (``descriptor_ok``).
     A_DESC (down tiles only) has gate_up write h in block order, so that down reads its
     A tiles through a descriptor instead of gathering rows by slot.
-    A_FP8 (fp8 weights only; BLOCK_K = 128 with block scales): A is quantised to e4m3 by
-    a launch before the GEMM and the dot runs in fp8; without it fp8 weights are widened
-    to A's dtype.
+    A_FP8 (fp8 weights only; BLOCK_K = 128 with block scales): A arrives in e4m3 (from a
+    quantisation launch, the router kernel or gate_up's epilogue, ``moe_ops.pipeline``)
+    and the dot runs in fp8; without it fp8 weights are widened to A's dtype.
     """
 
     BLOCK_M: int

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .casting import cast_rne
-from .quantize import scale_of_amax, to_e4m3
+from .quantize import quantize_groups
 
 
 @triton.jit
@@ -215,9 +215,7 @@ def grouped_gemm_kernel(
         # h in e4m3, one scale per row per 128 columns, of h as H_DTYPE would hold it (the
         # numbers kernels.quantize would make of it).
         GROUPS: tl.constexpr = BLOCK_N // 128
-        h = tl.reshape(cast_rne(acc, H_DTYPE, INTERPRETER).to(tl.float32), [BLOCK_M, GROUPS, 128])
-        scale = scale_of_amax(tl.max(tl.abs(h), axis=2))  # [BLOCK_M, GROUPS]
-        acc = tl.reshape(to_e4m3(h, scale[:, :, None]), [BLOCK_M, BLOCK_N])
+        acc, scale = quantize_groups(cast_rne(acc, H_DTYPE, INTERPRETER).to(tl.float32))
         group = pid_n * GROUPS + tl.arange(0, GROUPS)
         scale_rows = offs_m if H_BLOCK_ORDER else slots
         scale_mask = (group < tl.cdiv(N, 128))[None, :]

@@ -9,19 +9,21 @@ scales, which gate_up can write in e4m3 itself.
 with ``s = max(amax, 1e-10) / 448`` over the row or the group (``moe_ops.fp8`` does the
 same in torch). The float32 -> e4m3 rounding is done on the bits (``round_e4m3``): the
 Triton interpreter's own cast rounds wrongly, while its cast of an exact e4m3 value is
-right. ``scale_of_amax`` and ``to_e4m3`` also serve the grouped GEMM's gate_up epilogue
-when it writes h in e4m3 itself (block scales). Grid: cdiv(rows, BLOCK_R) programs of
-BLOCK_R rows; each walks K in BLOCK_C-column steps (a multiple of 128; twice per row
-with PER_ROW: the amax, then the values). The launcher trades rows for columns, so that
-a few wide rows (h of a large-I model) still spread over many programs. Layouts: src
-[rows, K] with row stride ``stride_src``, dst [rows, K] contiguous, scale [rows] or
+right. ``quantize_groups`` also serves the grouped GEMM's gate_up epilogue when it
+writes h in e4m3 itself (block scales). Grid: cdiv(rows, BLOCK_R) programs of BLOCK_R
+rows; each walks K in BLOCK_C-column steps (a multiple of 128; twice per row with
+PER_ROW: the amax, then the values). The launcher trades rows for columns, so that a few
+wide rows (h of a large-I model) still spread over many programs. Layouts: src [rows, K]
+with row stride ``stride_src``, dst [rows, K] contiguous, scale [rows] or
 [rows, cdiv(K, 128)].
 """
 import triton
 import triton.language as tl
 
-FP8_MAX = tl.constexpr(448.0)
-AMAX_FLOOR = tl.constexpr(1e-10)
+from .. import fp8
+
+FP8_MAX = tl.constexpr(fp8.FP8_MAX)
+AMAX_FLOOR = tl.constexpr(fp8.AMAX_FLOOR)
 
 
 @triton.jit
@@ -51,6 +53,17 @@ def to_e4m3(a, s):
 
 
 @triton.jit
+def quantize_groups(a):
+    """float32 a [R, C] (C a multiple of 128) with one scale per row per 128 columns:
+    (e4m3 [R, C], float32 scales [R, C // 128])."""
+    R: tl.constexpr = a.shape[0]
+    C: tl.constexpr = a.shape[1]
+    groups = tl.reshape(a, [R, C // 128, 128])
+    scale = scale_of_amax(tl.max(tl.abs(groups), axis=2))
+    return tl.reshape(to_e4m3(groups, scale[:, :, None]), [R, C]), scale
+
+
+@triton.jit
 def quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, row_mask, K, stride_src,
                   BLOCK_C: tl.constexpr, PER_ROW: tl.constexpr):
     """Quantise the rows ``rows`` (a [BLOCK_R] tile, ``row_mask`` the real ones) as the
@@ -77,10 +90,8 @@ def quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, row_mask, K, stride_src,
         offs_g = tl.arange(0, GROUPS)
         for k0 in range(0, K, BLOCK_C):
             mask = row_mask[:, None] & ((k0 + cols) < K)[None, :]
-            a = tl.reshape(tl.load(src + k0, mask=mask, other=0.0).to(tl.float32),
-                           [BLOCK_R, GROUPS, 128])
-            s = scale_of_amax(tl.max(tl.abs(a), axis=2))  # [BLOCK_R, GROUPS]
-            tl.store(dst + k0, tl.reshape(to_e4m3(a, s[:, :, None]), [BLOCK_R, BLOCK_C]), mask=mask)
+            q, s = quantize_groups(tl.load(src + k0, mask=mask, other=0.0).to(tl.float32))
+            tl.store(dst + k0, q, mask=mask)
             g = k0 // 128 + offs_g
             tl.store(scale_ptr + rows.to(tl.int64)[:, None] * groups + g[None, :], s,
                      mask=row_mask[:, None] & (g < groups)[None, :])
