@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 import moe_ops
+import moe_ops.pipeline as pipeline
 from moe_ops import FusedMoE
 from moe_ops.fp8 import (FP8_DTYPE, dequantize_weight, quantize_activations, quantize_weight,
                          scale_shape)
@@ -34,6 +35,16 @@ def fp8_inputs(scheme, device, num_tokens, num_experts, top_k, hidden, inter):
     gate_up8, gate_up_scale = quantize_weight(w_gate_up, scheme)
     down8, down_scale = quantize_weight(w_down, scheme)
     return x, topk_weights, topk_ids, (gate_up8, down8, gate_up_scale, down_scale)
+
+
+def quantise_launches(monkeypatch) -> list:
+    """The inputs of every quantisation launch the pipeline makes from now on (recorded,
+    then quantised as before)."""
+    inputs = []
+    quantize = pipeline.quantize_input
+    monkeypatch.setattr(pipeline, "quantize_input",
+                        lambda a, scheme: inputs.append(a) or quantize(a, scheme))
+    return inputs
 
 
 def check_against_references(out, x, topk_weights, topk_ids, fp8_weights, fp8_activations):
@@ -112,8 +123,6 @@ def test_gate_up_writes_block_fp8_h(a_desc, device, monkeypatch):
     """Block weights with fp8 activations for down and a 128-wide gate_up tile: gate_up
     writes h in e4m3 with its scales (one quantisation launch, for x, instead of two),
     h in slot order and in block order (A_DESC), inter not a multiple of 128."""
-    import moe_ops.pipeline as pipeline
-
     shape = dict(SHAPES, inter=SHAPES["inter"] + 64)  # a partial last 128-column group
     x, topk_weights, topk_ids, fp8_weights = fp8_inputs("block", device, **shape)
     gate_up = TileConfig(16, 128, 128, 1, 4, 3, A_FP8=True)
@@ -121,9 +130,7 @@ def test_gate_up_writes_block_fp8_h(a_desc, device, monkeypatch):
     tiles = pipeline.expert_tiles(x.shape[0], shape["num_experts"], shape["hidden"], shape["inter"],
                                   shape["top_k"], x.dtype, x.device, gate_up, down, "block")
     assert tiles.h_fp8 and tiles.h_block_order == a_desc
-    launches = []
-    quantize = pipeline.quantize_input
-    monkeypatch.setattr(pipeline, "quantize_input", lambda *a: launches.append(1) or quantize(*a))
+    launches = quantise_launches(monkeypatch)
     out = fused_experts_impl(x, topk_weights, topk_ids, fp8_weights[0], fp8_weights[1], gate_up,
                              down, w_gate_up_scale=fp8_weights[2], w_down_scale=fp8_weights[3])
     assert len(launches) == 1
@@ -300,7 +307,6 @@ def test_fp8_tiles_are_checked(device):
 def test_router_kernel_quantises_x(scheme, device, monkeypatch):
     """fused_moe with fp8 activations for gate_up, past the decode path: the router kernel
     writes x in e4m3 (no quantisation launch for x), bit for bit what the launch makes."""
-    import moe_ops.pipeline as pipeline
     from moe_ops.routing import DECODE_MAX_T, Routing, route_and_quantize
 
     x, router, fp8_weights, routing = deepseek_like(device, scheme)
@@ -312,9 +318,7 @@ def test_router_kernel_quantises_x(scheme, device, monkeypatch):
     assert torch.equal(x8.view(torch.uint8), launched[0].view(torch.uint8))
     assert torch.equal(scale, launched[1])
 
-    inputs = []
-    quantize = pipeline.quantize_input
-    monkeypatch.setattr(pipeline, "quantize_input", lambda a, s: inputs.append(a) or quantize(a, s))
+    inputs = quantise_launches(monkeypatch)
     tile = TileConfig(16, 64, 128, 1, 4, 3, A_FP8=True)
     monkeypatch.setattr(pipeline, "get_tile_config", lambda *args: tile)
     pipeline.expert_tiles.cache_clear()
