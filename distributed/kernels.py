@@ -40,7 +40,8 @@ tokens (``counts[d]`` of them, blocks of ``counts[e] + HEADER_ROWS`` rows in ran
 Signal kernels of the NVLink transport (one program each; GPU only). Flags and the
 64-bit epoch live in device memory so that a CUDA-graph replay signals the replay's epoch:
 
-    bump_epoch_kernel   epoch += 1 and the layer's call count (once per forward)
+    bump_epoch_kernel   epoch += 1 and the layer's call count (once per forward); a
+                        failed workspace poisons the forward
     put_flag_kernel     the header [MAGIC, layer, count, status] into the peer's header
                         slot, then peer_flag <- epoch (or FLAG_FAILED), release at system
                         scope, after the data
@@ -85,6 +86,8 @@ _EXHAUSTED: tl.constexpr = tl.constexpr(P.EXHAUSTED)
 _TIMEOUT: tl.constexpr = tl.constexpr(P.TIMEOUT)
 _OTHER_EPOCH: tl.constexpr = tl.constexpr(P.OTHER_EPOCH)
 _EPOCH: tl.constexpr = tl.constexpr(P.EPOCH)
+_SHARED: tl.constexpr = tl.constexpr(P.SHARED)
+_STATE_WORDS: tl.constexpr = tl.constexpr(P.STATE_WORDS)
 _FLAG_FAILED: tl.constexpr = tl.constexpr(P.FLAG_FAILED)
 _HEADER_WORDS: tl.constexpr = tl.constexpr(P.HEADER_WORDS)
 
@@ -334,20 +337,22 @@ def _device_clock(HIP: tl.constexpr):
 @triton.jit
 def bump_epoch_kernel(epoch_ptr, failed_ptr, state_ptr):
     """A new forward: the workspace's epoch and the layer's call count (never past
-    2**63 - 1); the forward starts poisoned if the workspace or the layer failed."""
+    2**63 - 1); the forward starts poisoned if the workspace or the layer failed, and a
+    layer that had not failed records SHARED (the workspace failed in another layer)."""
     tl.store(epoch_ptr, tl.load(epoch_ptr) + 1)
     count = tl.load(state_ptr + _COUNT)
     code = tl.load(state_ptr + _CODE)
     sticky = tl.load(state_ptr + _STICKY)
     exhausted = count == _INT64_MAX
     count = tl.where(exhausted, count, count + 1)
-    record = exhausted & ((code == 0) | (sticky == 0))
-    tl.store(state_ptr + _CODE, tl.where(record, _EXHAUSTED, code))
+    shared = (tl.load(failed_ptr) != 0) & (exhausted == 0)
+    record = (exhausted | shared) & ((code == 0) | (sticky == 0))
+    tl.store(state_ptr + _CODE, tl.where(record, tl.where(exhausted, _EXHAUSTED, _SHARED), code))
     tl.store(state_ptr + _CALL, tl.where(record, count, tl.load(state_ptr + _CALL)))
-    sticky = tl.where(exhausted, 1, sticky)
+    sticky = tl.where(exhausted | shared, 1, sticky)
     tl.store(state_ptr + _COUNT, count)
     tl.store(state_ptr + _STICKY, sticky)
-    tl.store(state_ptr + _POISON, tl.where(tl.load(failed_ptr) != 0, 1, sticky))
+    tl.store(state_ptr + _POISON, sticky)
 
 
 @triton.jit
@@ -369,8 +374,9 @@ def put_flag_kernel(epoch_ptr, failed_ptr, state_ptr, peer_header_ptr, peer_flag
 
 
 @triton.jit
-def wait_flags_kernel(epoch_ptr, flags_ptr, headers_ptr, failed_ptr, state_ptr, layer_id,
-                      self_rank, timeout_ticks, phase, WORLD: tl.constexpr, HIP: tl.constexpr):
+def wait_flags_kernel(epoch_ptr, flags_ptr, headers_ptr, failed_ptr, record_ptr, state_ptr,
+                      layer_id, self_rank, timeout_ticks, phase, WORLD: tl.constexpr,
+                      HIP: tl.constexpr):
     """Spin (acquire, system scope) until flags[src] == epoch for every peer src, then
     check src's header (headers [WORLD, HEADER_WORDS]) against this call as
     ``check_headers_kernel`` does. Ends early when the workspace already failed (a queued
@@ -378,7 +384,8 @@ def wait_flags_kernel(epoch_ptr, flags_ptr, headers_ptr, failed_ptr, state_ptr, 
     epoch (the ranks' calls differ) or timeout_ticks of the device clock
     (``_device_clock``). The layer's state records the first failure and poisons the
     forward; a sticky one (any but a peer's rejected input or exception) also fails the
-    workspace (failed <- 1)."""
+    workspace (failed <- 1) and, the first time, is copied with layer_id into the
+    workspace's record [RECORD_WORDS]."""
     epoch = tl.load(epoch_ptr)
     expected = tl.load(state_ptr + _COUNT)
     start = _device_clock(HIP)
@@ -422,5 +429,9 @@ def wait_flags_kernel(epoch_ptr, flags_ptr, headers_ptr, failed_ptr, state_ptr, 
                                                    tl.load(state_ptr + _POISON)))
             if new_sticky:  # the ranks are out of step: the workspace fails
                 tl.store(failed_ptr, 1)
+                if tl.load(record_ptr + _CODE) == 0:
+                    for word in tl.static_range(_STATE_WORDS):
+                        tl.store(record_ptr + word, tl.load(state_ptr + word))
+                    tl.store(record_ptr + _STATE_WORDS, tl.full([], layer_id, tl.int64))
     tl.store(state_ptr + _POISON, tl.where(tl.load(failed_ptr, volatile=True) != 0, 1,
                                            tl.load(state_ptr + _POISON)))

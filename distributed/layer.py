@@ -263,7 +263,8 @@ class ExpertParallelMoE(nn.Module):
             raise P.ExpertParallelError(self._failed)
         if values[P.CODE]:
             P.clear_reported(self.protocol_state)
-            raise P.failure(values, self.layer_id, self.rank)
+            record = self.transport.failure_record() if values[P.CODE] == P.SHARED else None
+            raise P.failure(values, self.layer_id, self.rank, record=record)
 
     def reset(self) -> None:
         """Make a failed layer usable again. Collective: every rank of the group calls it

@@ -17,7 +17,8 @@ dtype), one set of buffers on every rank (W ranks, capacity C):
                                   FLAG_FAILED when rank s failed
     local      send_x [W, C, H], send_ids, send_weights: the packed blocks
                epoch int64 (bumped on the device by every forward of the workspace),
-               failed int64 (sticky until ``reset``)
+               failed int64 (sticky until ``reset``), record [RECORD_WORDS] int64 (the
+               first failure's state and layer id, ``protocol``)
 
 One forward: ``begin`` bumps the epoch and the layer's call count; ``dispatch`` makes
 the side stream wait for the packed blocks, push block d into rank d's ``recv_*[rank]``
@@ -35,8 +36,10 @@ ranks called the workspace's layers differently), or after ``timeout`` seconds o
 GPU's global clock; the workspace is then failed, the layer's state records why and
 poisons the output (NaN; ``layer.check()`` raises), every later wait ends at once and
 every later flag this rank raises is FLAG_FAILED, so its peers fail instead of waiting
-or reading stale rows. An exception inside a forward fails the workspace and raises the
-flags it had not raised. ``reset`` (collective) zeroes flags, epoch and failure.
+or reading stale rows. The other layers of the workspace then record SHARED at their next
+forward, and their ``check()`` quotes the first failure. An exception inside a forward
+fails the workspace and raises the flags it had not raised. ``reset`` (collective)
+zeroes flags, epoch, failure and record.
 
 Buffers are safe to reuse with one set: a rank pushes forward n+1 only after its combine
 wait of forward n (the side stream waits for the main stream), which the peer signalled
@@ -111,6 +114,7 @@ class _Workspace:
         self.slot = _Slot(group, rank, world, capacity, hidden, top_k, dtype, device)
         self.epoch = torch.zeros(1, dtype=torch.int64, device=device)
         self.failed = torch.zeros(1, dtype=torch.int64, device=device)
+        self.record = torch.zeros(P.RECORD_WORDS, dtype=torch.int64, device=device)
         self.scratch_state = P.new_state(device)  # for transport calls outside a layer
         self.side = torch.cuda.Stream(device=device)
         self.order = StreamOrder()
@@ -198,7 +202,7 @@ class NVLinkTransport(Transport):
         with stage_range(stage):
             wait_flags_kernel[(1,)](ws.epoch, self.slot.local["flags"][flag_row],
                                     self.slot.local["headers"][flag_row], ws.failed,
-                                    self._state(call), self._identity(call)[0], self.rank,
+                                    ws.record, self._state(call), self._identity(call)[0], self.rank,
                                     self.timeout_ticks,
                                     P.DISPATCH if flag_row == 0 else P.COMBINE,
                                     WORLD=self.world_size, HIP=self.hip)
@@ -235,6 +239,9 @@ class NVLinkTransport(Transport):
             return
         ws.failed.fill_(1)
         P.record_local(call.state, P.RAISED, int(call.state[P.COUNT]), P.DISPATCH)
+        if not int(ws.record[P.CODE]):
+            ws.record[:P.STATE_WORDS] = call.state
+            ws.record[P.RECORD_LAYER] = call.layer_id
         ws.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(ws.side):
             for row, name in ((0, "dispatch"), (1, "back")):
@@ -242,6 +249,11 @@ class NVLinkTransport(Transport):
                     for bufs in self.slot.peers.values():
                         self._signal(bufs, row, call)
         torch.cuda.current_stream().wait_stream(ws.side)
+
+    def failure_record(self) -> list[int]:
+        """The workspace's first failure (``protocol.RECORD_WORDS`` ints; zeros: none).
+        A host sync."""
+        return self.workspace.record.tolist()
 
     def reset(self) -> None:
         """Collective: once every rank's queued work is done, zero the flags, the epoch and
@@ -253,6 +265,7 @@ class NVLinkTransport(Transport):
         self.slot.local["headers"].zero_()
         ws.epoch.zero_()
         ws.failed.zero_()
+        ws.record.zero_()
         torch.cuda.synchronize()
         dist.barrier(group=self.group)
 

@@ -47,7 +47,10 @@ exchange: mismatches are symmetric and a failing rank tells all its peers)
 The ``nvlink`` transport writes the same header into a slot beside each flag it raises
 (``nvlink``) and checks it in the flag wait, with the same verdicts; its flag waits
 (exact 64-bit epochs, a time-out on the GPU clock, a failure flag value) record their own
-failures in the same state, as sticky failures of the workspace.
+failures in the same state, as sticky failures of the workspace. The layers of one shape
+share a workspace: the first sticky failure is also copied into the workspace's record,
+and every later forward of another layer on it records SHARED, whose message quotes that
+record (so every poisoned forward's ``check()`` raises with the cause).
 """
 from __future__ import annotations
 
@@ -69,10 +72,15 @@ STATUS_NAMES = {OK: "ok", INPUT: "rejected its input", FAILED: "raised inside th
 NONE, OTHER_LAYER, OTHER_CALL, NO_HEADER, PEER_STATUS, EXHAUSTED, TIMEOUT, TRANSPORT = range(8)
 OTHER_EPOCH = 8  # nvlink: a peer's flag is from a later exchange of the shared workspace
 RAISED = 9  # nvlink: this rank raised inside a forward; its workspace failed
+SHARED = 10  # nvlink: the workspace failed in a forward of another layer sharing it
 
 # The state: int64 words in device memory, one tensor per layer.
 COUNT, POISON, CODE, PEER, CALL, GOT_LAYER, GOT_COUNT, GOT_STATUS, PHASE, STICKY, EPOCH = range(11)
 STATE_WORDS = 11
+# nvlink: the workspace's failure record, the state of the forward that failed it first
+# followed by that layer's id.
+RECORD_LAYER = STATE_WORDS
+RECORD_WORDS = STATE_WORDS + 1
 FLAG_FAILED = -1  # nvlink: the flag value of a rank whose workspace failed
 
 # Phases (state[PHASE]).
@@ -124,8 +132,10 @@ def is_sticky(values: list[int]) -> bool:
     return bool(values[STICKY])
 
 
-def describe(values: list[int], layer_id: int, rank: int) -> str:
-    """The reason recorded in a state (as a list of ints), naming both sides."""
+def describe(values: list[int], layer_id: int, rank: int, record: list[int] | None = None
+             ) -> str:
+    """The reason recorded in a state (as a list of ints), naming both sides; ``record``:
+    the failure record of the layer's NVLink workspace (for SHARED)."""
     code, peer, call, phase = values[CODE], values[PEER], values[CALL], values[PHASE]
     here = f"rank {rank} ran call {call} of layer {layer_id}"
     where = PHASE_NAMES.get(phase, "exchange")
@@ -158,15 +168,20 @@ def describe(values: list[int], layer_id: int, rank: int) -> str:
                 f"the layers sharing the workspace (one shape) differently")
     if code == RAISED:
         return f"rank {rank} raised inside call {call} of layer {layer_id}; its NVLink workspace failed"
+    if code == SHARED:
+        cause = (describe(record[:STATE_WORDS], record[RECORD_LAYER], rank)
+                 if record and record[CODE] and record[CODE] != SHARED else "not recorded")
+        return (f"{here}; the NVLink workspace it shares with the layers of its shape had "
+                f"failed in another layer's forward: {cause}")
     if code == TRANSPORT:
         return f"{here}; the process group failed during the {where}"
     return f"{here}; unknown failure code {code}"
 
 
-def failure(values: list[int], layer_id: int, rank: int, sticky_note: bool = True
-            ) -> ExpertParallelError:
-    """The exception for a recorded failure."""
-    message = f"ExpertParallelMoE: {describe(values, layer_id, rank)}"
+def failure(values: list[int], layer_id: int, rank: int, sticky_note: bool = True,
+            record: list[int] | None = None) -> ExpertParallelError:
+    """The exception for a recorded failure (``record``: as in ``describe``)."""
+    message = f"ExpertParallelMoE: {describe(values, layer_id, rank, record)}"
     if is_sticky(values) and sticky_note:
         message += ("; the layer stays failed (NaN outputs) until layer.reset() is called "
                     "on every rank")

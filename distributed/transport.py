@@ -15,6 +15,7 @@ only these steps, in this order per forward (``call`` is the forward's ``protoco
     abort(call, hidden, top_k, dtype, device)   after a failure on this rank: finish the
                                                 forward's exchanges carrying its status
     reset()                     collective: drain what failed forwards left (``layer.reset``)
+    failure_record()            what failed a buffer set shared by several layers (or None)
 
 ``send_rows[d]`` rows go to rank d and ``recv_rows[s]`` come from rank s, blocks in rank
 order; each block is its tokens followed by ``header_rows`` rows of protocol header
@@ -75,3 +76,8 @@ class Transport(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Collective: make the transport usable again after a failed forward."""
+
+    def failure_record(self) -> list[int] | None:
+        """The first failure of state shared by several layers (``protocol.SHARED``
+        quotes it); None where layers share none."""
+        return None

@@ -3,6 +3,12 @@
 On a machine with at least W GPUs (and no interpreter) the group is NCCL, one GPU per
 rank; elsewhere gloo on the CPU with the Triton interpreter. Every run has a deadline:
 a rank that has not reported by then counts as hung and every process is killed.
+
+``TRITONMOE_TEST_SHARED_GPU=1`` puts every rank on cuda:0 of a one-GPU machine, over
+gloo, with symmetric memory allowed on one device: the nvlink transport's protocol
+(flags, headers, time-outs, graphs) then runs compiled on a real GPU, its ranks
+time-sliced (correctness only: no NVLink, no speed). Select the nvlink tests
+(``-k nvlink``): the others expect NCCL.
 """
 from __future__ import annotations
 
@@ -24,14 +30,23 @@ NO_MULTICAST = {"TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NCCL_NVLS_ENABLE": "0"
                 "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+def shared_gpu() -> bool:
+    return os.environ.get("TRITONMOE_TEST_SHARED_GPU", "0") not in ("", "0")
+
+
 def use_gpus(world_size: int) -> bool:
-    return not interpreter_active() and torch.cuda.is_available() and torch.cuda.device_count() >= world_size
+    return (not interpreter_active() and torch.cuda.is_available()
+            and (shared_gpu() or torch.cuda.device_count() >= world_size))
 
 
 def _worker(rank, world_size, fn, args, init_file, results, group_timeout_s):
     os.environ.update(NO_MULTICAST)
     try:
-        if use_gpus(world_size):
+        if use_gpus(world_size) and shared_gpu():
+            os.environ["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] = "1"
+            torch.cuda.set_device(0)
+            backend, device = "gloo", torch.device("cuda", 0)
+        elif use_gpus(world_size):
             torch.cuda.set_device(rank)
             backend, device = "nccl", torch.device("cuda", rank)
         else:

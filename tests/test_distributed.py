@@ -7,6 +7,7 @@ tests run with NCCL (and the nvlink transport where marked), in bf16 too. Every 
 a deadline: a hang fails the test.
 """
 import os
+import re
 from dataclasses import replace
 
 import pytest
@@ -397,8 +398,8 @@ flags = dict(epoch_ptr="*i64", failed_ptr="*i64")
 build(K.bump_epoch_kernel, dict(flags, state_ptr="*i64"))
 build(K.put_flag_kernel, dict(flags, state_ptr="*i64", peer_header_ptr="*i64",
       peer_flag_ptr="*i64", layer_id="i32", status="i32"))
-build(K.wait_flags_kernel, dict(flags, flags_ptr="*i64", headers_ptr="*i64", state_ptr="*i64",
-      layer_id="i32", self_rank="i32", timeout_ticks="i64", phase="i32"), WORLD=2, HIP=False)
+build(K.wait_flags_kernel, dict(flags, flags_ptr="*i64", headers_ptr="*i64",
+      record_ptr="*i64", state_ptr="*i64", layer_id="i32", self_rank="i32", timeout_ticks="i64", phase="i32"), WORLD=2, HIP=False)
 """
 
 
@@ -575,10 +576,22 @@ def test_gpu_nvlink_timeout_poisons_both_ranks_and_reset_recovers():
     assert_all_ok(run_on_ranks(nvlink_failure_scenario, 2, _seed()))
 
 
+def _check_raises(layer, pattern):
+    """layer.check() raises an error matching ``pattern``; the failure shows the state."""
+    values = layer.protocol_state.tolist()
+    try:
+        layer.check()
+    except RuntimeError as error:
+        assert re.search(pattern, str(error)), f"{error} (state {values})"
+    else:
+        raise AssertionError(f"check() did not raise; state {values}")
+
+
 def nvlink_header_scenario(rank, world, device, seed):
     """nvlink carries each forward's header (item 1): two layers of one shape (one
     workspace) called in different orders make both outputs NaN and check() name the
-    other rank's layer on every rank (reset() recovers); a rank that rejects its input
+    other rank's layer on every rank, the layer that saw it directly and the other one
+    quoting the workspace's record (reset() recovers); a rank that rejects its input
     raises it, its peer's output is NaN and check() names that rank, and the next
     forwards are right without a reset."""
     from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
@@ -601,8 +614,7 @@ def nvlink_header_scenario(rank, world, device, seed):
         outs = [layers[i](x) for i in order]
         assert all(bool(out.isnan().all()) for out in outs)
         for layer in layers:
-            with pytest.raises(RuntimeError, match=f"while rank {1 - rank} ran call"):
-                layer.check()
+            _check_raises(layer, f"while rank {1 - rank} ran call")
         for layer in layers:
             layer.reset()
         lockstep()

@@ -568,3 +568,29 @@ def test_both_transports_implement_the_declared_interface():
         assert issubclass(transport, Transport) and not inspect.isabstract(transport)
     with pytest.raises(ValueError, match="needs max_tokens_per_rank"):
         NVLinkTransport.exchange_counts(object.__new__(NVLinkTransport), None, None)
+
+
+def test_a_failed_nvlink_workspace_poisons_its_other_layers_and_says_why():
+    """The layers of one shape share an NVLink workspace: once it failed, the next forward
+    of a layer that had not failed records SHARED (sticky, poisoned) at its epoch bump
+    (interpreter), and its check() message quotes the workspace's first failure."""
+    from moe_ops.distributed import protocol as P
+    from moe_ops.distributed.kernels import bump_epoch_kernel
+
+    for failed in (0, 1):
+        epoch = torch.tensor([5])
+        state = P.new_state("cpu")
+        state[P.COUNT] = 7
+        bump_epoch_kernel[(1,)](epoch, torch.tensor([failed]), state)
+        values = state.tolist()
+        assert int(epoch) == 6 and values[P.COUNT] == 8
+        expected = (P.SHARED, 8, 1, 1) if failed else (P.NONE, 0, 0, 0)
+        assert (values[P.CODE], values[P.CALL], values[P.STICKY], values[P.POISON]) == expected
+    record = [0] * P.RECORD_WORDS
+    record[P.CODE], record[P.PEER], record[P.CALL], record[P.PHASE] = (
+        P.OTHER_LAYER, 1, 3, P.DISPATCH)
+    record[P.GOT_LAYER], record[P.GOT_COUNT], record[P.RECORD_LAYER] = 12, 3, 11
+    message = str(P.failure(values, 14, 0, record=record))
+    assert "rank 0 ran call 8 of layer 14" in message
+    assert "rank 0 ran call 3 of layer 11 while rank 1 ran call 3 of layer 12" in message
+    assert "reset()" in message
