@@ -388,8 +388,10 @@ class ExpertParallelMoE(nn.Module):
         shared = shared_expert_output(x, self.shared_gate_up, self.shared_down, self.shared_gate)
 
         recv_x, recv_ids, recv_weights = transport.receive(pending, call=call)
+        # Rows past each source's tokens are unrouted: tiles for the tokens this rank
+        # expects (about its own T), those rows' partials never written.
         partials = fused_experts_impl(recv_x, recv_weights, recv_ids, self.w_gate_up, self.w_down,
-                                      **scales)
+                                      **scales, tile_tokens=max(T, 1), skip_unrouted=True)
         back_filled = [0 if overlap and d == r else rows for d, rows in enumerate(recv_rows)]
         back = transport.receive_back(
             transport.send_back(partials, send_rows, recv_rows, back_filled, call=call), call=call)

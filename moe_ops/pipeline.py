@@ -25,7 +25,7 @@ from .kernels.combine import combine_kernel
 from .kernels.grouped_gemm import grouped_gemm_kernel
 from .kernels.quantize import quantize_kernel
 from .profiling import stage_range
-from .routing import Alignment, Routing, align_ids, route_and_quantize
+from .routing import Alignment, Routing, align_ids, max_blocks_for, route_and_quantize
 from .tiles import TileConfig, get_tile_config
 
 
@@ -120,13 +120,15 @@ def quantize_input(a: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Te
 
 def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alignment: Alignment,
                   num_slots, rows_per_slot_div, n, k, tile: TileConfig, h_block_order: bool,
-                  out_scale=None, h_dtype=None):
+                  out_scale=None, h_dtype=None, grid_blocks=None):
     """One ``grouped_gemm_kernel`` launch (the gate_up stage or the down stage); ``w_scale``
     None for float weights, else fp8 ``w``'s scales (``moe_ops.fp8``); ``a_scale`` those of
     an e4m3 ``a`` (tiles with A_FP8), else None. ``out_scale``: gate_up writes e4m3 h
-    and its block scales there, from h as ``h_dtype`` would hold it."""
+    and its block scales there, from h as ``h_dtype`` would hold it. ``grid_blocks``:
+    blocks the grid covers (each program strides over the rest), default all."""
     sorted_slots, block_expert, num_blocks, max_blocks = alignment
-    grid = (max_blocks * triton.cdiv(n, tile.BLOCK_N),)
+    grid_blocks = min(grid_blocks or max_blocks, max_blocks)
+    grid = (grid_blocks * triton.cdiv(n, tile.BLOCK_N),)
     use_desc = tile.B_DESC and descriptor_ok(w)
     w_desc = _weight_descriptor(gate_up, w, tile) if use_desc else None
     a_desc = (TensorDescriptor(a, list(a.shape), list(a.stride()), [tile.BLOCK_M, tile.BLOCK_K])
@@ -134,7 +136,7 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
     with stage_range("gate_up" if gate_up else "down"):
         grouped_gemm_kernel[grid](
             a, a_desc, a_scale, w, w_desc, w_scale, out, out_scale, topk_weights, sorted_slots,
-            block_expert, num_blocks, n, k, num_slots, rows_per_slot_div, max_blocks,
+            block_expert, num_blocks, n, k, num_slots, rows_per_slot_div, grid_blocks,
             a.stride(0), 0 if a_scale is None else a_scale.stride(0), w.stride(0), w.stride(1),
             0 if w_scale is None else w_scale.stride(0), 0 if w_scale is None else w_scale.stride(1),
             out.stride(0), 0 if out_scale is None else out_scale.stride(0),
@@ -143,18 +145,21 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
             BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K,
             GROUP_M=tile.GROUP_M, EVEN_K=k % tile.BLOCK_K == 0, H_BLOCK_ORDER=h_block_order,
             B_DESC=use_desc, W_SCALE=SCHEME_CODES[scheme_of(w_scale)], A_FP8=tile.A_FP8,
-            FAST_ACC=fast_accumulation(),
+            FAST_ACC=fast_accumulation(), LOOP_M=grid_blocks < max_blocks,
             INTERPRETER=interpreter_active(),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
 
 def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: ExpertTiles,
-            alignment: Alignment, w_gate_up_scale=None, w_down_scale=None, x_quantized=None):
+            alignment: Alignment, w_gate_up_scale=None, w_down_scale=None, x_quantized=None,
+            skip_unrouted: bool = False, grid_blocks: int | None = None):
     """gate_up -> down -> combine over an alignment: out [T, H]. A stage whose tile has
     A_FP8 reads its input quantised by one launch before it (``quantize_input``), except
     down's when gate_up writes h in e4m3 itself (``ExpertTiles.h_fp8``) and gate_up's when
-    the router already quantised x (``x_quantized``: (x8, scale))."""
+    the router already quantised x (``x_quantized``: (x8, scale)). ``skip_unrouted``:
+    rows of out whose ids are all outside [0, E) are left unwritten instead of zeroed;
+    ``grid_blocks``: blocks the GEMM grids cover (``_grouped_gemm``)."""
     num_tokens, hidden = hidden_states.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     num_slots = topk_ids.numel()
@@ -171,17 +176,19 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
         h, h_scale = torch.empty(h_rows, inter, dtype=dtype, device=device), None
     _grouped_gemm(True, x, x_scale, w_gate_up, w_gate_up_scale, h, topk_weights, alignment,
                   num_slots, top_k, inter, hidden, tiles.gate_up, tiles.h_block_order,
-                  h_scale if tiles.h_fp8 else None, dtype if tiles.h_fp8 else None)
+                  h_scale if tiles.h_fp8 else None, dtype if tiles.h_fp8 else None, grid_blocks)
     if tiles.down.A_FP8 and not tiles.h_fp8:
         h, h_scale = quantize_input(h, scheme)
     y = torch.empty(num_slots, hidden, dtype=dtype, device=device)
     _grouped_gemm(False, h, h_scale, w_down, w_down_scale, y, topk_weights, alignment, num_slots,
-                  1, hidden, inter, tiles.down, tiles.h_block_order)
+                  1, hidden, inter, tiles.down, tiles.h_block_order, grid_blocks=grid_blocks)
     out = torch.empty_like(hidden_states)
+    column_programs = 1 if skip_unrouted else triton.cdiv(hidden, BLOCKS.combine_h)
     with stage_range("combine"):
-        combine_kernel[(triton.cdiv(num_tokens, BLOCKS.combine_t), triton.cdiv(hidden, BLOCKS.combine_h))](
+        combine_kernel[(triton.cdiv(num_tokens, BLOCKS.combine_t), column_programs)](
             y, topk_ids, out, num_tokens, hidden,
-            NUM_EXPERTS=num_experts, TOP_K=top_k, BLOCK_T=BLOCKS.combine_t,
+            NUM_EXPERTS=num_experts, TOP_K=top_k, SKIP_UNROUTED=skip_unrouted,
+            K_PAD=triton.next_power_of_2(top_k), BLOCK_T=BLOCKS.combine_t,
             BLOCK_H=BLOCKS.combine_h, INTERPRETER=interpreter_active(),
         )
     return out
@@ -190,22 +197,28 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
 def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
                        gate_up_tile: TileConfig | None = None,
                        down_tile: TileConfig | None = None,
-                       w_gate_up_scale=None, w_down_scale=None):
+                       w_gate_up_scale=None, w_down_scale=None, tile_tokens: int | None = None,
+                       skip_unrouted: bool = False):
     """align -> gate_up -> down -> combine of given routing (four or five launches).
 
     Contiguous hidden_states [T, H], fp32 topk_weights and int32 topk_ids [T, K]; fp8
     weights come with their scales. Tiles default to the lookup in ``moe_ops.tiles``
-    (the tuner passes its candidates)."""
+    for T tokens (the tuner passes its candidates). An expert-parallel rank's receive
+    buffer has rows for its capacity, mostly unrouted: it passes the token count it
+    expects (``tile_tokens``: tiles and GEMM grids sized for that many, any more still
+    computed) and ``skip_unrouted`` (see ``experts``)."""
     num_tokens, hidden = hidden_states.shape
     if num_tokens == 0:
         return torch.empty_like(hidden_states)
     num_experts, inter = w_down.shape[0], w_down.shape[2]
-    tiles = expert_tiles(num_tokens, num_experts, hidden, inter, topk_ids.shape[1],
-                         hidden_states.dtype, hidden_states.device, gate_up_tile, down_tile,
-                         scheme_of(w_gate_up_scale))
+    top_k = topk_ids.shape[1]
+    expected = max(1, min(num_tokens, tile_tokens or num_tokens))
+    tiles = expert_tiles(expected, num_experts, hidden, inter, top_k, hidden_states.dtype,
+                         hidden_states.device, gate_up_tile, down_tile, scheme_of(w_gate_up_scale))
     alignment = align_ids(topk_ids, num_experts, tiles.block_m)
     return experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles, alignment,
-                   w_gate_up_scale, w_down_scale)
+                   w_gate_up_scale, w_down_scale, skip_unrouted=skip_unrouted,
+                   grid_blocks=max_blocks_for(expected * top_k, num_experts, tiles.block_m))
 
 
 def fused_moe_impl(hidden_states, router_weight, w_gate_up, w_down, routing: Routing,

@@ -26,19 +26,20 @@ def gemm(a, w, out, **flags):
     signature = dict(a_ptr=a, a_scale_ptr="*fp32", w_ptr=w, w_scale_ptr="*fp32", out_ptr=out,
                      out_scale_ptr="*fp32", topk_weights_ptr="*fp32", sorted_slots_ptr="*i32",
                      block_expert_ptr="*i32", num_blocks_ptr="*i32", N="i32", K="i32",
-                     num_slots="i32", a_rows_per_slot_div="i32", max_blocks="i32",
+                     num_slots="i32", a_rows_per_slot_div="i32", grid_blocks="i32",
                      stride_a="i32", stride_as="i32", stride_we="i32", stride_wn="i32",
                      stride_se="i32", stride_sn="i32", stride_out="i32", stride_os="i32")
     constexprs = dict(a_desc=None, w_desc=None, GATE_UP=True, OUT_FP8=False, H_DTYPE=None,
                       BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, EVEN_K=True,
                       H_BLOCK_ORDER=False, B_DESC=False, W_SCALE=0, A_FP8=False, FAST_ACC=False,
-                      INTERPRETER=False)
+                      LOOP_M=False, INTERPRETER=False)
     constexprs.update(flags)
     aligned = [n for n in signature if n.endswith("_ptr")] + ["N", "K", "stride_a", "stride_we",
                                                               "stride_wn", "stride_out"]
     build(grouped_gemm_kernel, signature, constexprs, aligned)
 
 gemm("*bf16", "*bf16", "*bf16")
+gemm("*bf16", "*bf16", "*bf16", LOOP_M=True, H_BLOCK_ORDER=True)
 gemm("*bf16", "*fp8e4nv", "*bf16", GATE_UP=False, W_SCALE=1, BLOCK_K=256)
 gemm("*fp8e4nv", "*fp8e4nv", "*bf16", W_SCALE=1, A_FP8=True, BLOCK_M=64, BLOCK_N=32)
 gemm("*fp8e4nv", "*fp8e4nv", "*fp8e4nv", W_SCALE=2, A_FP8=True, BLOCK_M=64, BLOCK_N=256,

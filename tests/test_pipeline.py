@@ -122,3 +122,33 @@ def test_two_runs_are_bitwise_equal(num_tokens, device):
     layer = make_layer(config, torch.bfloat16, device)
     x = torch.randn(num_tokens, config.hidden_size, device=device, dtype=torch.bfloat16)
     assert torch.equal(call(layer, x, config), call(layer, x, config))
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("routed_tokens", [1, 40])  # within the grid; more than it covers
+def test_sparse_receive_buffer(routed_tokens, device):
+    """An expert-parallel receive buffer: W blocks of C rows, the first few of each
+    routed. With tiles and GEMM grids sized for 1 token (programs stride over the blocks
+    in use beyond the grid) and unrouted rows skipped, the routed rows equal the
+    reference on them alone and the other rows stay unwritten (poisoned)."""
+    from moe_ops.pipeline import fused_experts_impl
+    from moe_ops.reference import fused_experts_reference
+
+    config = config_for_device()
+    W, C = 2, (512 if ON_GPU else 48)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    _, w_gate_up, w_down, _ = make_layer(config, dtype, device)
+    E, K, H = config.num_experts, config.top_k, config.hidden_size
+    x = torch.randn(W, C, H, device=device, dtype=dtype)
+    weights = torch.rand(W, C, K, device=device)
+    ids = torch.full((W, C, K), -1, dtype=torch.int32, device=device)
+    ids[:, :routed_tokens] = torch.stack([torch.randperm(E, device=device)[:K]
+                                          for _ in range(W * routed_tokens)]).view(
+                                              W, routed_tokens, K).int()
+    ids[:, :routed_tokens, 1::2] = -1  # partly routed rows, as a rank receives them
+    out = fused_experts_impl(x.view(W * C, H), weights.view(W * C, K), ids.view(W * C, K),
+                             w_gate_up, w_down, tile_tokens=1, skip_unrouted=True).view(W, C, H)
+    real = [t[:, :routed_tokens].reshape(W * routed_tokens, -1) for t in (x, weights, ids)]
+    expected = fused_experts_reference(*real, w_gate_up, w_down)
+    assert_close_l2(out[:, :routed_tokens].reshape(-1, H), expected, 1e-2 if ON_GPU else 1e-5)
+    assert bool(out[:, routed_tokens:].isnan().all())

@@ -7,7 +7,8 @@ Two steps, so that the single-program step does O(T*K + token_blocks*E) work:
    ``block_counts[tb, e]`` and each slot's rank among the block's slots of its expert.
 2. ``align_kernel``, one program: expert totals, block-padded row offsets, and
        sorted_slots [max_blocks * BLOCK_M] int32: expert 0's slots padded to a multiple
-           of BLOCK_M with the sentinel T*K, then expert 1's, ...
+           of BLOCK_M with the sentinel T*K, then expert 1's, ... (rows past the blocks
+           in use unwritten)
        block_expert [max_blocks] int32: each block's expert, -1 past the last;
        num_blocks [1] int32: the blocks in use,
    placing slot s at row_start[e] + (slots of e in earlier token blocks) + rank[s].
@@ -42,7 +43,8 @@ def block_ranks(ids, valid, slots, block_counts_ptr, ranks_ptr,
 def rank_kernel(topk_ids_ptr, block_counts_ptr, ranks_ptr, num_tokens,
                 NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr,
                 K_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Step 1 for user-given topk_ids [T, K]; grid = cdiv(T, BLOCK_T)."""
+    """Step 1 for user-given topk_ids [T, K]; grid = cdiv(T, BLOCK_T). A block without a
+    valid id only zeroes its counts."""
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_k = tl.arange(0, K_PAD)
@@ -50,8 +52,13 @@ def rank_kernel(topk_ids_ptr, block_counts_ptr, ranks_ptr, num_tokens,
     in_range = (offs_t[:, None] < num_tokens) & (offs_k[None, :] < TOP_K)
     ids = tl.load(topk_ids_ptr + slots, mask=in_range, other=-1)
     valid = in_range & (ids >= 0) & (ids < NUM_EXPERTS)
-    block_ranks(ids, valid, slots, block_counts_ptr + pid * NUM_EXPERTS, ranks_ptr,
-                NUM_EXPERTS, E_PAD, BLOCK_T * K_PAD)
+    if tl.max(valid.to(tl.int32)) == 0:  # common in a sparse (expert-parallel) buffer
+        offs_e = tl.arange(0, E_PAD)
+        tl.store(block_counts_ptr + pid * NUM_EXPERTS + offs_e, tl.zeros([E_PAD], tl.int32),
+                 mask=offs_e < NUM_EXPERTS)
+    else:
+        block_ranks(ids, valid, slots, block_counts_ptr + pid * NUM_EXPERTS, ranks_ptr,
+                    NUM_EXPERTS, E_PAD, BLOCK_T * K_PAD)
 
 
 @triton.jit
@@ -81,7 +88,8 @@ def align_kernel(
     row_start = tl.cumsum(padded, axis=0) - padded
     block_start = row_start // BLOCK_M
     block_end = block_start + padded // BLOCK_M
-    tl.store(num_blocks_ptr, tl.sum(padded, axis=0) // BLOCK_M)
+    used_rows = tl.sum(padded, axis=0)
+    tl.store(num_blocks_ptr, used_rows // BLOCK_M)
 
     # block_counts[tb, e] <- row_start[e] + slots of e in token blocks before tb.
     seen = row_start
@@ -94,17 +102,22 @@ def align_kernel(
         seen += tl.sum(chunk, axis=0)
 
     offs_b = tl.arange(0, BLOCK_CHUNK)
-    for b0 in range(0, max_blocks, BLOCK_CHUNK):
+    used_blocks = used_rows // BLOCK_M
+    for b0 in range(0, used_blocks, BLOCK_CHUNK):
         blocks = b0 + offs_b
         owner = (blocks[:, None] >= block_start[None, :]) & (blocks[:, None] < block_end[None, :])
         expert = tl.max(tl.where(owner, offs_e[None, :], -1), axis=1)
         tl.store(block_expert_ptr + blocks, expert, mask=blocks < max_blocks)
+    for b0 in range(used_blocks, max_blocks, CHUNK):
+        blocks = b0 + offs_c
+        tl.store(block_expert_ptr + blocks, tl.full([CHUNK], -1, tl.int32), mask=blocks < max_blocks)
 
-    # Padding rows hold the sentinel; the real rows are overwritten below.
-    for r0 in range(0, max_blocks * BLOCK_M, CHUNK):
+    # Padding rows of the blocks in use hold the sentinel (the real rows are overwritten
+    # below); rows of blocks past num_blocks are never read.
+    for r0 in range(0, used_rows, CHUNK):
         rows = r0 + offs_c
         tl.store(sorted_slots_ptr + rows, tl.full([CHUNK], 0, tl.int32) + num_slots,
-                 mask=rows < max_blocks * BLOCK_M)
+                 mask=rows < used_rows)
     tl.debug_barrier()
 
     for s0 in range(0, num_slots, CHUNK):

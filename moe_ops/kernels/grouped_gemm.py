@@ -1,9 +1,13 @@
 """Grouped GEMM over expert-aligned row blocks; one body serves gate_up and down.
 
-Grid = max_blocks * cdiv(N, BLOCK_N) programs, ordered in GROUP_M super-rows so that
-programs sharing a weight tile run together. Program (m, n) handles block m (expert
-e = block_expert[m]; rows r = sorted_slots[m*BLOCK_M : (m+1)*BLOCK_M], sentinel rows
-masked) and output columns n*BLOCK_N ... Blocks past num_blocks exit at once.
+Grid = grid_blocks * cdiv(N, BLOCK_N) programs (grid_blocks = max_blocks, the worst
+case), ordered in GROUP_M super-rows so that programs sharing a weight tile run together.
+Program (m, n) handles block m (expert e = block_expert[m]; rows r =
+sorted_slots[m*BLOCK_M : (m+1)*BLOCK_M], sentinel rows masked) and output columns
+n*BLOCK_N ... Blocks past num_blocks exit at once. With LOOP_M the grid may cover fewer
+blocks than can be in use (an expert-parallel receive buffer, sized for its capacity but
+mostly empty: empty programs cost ~0.3 us of an SM each): program (m, n) then also
+handles blocks m + grid_blocks, m + 2*grid_blocks, ... below num_blocks.
 
     GATE_UP (the gate_up stage):  A row = x[slot // top_k]   (gathered, never copied)
         h[row, n] = silu(A . Wgu[e, n, :]) * (A . Wgu[e, N + n, :])
@@ -166,27 +170,16 @@ def _mainloop(a_ptrs, a_desc, row0, row_mask, a_scale_ptrs, w_ptr, w_desc, w_sca
 
 
 @triton.jit
-def grouped_gemm_kernel(
-    a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr, out_scale_ptr,
-    topk_weights_ptr, sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
-    N, K, num_slots, a_rows_per_slot_div, max_blocks,
-    stride_a, stride_as, stride_we, stride_wn, stride_se, stride_sn, stride_out, stride_os,
-    GATE_UP: tl.constexpr, OUT_FP8: tl.constexpr, H_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, H_BLOCK_ORDER: tl.constexpr,
-    B_DESC: tl.constexpr, W_SCALE: tl.constexpr, A_FP8: tl.constexpr, FAST_ACC: tl.constexpr,
-    INTERPRETER: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    programs_per_group = GROUP_M * num_pid_n
-    first_m = (pid // programs_per_group) * GROUP_M
-    group_rows = min(max_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % programs_per_group) % group_rows
-    pid_n = (pid % programs_per_group) // group_rows
-    if pid_m >= tl.load(num_blocks_ptr):
-        return
-
+def _block(pid_m, pid_n, a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr,
+           out_scale_ptr, topk_weights_ptr, sorted_slots_ptr, block_expert_ptr,
+           N, K, num_slots, a_rows_per_slot_div,
+           stride_a, stride_as, stride_we, stride_wn, stride_se, stride_sn, stride_out, stride_os,
+           GATE_UP: tl.constexpr, OUT_FP8: tl.constexpr, H_DTYPE: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+           EVEN_K: tl.constexpr, H_BLOCK_ORDER: tl.constexpr, B_DESC: tl.constexpr,
+           W_SCALE: tl.constexpr, A_FP8: tl.constexpr, FAST_ACC: tl.constexpr,
+           INTERPRETER: tl.constexpr):
+    """Output tile (pid_m, pid_n) of a block in use."""
     expert = tl.load(block_expert_ptr + pid_m)
     row0 = pid_m * BLOCK_M
     offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -232,3 +225,40 @@ def grouped_gemm_kernel(
     else:
         out_ptrs = out_ptr + slots[:, None].to(tl.int64) * stride_out + offs_n[None, :]
         tl.store(out_ptrs, acc, mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr, out_scale_ptr,
+    topk_weights_ptr, sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
+    N, K, num_slots, a_rows_per_slot_div, grid_blocks,
+    stride_a, stride_as, stride_we, stride_wn, stride_se, stride_sn, stride_out, stride_os,
+    GATE_UP: tl.constexpr, OUT_FP8: tl.constexpr, H_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, H_BLOCK_ORDER: tl.constexpr,
+    B_DESC: tl.constexpr, W_SCALE: tl.constexpr, A_FP8: tl.constexpr, FAST_ACC: tl.constexpr,
+    LOOP_M: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    programs_per_group = GROUP_M * num_pid_n
+    first_m = (pid // programs_per_group) * GROUP_M
+    group_rows = min(grid_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % programs_per_group) % group_rows
+    pid_n = (pid % programs_per_group) // group_rows
+    num_blocks = tl.load(num_blocks_ptr)
+    if LOOP_M:  # grid_blocks may be fewer than the blocks in use: stride over them
+        for m in range(pid_m, num_blocks, grid_blocks):
+            _block(m, pid_n, a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr,
+                   out_scale_ptr, topk_weights_ptr, sorted_slots_ptr, block_expert_ptr,
+                   N, K, num_slots, a_rows_per_slot_div, stride_a, stride_as, stride_we,
+                   stride_wn, stride_se, stride_sn, stride_out, stride_os, GATE_UP, OUT_FP8,
+                   H_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, H_BLOCK_ORDER, B_DESC, W_SCALE,
+                   A_FP8, FAST_ACC, INTERPRETER)
+    elif pid_m < num_blocks:
+        _block(pid_m, pid_n, a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr,
+               out_scale_ptr, topk_weights_ptr, sorted_slots_ptr, block_expert_ptr,
+               N, K, num_slots, a_rows_per_slot_div, stride_a, stride_as, stride_we,
+               stride_wn, stride_se, stride_sn, stride_out, stride_os, GATE_UP, OUT_FP8,
+               H_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, H_BLOCK_ORDER, B_DESC, W_SCALE,
+               A_FP8, FAST_ACC, INTERPRETER)
