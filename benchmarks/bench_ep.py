@@ -236,14 +236,17 @@ def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
 
 
 def comm_round_trip(layer, x):
-    """The nvlink transport moving T rows to every peer and back, no expert compute."""
+    """The nvlink transport moving T rows to every peer and raising the flags back, no
+    expert compute (the way back's rows are pulled by the layer's combine kernel)."""
     t, C, W, c = layer.transport, layer.max_tokens_per_rank, layer.world_size, layer.config
     t.begin()
     send = t.send_buffers(W * C, c.hidden_size, c.top_k, x.dtype, x.device)
     filled = [x.shape[0]] * W
     t.dispatch(*send, [C] * W, [C] * W, filled)
     recv_x, _, _ = t.receive(None)
-    back = t.receive_back(t.send_back(recv_x, [C] * W, [C] * W, [C] * W))
+    partials = t.partials_out(recv_x.shape[0], c.hidden_size, x.dtype, x.device)
+    back = t.receive_back(t.send_back(recv_x if partials is None else partials,
+                                      [C] * W, [C] * W, [C] * W))
     t.end()
     return back
 

@@ -26,7 +26,7 @@ from moe_ops.profiling import stage_range
 from . import protocol as P
 from .kernels import check_headers_kernel, stamp_headers_kernel
 from .streams import StreamOrder
-from .transport import Transport
+from .transport import PartialSums, Transport
 
 # Failed forwards whose block sizes never arrived (their count exchange timed out), per
 # process group, in the order they failed. Their exchanges are issued at reset(), and the
@@ -190,7 +190,7 @@ class AllToAllTransport(Transport):
             self._wait(call, pending, P.COMBINE)
         back = pending.tensors[0]
         self._check(call, back, call.send_counts, P.COMBINE)
-        return back
+        return PartialSums(back)
 
     def end(self, call) -> None:
         """Nothing to join; forget the failed forwards' works that have finished."""

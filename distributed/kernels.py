@@ -23,6 +23,9 @@ this rank's own experts and the shared expert, in float32, in a fixed order::
     back  [R, H]   partial rows returned by the owner ranks, rank d's block first
     rows  [W, T]   int32: token t's row in back for owner d, -1 where d owns none of
                    t's experts (or when t's own-rank partial is in ``local``)
+    PULL           (nvlink) back[rows[d, t]] is read from the address bases[d] (int64 [W]:
+                   owner d's partial-sum buffer, mapped here, offset so that the plan's
+                   rows land on this rank's block of it) instead of one local buffer
     grid  (cdiv(T, BLOCK_T), cdiv(H, BLOCK_H))
     every output is NaN when the layer's state says this forward is poisoned
 
@@ -178,9 +181,10 @@ def gather_rows_kernel(x_ptr, src_token_ptr, out_ptr, num_rows, hidden,
 
 @triton.jit
 def combine_partials_kernel(
-    back_ptr, rows_ptr, local_ptr, shared_ptr, state_ptr, out_ptr, num_tokens, hidden,
-    WORLD: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_SHARED: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRETER: tl.constexpr,
+    back_ptr, bases_ptr, rows_ptr, local_ptr, shared_ptr, state_ptr, out_ptr, num_tokens,
+    hidden, WORLD: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_SHARED: tl.constexpr,
+    PULL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -192,7 +196,10 @@ def combine_partials_kernel(
         acc += tl.load(local_ptr + token_offsets, mask=mask, other=0.0).to(tl.float32)
     for owner in tl.static_range(WORLD):
         rows = tl.load(rows_ptr + owner * num_tokens + offs_t, mask=token_mask, other=-1)
-        part = tl.load(back_ptr + rows[:, None].to(tl.int64) * hidden + offs_h[None, :],
+        source = back_ptr
+        if PULL:  # rank owner's own buffer, mapped here (its address as an int64)
+            source = tl.load(bases_ptr + owner).to(tl.pointer_type(back_ptr.dtype.element_ty))
+        part = tl.load(source + rows[:, None].to(tl.int64) * hidden + offs_h[None, :],
                        mask=mask & (rows >= 0)[:, None], other=0.0)
         acc += part.to(tl.float32)
     if HAS_SHARED:

@@ -390,8 +390,10 @@ class ExpertParallelMoE(nn.Module):
         recv_x, recv_ids, recv_weights = transport.receive(pending, call=call)
         # Rows past each source's tokens are unrouted: tiles for the tokens this rank
         # expects (about its own T), those rows' partials never written.
-        partials = fused_experts_impl(recv_x, recv_weights, recv_ids, self.w_gate_up, self.w_down,
-                                      **scales, tile_tokens=max(T, 1), skip_unrouted=True)
+        partials = fused_experts_impl(
+            recv_x, recv_weights, recv_ids, self.w_gate_up, self.w_down, **scales,
+            tile_tokens=max(T, 1), skip_unrouted=True,
+            out=transport.partials_out(recv_x.shape[0], c.hidden_size, x.dtype, x.device))
         back_filled = [0 if overlap and d == r else rows for d, rows in enumerate(recv_rows)]
         back = transport.receive_back(
             transport.send_back(partials, send_rows, recv_rows, back_filled, call=call), call=call)
@@ -400,11 +402,13 @@ class ExpertParallelMoE(nn.Module):
         with stage_range("combine"):
             if T:
                 block_t, block_h = BLOCKS.combine_t, BLOCKS.combine_h
+                pull = back.peer_bases is not None
                 combine_partials_kernel[(triton.cdiv(T, block_t), triton.cdiv(c.hidden_size, block_h))](
-                    back, plan.rows, local if local is not None else x,
+                    back.back, back.peer_bases if pull else plan.rows, plan.rows,
+                    local if local is not None else x,
                     shared.contiguous() if shared is not None else x, call.state, out, T,
                     c.hidden_size, WORLD=W, HAS_LOCAL=local is not None,
-                    HAS_SHARED=shared is not None, BLOCK_T=block_t, BLOCK_H=block_h,
+                    HAS_SHARED=shared is not None, PULL=pull, BLOCK_T=block_t, BLOCK_H=block_h,
                     INTERPRETER=interpreter_active(),
                 )
         transport.end(call)

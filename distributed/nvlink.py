@@ -7,8 +7,10 @@ Workspace, shared by every layer of the same (group, world size, capacity, hidde
 dtype), one set of buffers on every rank (W ranks, capacity C):
 
     symmetric  recv_x [W, C, H]   block s: the tokens rank s sent here
-               recv_ids [W, C, K] int32, recv_weights [W, C, K] fp32
-               back [W, C, H]     block d: rank d's partial sums of the tokens sent to it
+               recv_ids [W, C, K] int32 (-1 on every row no dispatch filled),
+               recv_weights [W, C, K] fp32
+               back [W, C, H]     block s: this rank's partial sums of rank s's tokens
+                                  (rank s reads its rows from here)
                headers [2, W, 4] int64 headers[0, s] / headers[1, s]: the header
                                   (``protocol``: magic, layer id, call count, status) of
                                   rank s's dispatch / combine message
@@ -21,15 +23,20 @@ dtype), one set of buffers on every rank (W ranks, capacity C):
                first failure's state and layer id, ``protocol``)
 
 One forward: ``begin`` bumps the epoch and the layer's call count; ``dispatch`` makes
-the side stream wait for the packed blocks, push block d into rank d's ``recv_*[rank]``
-with the copy engine (``Tensor.copy_`` between mapped buffers uses no SM), then write
-the forward's header into rank d's ``headers[0, rank]`` and raise rank d's flag (one
-launch; release, system scope). ``receive`` spins on this rank's flags (acquire) until
-each equals the epoch exactly, then checks each header against this call: another layer
-or call count (two layers of one shape called in different orders, a skipped or extra
-call) fails the workspace on every rank; a peer that rejected its input (status INPUT)
-poisons this forward only. The way back is the same through ``back`` and the second
-flag and header rows. ``end`` joins the side stream.
+the side stream wait for the packed blocks, push the first T rows (this rank's token
+count, known on the host) of block d into rank d's ``recv_*[rank]`` with the copy engine
+(``Tensor.copy_`` between mapped buffers uses no SM), then write the forward's header
+into rank d's ``headers[0, rank]`` and raise rank d's flag (one launch; release, system
+scope). ``receive`` spins on this rank's flags (acquire) until each equals the epoch
+exactly, then checks each header against this call: another layer or call count (two
+layers of one shape called in different orders, a skipped or extra call) fails the
+workspace on every rank; a peer that rejected its input (status INPUT) poisons this
+forward only. The expert pipeline writes its partial sums straight into ``back``
+(``partials_out``); ``send_back`` sets ``recv_ids`` back to -1 (rows a later, shorter
+dispatch does not fill then hold no token) and raises each peer's second flag with its
+header. The way back is a pull: after ``receive_back``'s wait, the combine kernel reads
+exactly its tokens' rows from each owner's ``back`` through the peer mapping (SM loads,
+bytes in proportion to the tokens routed). ``end`` joins the side stream.
 
 Failures: a wait ends early on a peer's FLAG_FAILED, on a flag from a later epoch (the
 ranks called the workspace's layers differently), or after ``timeout`` seconds of the
@@ -43,8 +50,10 @@ zeroes flags, epoch, failure and record.
 
 Buffers are safe to reuse with one set: a rank pushes forward n+1 only after its combine
 wait of forward n (the side stream waits for the main stream), which the peer signalled
-after its last read of forward n's dispatch data; ``end`` joins the side stream before
-the next forward packs its send blocks.
+after its last read of forward n's dispatch data and after resetting its ``recv_ids``;
+a rank overwrites ``back`` in forward n+1 only after every peer's dispatch flag of n+1,
+which each peer raised after its combine of forward n (its last read of ``back``);
+``end`` joins the side stream before the next forward packs its send blocks.
 
 NVLink multicast is never used: no multimem ops, no multicast objects.
 """
@@ -58,7 +67,7 @@ from moe_ops.profiling import stage_range
 from . import protocol as P
 from .kernels import CLOCK_TICKS_PER_S, bump_epoch_kernel, put_flag_kernel, wait_flags_kernel
 from .streams import StreamOrder
-from .transport import Transport
+from .transport import PartialSums, Transport
 
 _ALIGN = 256
 
@@ -93,13 +102,23 @@ class _Slot:
         raw = symm_mem.empty(total, dtype=torch.uint8, device=device)
         handle = symm_mem.rendezvous(raw, group)
         self.local = {name: _view(raw, *spec) for name, spec in layout.items()}
-        self.peers = {}
+        self.peers, self._peer_raw = {}, {}
         for peer in range(world):
             if peer != rank:
                 peer_raw = handle.get_buffer(peer, (total,), torch.uint8, 0)
+                self._peer_raw[peer] = peer_raw
                 self.peers[peer] = {name: _view(peer_raw, *spec) for name, spec in layout.items()}
         self.local["flags"].zero_()
         self.local["headers"].zero_()
+        self.local["recv_ids"].fill_(-1)
+        # Where rank d's partial sums of this rank's tokens are, for the combine's pull:
+        # d's ``back`` (mapped here) shifted so that the plan's row d*C + r (position r
+        # in block d) lands on row rank*C + r there.
+        back_offset, item = layout["back"][0], torch.empty((), dtype=dtype).element_size()
+        self.back_bases = torch.tensor(
+            [(raw if d == rank else self._peer_raw[d]).data_ptr() + back_offset
+             + (rank - d) * capacity * hidden * item for d in range(world)],
+            dtype=torch.int64, device=device)
         self.send_x = torch.empty(world * capacity, hidden, dtype=dtype, device=device)
         self.send_ids = torch.empty(world * capacity, top_k, dtype=torch.int32, device=device)
         self.send_weights = torch.empty(world * capacity, top_k, dtype=torch.float32, device=device)
@@ -159,21 +178,20 @@ class NVLinkTransport(Transport):
     def send_buffers(self, rows, hidden, top_k, dtype, device):
         return self.slot.send_x, self.slot.send_ids, self.slot.send_weights
 
-    def _push(self, which: str, flag_row: int, source: torch.Tensor, filled_rows: list[int],
-              meta: bool, call=None):
-        """Block d of ``source`` (its first filled_rows[d] rows) into rank d's
-        ``which[rank]`` on the side stream, then rank d's flag; this rank's own block
-        locally, on the main stream. With ``meta`` the ids and weights travel too."""
+    def _push(self, source: torch.Tensor, filled_rows: list[int], call=None):
+        """The dispatch: block d of ``source`` and of the send ids and weights (their first
+        filled_rows[d] rows) into rank d's ``recv_*[rank]`` on the side stream, then rank
+        d's flag; this rank's own block locally, on the main stream."""
         ws, slot = self.workspace, self.slot
         ws.side.wait_stream(torch.cuda.current_stream())
         source.record_stream(ws.side)
         with torch.cuda.stream(ws.side):
             for peer, bufs in slot.peers.items():
-                self._copy_block(bufs, which, source, peer, filled_rows[peer], meta)
-                self._signal(bufs, flag_row, call)
-        self._copy_block(slot.local, which, source, self.rank, filled_rows[self.rank], meta)
+                self._copy_block(bufs, source, peer, filled_rows[peer])
+                self._signal(bufs, 0, call)
+        self._copy_block(slot.local, source, self.rank, filled_rows[self.rank])
         if call is not None:
-            call.done.append("dispatch" if flag_row == 0 else "back")
+            call.done.append("dispatch")
 
     def _signal(self, peer_bufs, flag_row: int, call=None):
         """This call's header, then the flag, into the peer's slot (one launch)."""
@@ -189,13 +207,16 @@ class NVLinkTransport(Transport):
         carry -1 and OK on every rank alike."""
         return (call.layer_id, call.status) if call is not None else (-1, P.OK)
 
-    def _copy_block(self, dest_bufs, which, source, block, rows, meta):
+    def _copy_block(self, dest_bufs, source, block, rows):
+        """Rows block*C ... block*C + rows of x, ids and weights into dest's block of
+        this rank (the rows past the block's tokens carry ids -1)."""
+        if not rows:
+            return
         C, slot = self.capacity, self.slot
-        if rows:
-            dest_bufs[which][self.rank, :rows].copy_(source[block * C:block * C + rows])
-        if meta:
-            dest_bufs["recv_ids"][self.rank].copy_(slot.send_ids[block * C:(block + 1) * C])
-            dest_bufs["recv_weights"][self.rank].copy_(slot.send_weights[block * C:(block + 1) * C])
+        span = slice(block * C, block * C + rows)
+        dest_bufs["recv_x"][self.rank, :rows].copy_(source[span])
+        dest_bufs["recv_ids"][self.rank, :rows].copy_(slot.send_ids[span])
+        dest_bufs["recv_weights"][self.rank, :rows].copy_(slot.send_weights[span])
 
     def _wait(self, flag_row: int, stage: str, call=None):
         ws = self.workspace
@@ -210,7 +231,7 @@ class NVLinkTransport(Transport):
     def dispatch(self, send_x, send_ids, send_weights, send_rows, recv_rows, filled_rows,
                  call=None):
         with stage_range("dispatch"):
-            self._push("recv_x", 0, send_x, filled_rows, meta=True, call=call)
+            self._push(send_x, filled_rows, call=call)
 
     def receive(self, pending, call=None):
         self._wait(0, "dispatch_wait", call)
@@ -218,13 +239,30 @@ class NVLinkTransport(Transport):
         return (local["recv_x"].view(rows, -1), local["recv_ids"].view(rows, -1),
                 local["recv_weights"].view(rows, -1))
 
-    def send_back(self, partials, send_rows, recv_rows, filled_rows, call=None):
-        with stage_range("combine"):
-            self._push("back", 1, partials, filled_rows, meta=False, call=call)
+    def partials_out(self, rows, hidden, dtype, device) -> torch.Tensor:
+        """``back``: the expert pipeline writes the partial sums where the peers read."""
+        return self.slot.local["back"].view(rows, hidden)
 
-    def receive_back(self, pending, call=None) -> torch.Tensor:
+    def send_back(self, partials, send_rows, recv_rows, filled_rows, call=None):
+        """The partial sums are in ``back`` already: every ``recv_ids`` row back to -1,
+        then each peer's second flag (header first), on the side stream."""
+        ws, slot = self.workspace, self.slot
+        if partials.data_ptr() != slot.local["back"].data_ptr():
+            raise ValueError("nvlink send_back: the partial sums must be in partials_out()")
+        with stage_range("combine"):
+            slot.local["recv_ids"].fill_(-1)
+            ws.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(ws.side):
+                for bufs in slot.peers.values():
+                    self._signal(bufs, 1, call)
+        if call is not None:
+            call.done.append("back")
+
+    def receive_back(self, pending, call=None) -> PartialSums:
+        """After the peers' second flags: where the combine reads each owner's rows."""
         self._wait(1, "combine_wait", call)
-        return self.slot.local["back"].view(self.world_size * self.capacity, -1)
+        rows = self.world_size * self.capacity
+        return PartialSums(self.slot.local["back"].view(rows, -1), self.slot.back_bases)
 
     def end(self, call=None) -> None:
         """Join the side stream."""
@@ -263,6 +301,7 @@ class NVLinkTransport(Transport):
         dist.barrier(group=self.group)
         self.slot.local["flags"].zero_()
         self.slot.local["headers"].zero_()
+        self.slot.local["recv_ids"].fill_(-1)
         ws.epoch.zero_()
         ws.failed.zero_()
         ws.record.zero_()

@@ -9,8 +9,9 @@ only these steps, in this order per forward (``call`` is the forward's ``protoco
     exchange_counts(call, counts) -> (send_rows, recv_rows)   without fixed buffers only
     dispatch(send_x, send_ids, send_weights, send_rows, recv_rows, filled_rows, call=) -> pending
     receive(pending, call=) -> (recv_x, recv_ids, recv_weights)     waits for the dispatch
+    partials_out(rows, hidden, dtype, device) -> where the expert output goes (or None)
     send_back(partials, send_rows, recv_rows, filled_rows, call=) -> pending
-    receive_back(pending, call=) -> back                            waits for the partials
+    receive_back(pending, call=) -> PartialSums                     waits for the partials
     end(call)
     abort(call, hidden, top_k, dtype, device)   after a failure on this rank: finish the
                                                 forward's exchanges carrying its status
@@ -25,8 +26,19 @@ order; each block is its tokens followed by ``header_rows`` rows of protocol hea
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import NamedTuple
+
+import torch
 
 from .streams import StreamOrder
+
+
+class PartialSums(NamedTuple):
+    """Where the combine reads rank d's partial sum of token t: row ``rows_of[d, t]`` (the
+    dispatch plan's) of ``back``, or, with ``peer_bases``, of the [rows, hidden] buffer
+    at address ``peer_bases[d]`` (int64 [W] on the device: other ranks' memory, mapped)."""
+    back: torch.Tensor
+    peer_bases: torch.Tensor | None = None
 
 
 class Transport(ABC):
@@ -57,13 +69,18 @@ class Transport(ABC):
     def receive(self, pending, call=None):
         """(recv_x, recv_ids, recv_weights) of every source's block, once they are here."""
 
+    def partials_out(self, rows: int, hidden: int, dtype, device) -> torch.Tensor | None:
+        """The [rows, hidden] buffer the expert pipeline writes the partial sums into, or
+        None for a fresh one."""
+        return None
+
     @abstractmethod
     def send_back(self, partials, send_rows, recv_rows, filled_rows, call=None):
         """Start moving the partial sums back; returns what ``receive_back`` waits on."""
 
     @abstractmethod
-    def receive_back(self, pending, call=None):
-        """The partial sums of this rank's tokens from every rank, once they are here."""
+    def receive_back(self, pending, call=None) -> PartialSums:
+        """The partial sums of this rank's tokens from every rank, once they are ready."""
 
     @abstractmethod
     def end(self, call) -> None:

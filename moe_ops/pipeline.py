@@ -153,13 +153,14 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
 
 def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: ExpertTiles,
             alignment: Alignment, w_gate_up_scale=None, w_down_scale=None, x_quantized=None,
-            skip_unrouted: bool = False, grid_blocks: int | None = None):
+            skip_unrouted: bool = False, grid_blocks: int | None = None, out=None):
     """gate_up -> down -> combine over an alignment: out [T, H]. A stage whose tile has
     A_FP8 reads its input quantised by one launch before it (``quantize_input``), except
     down's when gate_up writes h in e4m3 itself (``ExpertTiles.h_fp8``) and gate_up's when
     the router already quantised x (``x_quantized``: (x8, scale)). ``skip_unrouted``:
     rows of out whose ids are all outside [0, E) are left unwritten instead of zeroed;
-    ``grid_blocks``: blocks the GEMM grids cover (``_grouped_gemm``)."""
+    ``grid_blocks``: blocks the GEMM grids cover (``_grouped_gemm``); ``out``: a given
+    [T, H] output buffer (contiguous) instead of a fresh one."""
     num_tokens, hidden = hidden_states.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     num_slots = topk_ids.numel()
@@ -182,7 +183,7 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     y = torch.empty(num_slots, hidden, dtype=dtype, device=device)
     _grouped_gemm(False, h, h_scale, w_down, w_down_scale, y, topk_weights, alignment, num_slots,
                   1, hidden, inter, tiles.down, tiles.h_block_order, grid_blocks=grid_blocks)
-    out = torch.empty_like(hidden_states)
+    out = torch.empty_like(hidden_states) if out is None else out
     column_programs = 1 if skip_unrouted else triton.cdiv(hidden, BLOCKS.combine_h)
     with stage_range("combine"):
         combine_kernel[(triton.cdiv(num_tokens, BLOCKS.combine_t), column_programs)](
@@ -198,7 +199,7 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
                        gate_up_tile: TileConfig | None = None,
                        down_tile: TileConfig | None = None,
                        w_gate_up_scale=None, w_down_scale=None, tile_tokens: int | None = None,
-                       skip_unrouted: bool = False):
+                       skip_unrouted: bool = False, out=None):
     """align -> gate_up -> down -> combine of given routing (four or five launches).
 
     Contiguous hidden_states [T, H], fp32 topk_weights and int32 topk_ids [T, K]; fp8
@@ -206,7 +207,7 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
     for T tokens (the tuner passes its candidates). An expert-parallel rank's receive
     buffer has rows for its capacity, mostly unrouted: it passes the token count it
     expects (``tile_tokens``: tiles and GEMM grids sized for that many, any more still
-    computed) and ``skip_unrouted`` (see ``experts``)."""
+    computed), ``skip_unrouted`` and ``out`` (see ``experts``)."""
     num_tokens, hidden = hidden_states.shape
     if num_tokens == 0:
         return torch.empty_like(hidden_states)
@@ -217,7 +218,7 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
                          hidden_states.device, gate_up_tile, down_tile, scheme_of(w_gate_up_scale))
     alignment = align_ids(topk_ids, num_experts, tiles.block_m)
     return experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles, alignment,
-                   w_gate_up_scale, w_down_scale, skip_unrouted=skip_unrouted,
+                   w_gate_up_scale, w_down_scale, skip_unrouted=skip_unrouted, out=out,
                    grid_blocks=max_blocks_for(expected * top_k, num_experts, tiles.block_m))
 
 

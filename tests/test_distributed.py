@@ -388,10 +388,10 @@ for fixed in (True, False):
           block_rows="i32", experts_per_rank="i32", rank="i32", total_rows="i32"),
           WORLD=2, W_PAD=2, TOP_K=8, K_PAD=8, FIXED=fixed, SKIP_OWN=not fixed,
           HEADER_ROWS=int(fixed), BLOCK_T=256)
-    build(K.combine_partials_kernel, dict(back_ptr="*bf16", rows_ptr="*i32",
+    build(K.combine_partials_kernel, dict(back_ptr="*bf16", bases_ptr="*i64", rows_ptr="*i32",
           local_ptr="*bf16", shared_ptr="*bf16", state_ptr="*i64", out_ptr="*bf16",
           num_tokens="i32", hidden="i32"), WORLD=2, HAS_LOCAL=fixed, HAS_SHARED=fixed,
-          BLOCK_T=4, BLOCK_H=512, INTERPRETER=False)
+          PULL=fixed, BLOCK_T=4, BLOCK_H=512, INTERPRETER=False)
 build(K.gather_rows_kernel, dict(x_ptr="*bf16", src_token_ptr="*i32", out_ptr="*bf16",
       num_rows="i32", hidden="i32"), BLOCK_R=8, BLOCK_H=512)
 flags = dict(epoch_ptr="*i64", failed_ptr="*i64")
@@ -633,3 +633,33 @@ def nvlink_header_scenario(rank, world, device, seed):
 @needs_two_gpus
 def test_gpu_nvlink_headers_catch_layer_order_and_carry_a_rejected_input():
     assert_all_ok(run_on_ranks(nvlink_header_scenario, 2, _seed()))
+
+
+def nvlink_token_counts_scenario(rank, world, device, seed):
+    """The nvlink dispatch copies each forward's T rows only (ids and weights included)
+    and the combine pulls the partial sums from the owners' buffers: forwards whose token
+    counts rise and fall (0 included; shorter after longer, the rows past them then hold
+    no token), with overlap on and off, each equal the single-process layer."""
+    from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
+
+    _poison_empty()
+    config = shrink("deepseek-v3", hidden_size=256, intermediate_size=128)
+    moe = random_fused_moe(config, seed, dtype=torch.bfloat16, device=device)
+    layers = [ExpertParallelMoE.from_config(config, dtype=torch.bfloat16, device=device,
+                                            transport="nvlink", max_tokens_per_rank=64,
+                                            seed=seed, overlap=overlap)
+              for overlap in (False, True)]
+    errors = []
+    for i, count in enumerate([64, 3, 0, 40 + rank, 1, 64 - 7 * rank]):
+        torch.manual_seed(seed + 31 * i + rank)
+        x = torch.randn(count, config.hidden_size, device=device, dtype=torch.bfloat16)
+        for layer in layers:
+            errors.append(_check_against_single_process(layer, moe, x, 1e-2))
+    for layer in layers:
+        layer.check()
+    return errors
+
+
+@needs_two_gpus
+def test_gpu_nvlink_moves_each_forwards_tokens_only():
+    assert_all_ok(run_on_ranks(nvlink_token_counts_scenario, 2, _seed()))
