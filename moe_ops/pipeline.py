@@ -216,7 +216,8 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
     expected = max(1, min(num_tokens, tile_tokens or num_tokens))
     tiles = expert_tiles(expected, num_experts, hidden, inter, top_k, hidden_states.dtype,
                          hidden_states.device, gate_up_tile, down_tile, scheme_of(w_gate_up_scale))
-    alignment = align_ids(topk_ids, num_experts, tiles.block_m)
+    alignment = align_ids(topk_ids, num_experts, tiles.block_m,
+                          expected if expected < num_tokens else None)
     return experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles, alignment,
                    w_gate_up_scale, w_down_scale, skip_unrouted=skip_unrouted, out=out,
                    grid_blocks=max_blocks_for(expected * top_k, num_experts, tiles.block_m))

@@ -132,11 +132,14 @@ def route_and_quantize(hidden_states, router_weight, routing: Routing, score_bia
     return Routed(weights, ids, alignment), quantized
 
 
-def align_ids(topk_ids, num_experts: int, block_m: int) -> Alignment:
-    """The alignment of given int32 topk_ids [T, K]."""
+def align_ids(topk_ids, num_experts: int, block_m: int,
+              expected_tokens: int | None = None) -> Alignment:
+    """The alignment of given int32 topk_ids [T, K]. ``expected_tokens``: how many rows
+    hold routed slots, when far fewer than T (a sparse expert-parallel receive buffer):
+    the ranking step's token blocks are sized for that many."""
     if _is_decode(topk_ids.shape[0]):
         return _select_align(topk_ids, num_experts, block_m)
-    return _align(topk_ids, _rank(topk_ids, num_experts), num_experts, block_m)
+    return _align(topk_ids, _rank(topk_ids, num_experts, expected_tokens), num_experts, block_m)
 
 
 # ------------------------------------------------------------------ T > DECODE_MAX_T
@@ -150,8 +153,12 @@ def _rank_block_t(num_tokens: int, num_experts: int, top_k: int) -> int:
     return 16 if num_tokens <= 512 else max(16, min(64, _pow2_at_least(budget)))
 
 
-def _empty_ranks(num_tokens, num_experts, top_k, device) -> _TokenBlockRanks:
-    block_t = _rank_block_t(num_tokens, num_experts, top_k)
+def _empty_ranks(num_tokens, num_experts, top_k, device, sizing_tokens=None) -> _TokenBlockRanks:
+    """Token blocks for ``sizing_tokens`` (default all) routed tokens; a sparse buffer
+    still gets at most ~256 blocks, which the align kernel walks in one program."""
+    block_t = _rank_block_t(sizing_tokens or num_tokens, num_experts, top_k)
+    if sizing_tokens:
+        block_t = max(block_t, min(64, _pow2_at_least(triton.cdiv(num_tokens, 256))))
     return _TokenBlockRanks(
         torch.empty(triton.cdiv(num_tokens, block_t), num_experts, dtype=torch.int32, device=device),
         torch.empty(num_tokens * top_k, dtype=torch.int32, device=device),
@@ -195,9 +202,9 @@ def _route_blocks(hidden_states, router_weight, routing: Routing, score_bias, wi
     return topk_weights, topk_ids, ranks, quantized
 
 
-def _rank(topk_ids, num_experts) -> _TokenBlockRanks:
+def _rank(topk_ids, num_experts, sizing_tokens=None) -> _TokenBlockRanks:
     num_tokens, top_k = topk_ids.shape
-    ranks = _empty_ranks(num_tokens, num_experts, top_k, topk_ids.device)
+    ranks = _empty_ranks(num_tokens, num_experts, top_k, topk_ids.device, sizing_tokens)
     with stage_range("rank"):
         rank_kernel[(triton.cdiv(num_tokens, ranks.block_t),)](
             topk_ids, ranks.block_counts, ranks.ranks, num_tokens,
@@ -224,7 +231,7 @@ def _align(topk_ids, ranks: _TokenBlockRanks, num_experts, block_m) -> Alignment
             topk_ids.numel(), ranks.block_counts.shape[0], alignment.max_blocks,
             NUM_EXPERTS=num_experts, TOP_K=topk_ids.shape[1], RANK_BLOCK_T=ranks.block_t,
             E_PAD=e_pad, BLOCK_M=block_m, TB_CHUNK=max(1, 4096 // e_pad),
-            BLOCK_CHUNK=max(16, 4096 // e_pad), CHUNK=1024, num_warps=8,
+            BLOCK_CHUNK=max(16, 4096 // e_pad), CHUNK=4096, num_warps=8,
         )
     return alignment
 

@@ -576,24 +576,28 @@ def test_gpu_nvlink_timeout_poisons_both_ranks_and_reset_recovers():
     assert_all_ok(run_on_ranks(nvlink_failure_scenario, 2, _seed()))
 
 
-def _check_raises(layer, pattern):
-    """layer.check() raises an error matching ``pattern``; the failure shows the state."""
+def _check_raises(layer, pattern) -> str:
+    """layer.check() raises an error matching ``pattern`` (returned); the failure shows
+    the state."""
     values = layer.protocol_state.tolist()
     try:
         layer.check()
     except RuntimeError as error:
         assert re.search(pattern, str(error)), f"{error} (state {values})"
-    else:
-        raise AssertionError(f"check() did not raise; state {values}")
+        return str(error)
+    raise AssertionError(f"check() did not raise; state {values}")
 
 
 def nvlink_header_scenario(rank, world, device, seed):
     """nvlink carries each forward's header (item 1): two layers of one shape (one
-    workspace) called in different orders make both outputs NaN and check() name the
-    other rank's layer on every rank, the layer that saw it directly and the other one
-    quoting the workspace's record (reset() recovers); a rank that rejects its input
-    raises it, its peer's output is NaN and check() names that rank, and the next
-    forwards are right without a reset."""
+    workspace) called in different orders make both outputs NaN and check() raise for
+    both layers on every rank (the layer that saw the failure directly, the other one
+    quoting the workspace's record; reset() recovers). A rank that read the other's
+    header names both sides; a rank whose peer had already failed and moved on (its
+    flag then says so: with ranks time-sliced on one GPU this happens) names the failed
+    peer. Returns the messages (the test wants both sides named on some rank). A rank
+    that rejects its input raises it, its peer's output is NaN and check() names that
+    rank, and the next forwards are right without a reset."""
     from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
 
     config = shrink("qwen3-30b-a3b")
@@ -613,8 +617,9 @@ def nvlink_header_scenario(rank, world, device, seed):
         order = [0, 1] if rank == 0 else [1, 0]
         outs = [layers[i](x) for i in order]
         assert all(bool(out.isnan().all()) for out in outs)
-        for layer in layers:
-            _check_raises(layer, f"while rank {1 - rank} ran call")
+        other = 1 - rank
+        messages = [_check_raises(layer, f"while rank {other} ran call|rank {other} has failed")
+                    for layer in layers]
         for layer in layers:
             layer.reset()
         lockstep()
@@ -627,12 +632,14 @@ def nvlink_header_scenario(rank, world, device, seed):
             with pytest.raises(RuntimeError, match="rank 1 rejected its input"):
                 layers[0].check()
         lockstep()
-    return True
+    return messages
 
 
 @needs_two_gpus
 def test_gpu_nvlink_headers_catch_layer_order_and_carry_a_rejected_input():
-    assert_all_ok(run_on_ranks(nvlink_header_scenario, 2, _seed()))
+    messages = sum(assert_all_ok(run_on_ranks(nvlink_header_scenario, 2, _seed())), [])
+    assert any(re.search(r"ran call \d+ of layer \d+ while rank \d ran call \d+ of layer", m)
+               for m in messages), messages
 
 
 def nvlink_token_counts_scenario(rank, world, device, seed):
