@@ -11,8 +11,12 @@ need rank d fill it in order (a block's header rows follow its tokens)::
     send_weights [R, K] the token's weights;  src_token [R]: the token of each row, or -1
     own_ids [T, K]      ids in this rank's numbering, or -1 (for in-place computation)
 
-``gather_rows_kernel``: out[r, :] = x[src_token[r], :] for every row with a token;
-grid (cdiv(R, BLOCK_R), cdiv(H, BLOCK_H)).
+With FIXED only the first ``sent_rows`` rows of each block travel (the ``nvlink``
+transport copies a rank's T rows): the rest is neither initialised nor gathered.
+
+``gather_rows_kernel``: out[r, :] = x[src_token[r], :] for every row with a token, over
+the first sent_rows rows of each block_rows-row block (num_rows of them in all);
+grid (cdiv(num_rows, BLOCK_R), cdiv(H, BLOCK_H)).
 
 ``combine_partials_kernel`` (every transport, also under the interpreter): each token's
 output is the sum of the partial rows its expert owners sent back, plus the partial of
@@ -109,17 +113,26 @@ def _needs_rank(owned, mask, d, rank, SKIP_OWN: tl.constexpr):
 @triton.jit
 def plan_pack_kernel(
     topk_ids_ptr, topk_weights_ptr, counts_ptr, own_ids_ptr, rows_ptr, send_ids_ptr,
-    send_weights_ptr, src_token_ptr, num_tokens, block_rows, experts_per_rank, rank, total_rows,
+    send_weights_ptr, src_token_ptr, num_tokens, block_rows, sent_rows, experts_per_rank, rank,
+    total_rows,
     WORLD: tl.constexpr, W_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
     FIXED: tl.constexpr, SKIP_OWN: tl.constexpr, HEADER_ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     offs_k = tl.arange(0, K_PAD)
     offs_w = tl.arange(0, W_PAD)
     k_mask = offs_k < TOP_K
-    # Unused rows: no token, ids -1 (overwritten below for the rows in use).
-    for r0 in range(0, total_rows, BLOCK_T):
+    # Unused rows that travel (with FIXED the first sent_rows of each block): no token,
+    # ids -1 (overwritten below for the rows in use).
+    init_rows = total_rows
+    if FIXED:
+        init_rows = WORLD * sent_rows
+    for r0 in range(0, init_rows, BLOCK_T):
         offs_r = r0 + tl.arange(0, BLOCK_T)
-        r_mask = offs_r < total_rows
+        if FIXED:
+            r_mask = offs_r < WORLD * sent_rows
+            offs_r = (offs_r // sent_rows) * block_rows + offs_r % sent_rows
+        else:
+            r_mask = offs_r < total_rows
         tl.store(src_token_ptr + offs_r, tl.full([BLOCK_T], -1, tl.int32), mask=r_mask)
         tl.store(send_ids_ptr + offs_r[:, None] * TOP_K + offs_k[None, :],
                  tl.full([BLOCK_T, K_PAD], -1, tl.int32), mask=r_mask[:, None] & k_mask[None, :])
@@ -169,11 +182,13 @@ def plan_pack_kernel(
 
 
 @triton.jit
-def gather_rows_kernel(x_ptr, src_token_ptr, out_ptr, num_rows, hidden,
+def gather_rows_kernel(x_ptr, src_token_ptr, out_ptr, num_rows, sent_rows, block_rows, hidden,
                        BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    src = tl.load(src_token_ptr + offs_r, mask=offs_r < num_rows, other=-1)
+    in_range = offs_r < num_rows
+    offs_r = (offs_r // sent_rows) * block_rows + offs_r % sent_rows  # the first sent_rows of each block
+    src = tl.load(src_token_ptr + offs_r, mask=in_range, other=-1)
     mask = (src >= 0)[:, None] & (offs_h < hidden)[None, :]
     rows = tl.load(x_ptr + src[:, None].to(tl.int64) * hidden + offs_h[None, :], mask=mask)
     tl.store(out_ptr + offs_r[:, None].to(tl.int64) * hidden + offs_h[None, :], rows, mask=mask)

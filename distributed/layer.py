@@ -373,7 +373,8 @@ class ExpertParallelMoE(nn.Module):
             send = transport.send_buffers(W * ((C if C is not None else T) + h), c.hidden_size,
                                           c.top_k, x.dtype, x.device)
             plan = plan_and_pack(x, topk_weights, topk_ids, len(self.expert_range), r, W, C,
-                                 *send, skip_own=overlap, header_rows=h)
+                                 *send, skip_own=overlap, header_rows=h,
+                                 sent_rows=None if C is None else transport.rows_sent(T, C + h))
             if C is None:
                 send_rows, recv_rows = transport.exchange_counts(call, plan.counts.long())
                 send = tuple(buf[:sum(send_rows)] for buf in send)

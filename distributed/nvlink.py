@@ -175,6 +175,10 @@ class NVLinkTransport(Transport):
         ws = self.workspace
         bump_epoch_kernel[(1,)](ws.epoch, ws.failed, self._state(call))
 
+    def rows_sent(self, tokens, block_rows):
+        """The first T rows of each block: no block holds more of this rank's tokens."""
+        return min(tokens, block_rows)
+
     def send_buffers(self, rows, hidden, top_k, dtype, device):
         return self.slot.send_x, self.slot.send_ids, self.slot.send_weights
 

@@ -30,28 +30,36 @@ class DispatchPlan(NamedTuple):
 def plan_and_pack(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                   experts_per_rank: int, rank: int, world_size: int, capacity: int | None,
                   send_x: torch.Tensor, send_ids: torch.Tensor, send_weights: torch.Tensor,
-                  skip_own: bool, header_rows: int = 0) -> DispatchPlan:
+                  skip_own: bool, header_rows: int = 0, sent_rows: int | None = None
+                  ) -> DispatchPlan:
     """Plan the dispatch of x [T, H] and pack the send blocks (send_x [R, H], send_ids
     and send_weights [R, K], R = W * (capacity + header_rows), or W * (T + header_rows)
     without a capacity). With
     ``skip_own`` this rank sends itself nothing (it computes its tokens in place from
-    ``own_ids``). Rows of a block past its tokens get ids -1; their x is not written."""
+    ``own_ids``). Rows of a block past its tokens get ids -1; their x is not written.
+    ``sent_rows``: with a capacity, how many rows of each block travel (default all):
+    rows past them are left alone."""
     num_tokens, top_k = topk_ids.shape
     device = x.device
     counts = torch.empty(world_size, dtype=torch.int32, device=device)
     own_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
     rows = torch.empty(world_size, num_tokens, dtype=torch.int32, device=device)
     src_token = torch.empty(send_x.shape[0], dtype=torch.int32, device=device)
+    block_rows = (capacity or 0) + header_rows
+    sent = min(sent_rows, block_rows) if capacity is not None and sent_rows is not None else block_rows
     plan_pack_kernel[(1,)](
         topk_ids, topk_weights, counts, own_ids, rows, send_ids, send_weights, src_token,
-        num_tokens, (capacity or 0) + header_rows, experts_per_rank, rank, send_x.shape[0],
+        num_tokens, block_rows, sent, experts_per_rank, rank, send_x.shape[0],
         WORLD=world_size, W_PAD=triton.next_power_of_2(world_size), TOP_K=top_k,
         K_PAD=triton.next_power_of_2(top_k), FIXED=capacity is not None, SKIP_OWN=skip_own,
         HEADER_ROWS=header_rows, BLOCK_T=BLOCKS.plan_block_t,
         num_warps=4,
     )
-    if send_x.shape[0] and num_tokens:
+    gathered = world_size * sent if capacity is not None else send_x.shape[0]
+    if gathered and num_tokens:
         block_r, block_h = BLOCKS.gather_rows, BLOCKS.gather_h
-        gather_rows_kernel[(triton.cdiv(send_x.shape[0], block_r), triton.cdiv(x.shape[1], block_h))](
-            x, src_token, send_x, send_x.shape[0], x.shape[1], BLOCK_R=block_r, BLOCK_H=block_h)
+        gather_rows_kernel[(triton.cdiv(gathered, block_r), triton.cdiv(x.shape[1], block_h))](
+            x, src_token, send_x, gathered, sent if capacity is not None else gathered,
+            block_rows if capacity is not None else gathered, x.shape[1],
+            BLOCK_R=block_r, BLOCK_H=block_h)
     return DispatchPlan(counts, own_ids, rows)

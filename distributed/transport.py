@@ -6,6 +6,7 @@ only these steps, in this order per forward (``call`` is the forward's ``protoco
 
     begin(call)
     send_buffers(rows, hidden, top_k, dtype, device) -> (send_x, send_ids, send_weights)
+    rows_sent(tokens, block_rows) -> rows of each fixed-size block that travel
     exchange_counts(call, counts) -> (send_rows, recv_rows)   without fixed buffers only
     dispatch(send_x, send_ids, send_weights, send_rows, recv_rows, filled_rows, call=) -> pending
     receive(pending, call=) -> (recv_x, recv_ids, recv_weights)     waits for the dispatch
@@ -55,6 +56,11 @@ class Transport(ABC):
     @abstractmethod
     def send_buffers(self, rows: int, hidden: int, top_k: int, dtype, device):
         """(send_x [rows, hidden], send_ids [rows, top_k], send_weights [rows, top_k]) to pack into."""
+
+    def rows_sent(self, tokens: int, block_rows: int) -> int:
+        """With fixed buffers: how many leading rows of each block_rows-row block this
+        transport moves when the rank has ``tokens`` tokens (default: whole blocks)."""
+        return block_rows
 
     def exchange_counts(self, call, counts):
         """Block sizes without fixed buffers: (send_rows, recv_rows) lists, host-known."""

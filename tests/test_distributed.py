@@ -339,6 +339,38 @@ def test_dying_rank_fails_its_peer_in_bounded_time(max_tokens):
         assert "ExpertParallelError" in reports[0][1], reports[0]
 
 
+@pytest.mark.parametrize("skip_own", [False, True])
+def test_plan_packs_only_the_rows_that_travel(skip_own, device):
+    """With a capacity and ``sent_rows`` (the nvlink transport's T), only the first
+    sent_rows rows of each block are written: the tokens needing that rank in order, their
+    ids renumbered (-1 for other ranks' experts), ids -1 on the rows after them; the rows
+    past sent_rows keep what they held."""
+    from moe_ops.distributed.plan import plan_and_pack
+
+    T, K, H, W, E_l, C, rank = 6, 2, 8, 2, 3, 10, 1
+    ids = torch.stack([torch.randperm(W * E_l)[:K] for _ in range(T)]).int().to(device)
+    weights, x = torch.rand(T, K, device=device), torch.randn(T, H, device=device)
+    send_x = torch.full((W * C, H), 7.0, device=device)
+    send_ids = torch.full((W * C, K), 99, dtype=torch.int32, device=device)
+    send_weights = torch.full((W * C, K), 5.0, device=device)
+    plan = plan_and_pack(x, weights, ids, E_l, rank, W, C, send_x, send_ids, send_weights,
+                         skip_own=skip_own, sent_rows=T)
+    for d in range(W):
+        owned = (ids // E_l) == d
+        tokens = owned.any(1).nonzero().flatten()
+        if skip_own and d == rank:
+            tokens = tokens[:0]
+        n = len(tokens)
+        assert int(plan.counts[d]) == n
+        rows = slice(d * C, d * C + n)
+        assert torch.equal(send_x[rows], x[tokens])
+        assert torch.equal(send_ids[rows], torch.where(owned[tokens], ids[tokens] - d * E_l, -1))
+        assert torch.equal(send_weights[rows], weights[tokens])
+        assert (send_ids[d * C + n:d * C + T] == -1).all()
+        assert (send_ids[d * C + T:(d + 1) * C] == 99).all()
+        assert (send_x[d * C + T:(d + 1) * C] == 7).all()
+
+
 def test_nvlink_decision_matches_gpus_by_uuid_not_index():
     """Per-process CUDA_VISIBLE_DEVICES gives every rank index 0: GPUs are told apart by
     UUID; a GPU this process cannot see, or one shared by two ranks, rules nvlink out."""
@@ -385,7 +417,8 @@ for fixed in (True, False):
     build(K.plan_pack_kernel, dict(topk_ids_ptr="*i32", topk_weights_ptr="*fp32",
           counts_ptr="*i32", own_ids_ptr="*i32", rows_ptr="*i32", send_ids_ptr="*i32",
           send_weights_ptr="*fp32", src_token_ptr="*i32", num_tokens="i32",
-          block_rows="i32", experts_per_rank="i32", rank="i32", total_rows="i32"),
+          block_rows="i32", sent_rows="i32", experts_per_rank="i32", rank="i32",
+          total_rows="i32"),
           WORLD=2, W_PAD=2, TOP_K=8, K_PAD=8, FIXED=fixed, SKIP_OWN=not fixed,
           HEADER_ROWS=int(fixed), BLOCK_T=256)
     build(K.combine_partials_kernel, dict(back_ptr="*bf16", bases_ptr="*i64", rows_ptr="*i32",
@@ -393,7 +426,7 @@ for fixed in (True, False):
           num_tokens="i32", hidden="i32"), WORLD=2, HAS_LOCAL=fixed, HAS_SHARED=fixed,
           PULL=fixed, BLOCK_T=4, BLOCK_H=512, INTERPRETER=False)
 build(K.gather_rows_kernel, dict(x_ptr="*bf16", src_token_ptr="*i32", out_ptr="*bf16",
-      num_rows="i32", hidden="i32"), BLOCK_R=8, BLOCK_H=512)
+      num_rows="i32", sent_rows="i32", block_rows="i32", hidden="i32"), BLOCK_R=8, BLOCK_H=512)
 flags = dict(epoch_ptr="*i64", failed_ptr="*i64")
 build(K.bump_epoch_kernel, dict(flags, state_ptr="*i64"))
 build(K.put_flag_kernel, dict(flags, state_ptr="*i64", peer_header_ptr="*i64",
