@@ -20,6 +20,9 @@
 #                                 EAGER_ARGS)                                      (~3 min)
 #   tools/gpu_session.sh ep       (2+ GPUs) the expert-parallel tests, then
 #                                 torchrun -m benchmarks.bench_ep (EP_ARGS)        (~8 min)
+#   tools/gpu_session.sh ep1      (one GPU) the nvlink tests with both ranks time-sliced
+#                                 on it (TRITONMOE_TEST_SHARED_GPU=1: correctness, not
+#                                 speed), then python -m benchmarks.ep_receiver    (~3 min)
 #   tools/gpu_session.sh pack     tar everything under $OUT into $OUT/session.tar.gz
 #                                 (for a runner that returns only a few files)
 #
@@ -83,10 +86,17 @@ for step in "$@"; do
       tail -30 "$OUT/test_ep.log"
       timeout "${EP_BENCH_TIMEOUT_S:-420}" torchrun --nproc_per_node="$ngpu" -m benchmarks.bench_ep \
         --out "$OUT" ${EP_ARGS:-} 2>&1 | grep -v "^W1\|OMP_NUM\|\*\*\*\*" | tee "$OUT/bench_ep.log" | tail -40 ;;
+    ep1)
+      export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
+      TRITONMOE_TEST_SHARED_GPU=1 timeout "${EP_TEST_TIMEOUT_S:-300}" python -m pytest -q \
+        -p no:cacheprovider tests/test_distributed.py -k "gpu and nvlink" > "$OUT/test_ep1.log" 2>&1 \
+        || echo "EP TESTS (ONE GPU) FAILED (see test_ep1.log)"
+      tail -5 "$OUT/test_ep1.log"
+      python -m benchmarks.ep_receiver 2>&1 | tee "$OUT/ep_receiver.log" | grep "^\[" ;;
     pack)
       [ "$out_given" = yes ] || { echo "pack empties \$OUT: set OUT to a scratch folder" >&2; exit 2; }
       tar czf /tmp/session.tar.gz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/session.tar.gz "$OUT/" ;;
     *)
-      echo "unknown step '$step' (test, probe, tune, heuristic, bench, fp8, eager, ep, pack)" >&2; exit 2 ;;
+      echo "unknown step '$step' (test, probe, tune, heuristic, bench, fp8, eager, ep, ep1, pack)" >&2; exit 2 ;;
   esac
 done
