@@ -18,10 +18,12 @@ per-call CUDA-event timings:
                          splits, torch._grouped_mm experts, un-sort, weighted sum (eager)
 
 Every ep_* row also records ``wire_bytes``, the bytes its forward moves between ranks
-(the other ranks' blocks both ways, headers included: capacity-sized with fixed buffers,
-the routed rows without), beside each cell's ``routed_bytes`` (each routed token row once
-to each other owning rank and back: the least any transport can move), and on a GPU its
-``launches`` (GPU activities of one eager forward, torch.profiler).
+(to each other rank the rows the transport sends, ``Transport.rows_sent``: T rows over
+nvlink, capacity-sized blocks over all_to_all with fixed buffers, the routed rows
+without; back the same, except that nvlink's owners pull only their routed rows; headers
+included), beside each cell's ``routed_bytes`` (each routed token row once to each other
+owning rank and back: the least any transport can move), and on a GPU its ``launches``
+(GPU activities of one eager forward, torch.profiler).
 
 Systems marked "graph" in the JSON are CUDA-graph replays (the no-sync ones). Floor: the
 slower rank's expert compute at the measured copy bandwidth / matmul rate
@@ -133,15 +135,25 @@ def rows_to_ranks(layer, x) -> list[int]:
     return [int((owner == d).any(dim=1).sum()) for d in range(layer.world_size)]
 
 
-def wire_bytes(layer, rows_per_peer: list[int], header_rows: int) -> int:
-    """Bytes one forward moves between this rank and the others: each other rank's block
-    of ``rows_per_peer[d] + header_rows`` rows out (token, ids, weights) and back (partials)."""
+def wire_bytes(layer, out_rows: list[int], back_rows: list[int]) -> int:
+    """Bytes one forward moves between this rank and the others: out_rows[d] rows to each
+    other rank d (token, ids, weights) and back_rows[d] rows back (partial sums)."""
     c, r = layer.config, layer.rank
     elem = layer.router_weight.element_size()
     out_row = c.hidden_size * elem + c.top_k * (4 + 4)
     back_row = c.hidden_size * elem
-    return sum((rows + header_rows) * (out_row + back_row)
-               for d, rows in enumerate(rows_per_peer) if d != r)
+    return sum(out_rows[d] * out_row + back_rows[d] * back_row
+               for d in range(len(out_rows)) if d != r)
+
+
+def transport_rows(layer, T: int, to_ranks: list[int]) -> tuple[list[int], list[int]]:
+    """(rows out, rows back) per rank of one forward over the layer's transport."""
+    t, C, W = layer.transport, layer.max_tokens_per_rank, layer.world_size
+    if C is None:
+        sent = [rows + t.header_rows for rows in to_ranks]
+    else:
+        sent = [t.rows_sent(T, C + t.header_rows)] * W
+    return sent, (to_ranks if t.pulls_back else sent)
 
 
 def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
@@ -168,7 +180,7 @@ def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
     to_ranks = rows_to_ranks(layer, x)
     cell.update(floor_ms=floor_ms, received_tokens=received,
                 imbalance=max(received) / max(1e-9, sum(received) / W),
-                routed_bytes=wire_bytes(layer, to_ranks, 0))
+                routed_bytes=wire_bytes(layer, to_ranks, to_ranks))
     capacity = max(T, args.capacity)
 
     def compute():
@@ -179,9 +191,7 @@ def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
     def timed(system, fn, graph):
         extra = {}
         if system.startswith("ep_"):
-            C = layer.max_tokens_per_rank
-            extra["wire_bytes"] = wire_bytes(layer, [C] * W if C else to_ranks,
-                                             layer.transport.header_rows)
+            extra["wire_bytes"] = wire_bytes(layer, *transport_rows(layer, T, to_ranks))
             extra["launches"] = count_launches(fn)[0]
         if graph and on_gpu():
             graph, out = capture_graph(fn)
