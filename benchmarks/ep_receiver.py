@@ -4,7 +4,8 @@ forward over a capacity-padded receive buffer against the same rows packed tight
 An expert-parallel rank with ``max_tokens_per_rank=C`` receives W blocks of C rows; only
 the first T rows of each block hold tokens (ids -1 after them). Per (model, T, C) this
 times the expert pipeline on the rank's E/W experts three ways (CUDA-graph replay,
-median) and lists each launch's time (torch.profiler, L2 flushed), after checking that the real rows agree:
+median) and lists each launch's time (torch.profiler, L2 flushed), after checking that
+the real rows agree:
 
     padded   ``fused_experts`` over the [W*C, H] buffer as a plain call sees it (tiles
              for W*C rows, every output row written)

@@ -187,7 +187,7 @@ def gather_rows_kernel(x_ptr, src_token_ptr, out_ptr, num_rows, sent_rows, block
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     in_range = offs_r < num_rows
-    offs_r = (offs_r // sent_rows) * block_rows + offs_r % sent_rows  # the first sent_rows of each block
+    offs_r = (offs_r // sent_rows) * block_rows + offs_r % sent_rows  # each block's first rows
     src = tl.load(src_token_ptr + offs_r, mask=in_range, other=-1)
     mask = (src >= 0)[:, None] & (offs_h < hidden)[None, :]
     rows = tl.load(x_ptr + src[:, None].to(tl.int64) * hidden + offs_h[None, :], mask=mask)

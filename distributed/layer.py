@@ -404,8 +404,10 @@ class ExpertParallelMoE(nn.Module):
             if T:
                 block_t, block_h = BLOCKS.combine_t, BLOCKS.combine_h
                 pull = back.peer_bases is not None
-                combine_partials_kernel[(triton.cdiv(T, block_t), triton.cdiv(c.hidden_size, block_h))](
-                    back.back, back.peer_bases if pull else plan.rows, plan.rows,
+                grid = (triton.cdiv(T, block_t), triton.cdiv(c.hidden_size, block_h))
+                combine_partials_kernel[grid](
+                    back.back, back.peer_bases if pull else plan.rows,  # bases unread without PULL
+                    plan.rows,
                     local if local is not None else x,
                     shared.contiguous() if shared is not None else x, call.state, out, T,
                     c.hidden_size, WORLD=W, HAS_LOCAL=local is not None,

@@ -102,12 +102,11 @@ class _Slot:
         raw = symm_mem.empty(total, dtype=torch.uint8, device=device)
         handle = symm_mem.rendezvous(raw, group)
         self.local = {name: _view(raw, *spec) for name, spec in layout.items()}
-        self.peers, self._peer_raw = {}, {}
+        self.peers, raws = {}, {rank: raw}
         for peer in range(world):
             if peer != rank:
-                peer_raw = handle.get_buffer(peer, (total,), torch.uint8, 0)
-                self._peer_raw[peer] = peer_raw
-                self.peers[peer] = {name: _view(peer_raw, *spec) for name, spec in layout.items()}
+                raws[peer] = handle.get_buffer(peer, (total,), torch.uint8, 0)
+                self.peers[peer] = {name: _view(raws[peer], *spec) for name, spec in layout.items()}
         self.local["flags"].zero_()
         self.local["headers"].zero_()
         self.local["recv_ids"].fill_(-1)
@@ -116,8 +115,8 @@ class _Slot:
         # in block d) lands on row rank*C + r there.
         back_offset, item = layout["back"][0], torch.empty((), dtype=dtype).element_size()
         self.back_bases = torch.tensor(
-            [(raw if d == rank else self._peer_raw[d]).data_ptr() + back_offset
-             + (rank - d) * capacity * hidden * item for d in range(world)],
+            [raws[d].data_ptr() + back_offset + (rank - d) * capacity * hidden * item
+             for d in range(world)],
             dtype=torch.int64, device=device)
         self.send_x = torch.empty(world * capacity, hidden, dtype=dtype, device=device)
         self.send_ids = torch.empty(world * capacity, top_k, dtype=torch.int32, device=device)
@@ -228,7 +227,8 @@ class NVLinkTransport(Transport):
         with stage_range(stage):
             wait_flags_kernel[(1,)](ws.epoch, self.slot.local["flags"][flag_row],
                                     self.slot.local["headers"][flag_row], ws.failed,
-                                    ws.record, self._state(call), self._identity(call)[0], self.rank,
+                                    ws.record, self._state(call), self._identity(call)[0],
+                                    self.rank,
                                     self.timeout_ticks,
                                     P.DISPATCH if flag_row == 0 else P.COMBINE,
                                     WORLD=self.world_size, HIP=self.hip)

@@ -46,7 +46,7 @@ def plan_and_pack(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.T
     rows = torch.empty(world_size, num_tokens, dtype=torch.int32, device=device)
     src_token = torch.empty(send_x.shape[0], dtype=torch.int32, device=device)
     block_rows = (capacity or 0) + header_rows
-    sent = min(sent_rows, block_rows) if capacity is not None and sent_rows is not None else block_rows
+    sent = block_rows if capacity is None or sent_rows is None else min(sent_rows, block_rows)
     plan_pack_kernel[(1,)](
         topk_ids, topk_weights, counts, own_ids, rows, send_ids, send_weights, src_token,
         num_tokens, block_rows, sent, experts_per_rank, rank, send_x.shape[0],

@@ -247,6 +247,8 @@ def grouped_gemm_kernel(
     pid_m = first_m + (pid % programs_per_group) % group_rows
     pid_n = (pid % programs_per_group) // group_rows
     num_blocks = tl.load(num_blocks_ptr)
+    # Two calls of one body rather than one loop for both: the plain path stays the
+    # straight-line code it was tuned as.
     if LOOP_M:  # grid_blocks may be fewer than the blocks in use: stride over them
         for m in range(pid_m, num_blocks, grid_blocks):
             _block(m, pid_n, a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr,
