@@ -432,7 +432,8 @@ build(K.bump_epoch_kernel, dict(flags, state_ptr="*i64"))
 build(K.put_flag_kernel, dict(flags, state_ptr="*i64", peer_header_ptr="*i64",
       peer_flag_ptr="*i64", layer_id="i32", status="i32"))
 build(K.wait_flags_kernel, dict(flags, flags_ptr="*i64", headers_ptr="*i64",
-      record_ptr="*i64", state_ptr="*i64", layer_id="i32", self_rank="i32", timeout_ticks="i64", phase="i32"), WORLD=2, HIP=False)
+      record_ptr="*i64", state_ptr="*i64", layer_id="i32", self_rank="i32",
+      timeout_ticks="i64", phase="i32"), WORLD=2, HIP=False)
 """
 
 

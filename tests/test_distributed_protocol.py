@@ -570,18 +570,18 @@ def test_both_transports_implement_the_declared_interface():
         NVLinkTransport.exchange_counts(object.__new__(NVLinkTransport), None, None)
 
 
-def test_a_failed_nvlink_workspace_poisons_its_other_layers_and_says_why():
+def test_a_failed_nvlink_workspace_poisons_its_other_layers_and_says_why(device):
     """The layers of one shape share an NVLink workspace: once it failed, the next forward
-    of a layer that had not failed records SHARED (sticky, poisoned) at its epoch bump
-    (interpreter), and its check() message quotes the workspace's first failure."""
+    of a layer that had not failed records SHARED (sticky, poisoned) at its epoch bump,
+    and its check() message quotes the workspace's first failure."""
     from moe_ops.distributed import protocol as P
     from moe_ops.distributed.kernels import bump_epoch_kernel
 
     for failed in (0, 1):
-        epoch = torch.tensor([5])
-        state = P.new_state("cpu")
+        epoch = torch.tensor([5], device=device)
+        state = P.new_state(device)
         state[P.COUNT] = 7
-        bump_epoch_kernel[(1,)](epoch, torch.tensor([failed]), state)
+        bump_epoch_kernel[(1,)](epoch, torch.tensor([failed], device=device), state)
         values = state.tolist()
         assert int(epoch) == 6 and values[P.COUNT] == 8
         expected = (P.SHARED, 8, 1, 1) if failed else (P.NONE, 0, 0, 0)
