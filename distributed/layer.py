@@ -11,7 +11,10 @@ One forward, in the order the data moves (W ranks, this rank r, its tokens x [T,
                 the dispatch travels
     shared      the shared expert of this rank's tokens, also while it travels
     remote      the received rows through this rank's experts: one partial sum per row
-    send back   each partial row to its token's rank
+                (tiles and grids sized for about T tokens: a capacity-sized receive
+                buffer is mostly empty rows, skipped)
+    send back   each partial row to its token's rank (``nvlink``: the token's rank
+                pulls it in the combine)
     combine     out[t] = own partial + the owners' partials + shared (one kernel)
 
 The expert computation is ``moe_ops.pipeline.fused_experts_impl`` on the local shard
