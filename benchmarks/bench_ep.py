@@ -256,7 +256,7 @@ def comm_round_trip(layer, x):
     recv_x, _, _ = t.receive(None)
     partials = t.partials_out(recv_x.shape[0], c.hidden_size, x.dtype, x.device)
     back = t.receive_back(t.send_back(recv_x if partials is None else partials,
-                                      [C] * W, [C] * W, [C] * W))
+                                      [C] * W, [C] * W))
     t.end()
     return back
 

@@ -178,7 +178,7 @@ class AllToAllTransport(Transport):
         return (recv_x, recv_meta[:, :top_k].contiguous(),
                 recv_meta[:, top_k:].contiguous().view(torch.float32))
 
-    def send_back(self, partials, send_rows, recv_rows, filled_rows=None, call=None) -> Pending:
+    def send_back(self, partials, send_rows, recv_rows, call=None) -> Pending:
         self._check(call, call.received, call.recv_counts, P.DISPATCH, reply=partials)
         back = partials.new_empty(sum(send_rows), partials.shape[1])
         with stage_range("combine"):

@@ -398,9 +398,8 @@ class ExpertParallelMoE(nn.Module):
             recv_x, recv_weights, recv_ids, self.w_gate_up, self.w_down, **scales,
             tile_tokens=max(T, 1), skip_unrouted=True,
             out=transport.partials_out(recv_x.shape[0], c.hidden_size, x.dtype, x.device))
-        back_filled = [0 if overlap and d == r else rows for d, rows in enumerate(recv_rows)]
         back = transport.receive_back(
-            transport.send_back(partials, send_rows, recv_rows, back_filled, call=call), call=call)
+            transport.send_back(partials, send_rows, recv_rows, call=call), call=call)
 
         out = torch.empty_like(x)
         with stage_range("combine"):

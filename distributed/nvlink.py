@@ -107,9 +107,7 @@ class _Slot:
             if peer != rank:
                 raws[peer] = handle.get_buffer(peer, (total,), torch.uint8, 0)
                 self.peers[peer] = {name: _view(raws[peer], *spec) for name, spec in layout.items()}
-        self.local["flags"].zero_()
-        self.local["headers"].zero_()
-        self.local["recv_ids"].fill_(-1)
+        self.clear()
         # Where rank d's partial sums of this rank's tokens are, for the combine's pull:
         # d's ``back`` (mapped here) shifted so that the plan's row d*C + r (position r
         # in block d) lands on row rank*C + r there.
@@ -122,6 +120,12 @@ class _Slot:
         self.send_ids = torch.empty(world * capacity, top_k, dtype=torch.int32, device=device)
         self.send_weights = torch.empty(world * capacity, top_k, dtype=torch.float32, device=device)
         self._keep = (raw, handle)
+
+    def clear(self) -> None:
+        """No flag raised, no header, no token in any receive row."""
+        self.local["flags"].zero_()
+        self.local["headers"].zero_()
+        self.local["recv_ids"].fill_(-1)
 
 
 class _Workspace:
@@ -248,7 +252,7 @@ class NVLinkTransport(Transport):
         """``back``: the expert pipeline writes the partial sums where the peers read."""
         return self.slot.local["back"].view(rows, hidden)
 
-    def send_back(self, partials, send_rows, recv_rows, filled_rows, call=None):
+    def send_back(self, partials, send_rows, recv_rows, call=None):
         """The partial sums are in ``back`` already: every ``recv_ids`` row back to -1,
         then each peer's second flag (header first), on the side stream."""
         ws, slot = self.workspace, self.slot
@@ -304,9 +308,7 @@ class NVLinkTransport(Transport):
         ws = self.workspace
         torch.cuda.synchronize()
         dist.barrier(group=self.group)
-        self.slot.local["flags"].zero_()
-        self.slot.local["headers"].zero_()
-        self.slot.local["recv_ids"].fill_(-1)
+        self.slot.clear()
         ws.epoch.zero_()
         ws.failed.zero_()
         ws.record.zero_()

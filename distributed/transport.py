@@ -11,7 +11,7 @@ only these steps, in this order per forward (``call`` is the forward's ``protoco
     dispatch(send_x, send_ids, send_weights, send_rows, recv_rows, filled_rows, call=) -> pending
     receive(pending, call=) -> (recv_x, recv_ids, recv_weights)     waits for the dispatch
     partials_out(rows, hidden, dtype, device) -> where the expert output goes (or None)
-    send_back(partials, send_rows, recv_rows, filled_rows, call=) -> pending
+    send_back(partials, send_rows, recv_rows, call=) -> pending
     receive_back(pending, call=) -> PartialSums                     waits for the partials
     end(call)
     abort(call, hidden, top_k, dtype, device)   after a failure on this rank: finish the
@@ -82,7 +82,7 @@ class Transport(ABC):
         return None
 
     @abstractmethod
-    def send_back(self, partials, send_rows, recv_rows, filled_rows, call=None):
+    def send_back(self, partials, send_rows, recv_rows, call=None):
         """Start moving the partial sums back; returns what ``receive_back`` waits on."""
 
     @abstractmethod

@@ -100,8 +100,6 @@ def _weight_descriptor(gate_up: bool, w, tile: TileConfig):
     return TensorDescriptor(w, list(w.shape), list(w.stride()), [1, tile.BLOCK_N, tile.BLOCK_K])
 
 
-
-
 def quantize_input(a: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(a8 e4m3 [R, K], scale): one scale per row for "channel" weights, one per row per
     128 columns for "block" ones (``kernels.quantize``, one launch)."""

@@ -15,24 +15,19 @@ from .casting import cast_rne
 
 
 @triton.jit
-def _combine_columns(y_ptr, topk_ids_ptr, out_ptr, offs_t, token_mask, offs_h, hidden,
-                     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
-                     SKIP_UNROUTED: tl.constexpr, BLOCK_T: tl.constexpr,
+def _combine_columns(y_ptr, topk_ids_ptr, out_ptr, offs_t, row_mask, offs_h, hidden,
+                     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr,
                      BLOCK_H: tl.constexpr, INTERPRETER: tl.constexpr):
-    """out[offs_t, offs_h]: the sum of the rows' routed slots."""
-    mask = token_mask[:, None] & (offs_h[None, :] < hidden)
+    """out[offs_t, offs_h] for the rows in row_mask: the sum of the rows' routed slots."""
+    mask = row_mask[:, None] & (offs_h[None, :] < hidden)
     acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-    any_routed = token_mask & False
     for k in tl.static_range(TOP_K):
         slots = offs_t.to(tl.int64) * TOP_K + k
-        ids = tl.load(topk_ids_ptr + slots, mask=token_mask, other=-1)
+        ids = tl.load(topk_ids_ptr + slots, mask=row_mask, other=-1)
         routed = (ids >= 0) & (ids < NUM_EXPERTS)
-        any_routed = any_routed | routed
         y = tl.load(y_ptr + slots[:, None] * hidden + offs_h[None, :],
                     mask=mask & routed[:, None], other=0.0)
         acc += y.to(tl.float32)
-    if SKIP_UNROUTED:
-        mask = mask & any_routed[:, None]
     tl.store(out_ptr + offs_t[:, None].to(tl.int64) * hidden + offs_h[None, :],
              cast_rne(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
@@ -50,12 +45,13 @@ def combine_kernel(
         offs_k = tl.arange(0, K_PAD)
         ids = tl.load(topk_ids_ptr + offs_t[:, None].to(tl.int64) * TOP_K + offs_k[None, :],
                       mask=token_mask[:, None] & (offs_k < TOP_K)[None, :], other=-1)
-        if tl.max(((ids >= 0) & (ids < NUM_EXPERTS)).to(tl.int32)) != 0:
+        routed_rows = tl.max(((ids >= 0) & (ids < NUM_EXPERTS)).to(tl.int32), axis=1) != 0
+        if tl.max(routed_rows.to(tl.int32)) != 0:
             for h0 in range(0, hidden, BLOCK_H):
-                _combine_columns(y_ptr, topk_ids_ptr, out_ptr, offs_t, token_mask,
+                _combine_columns(y_ptr, topk_ids_ptr, out_ptr, offs_t, routed_rows,
                                  h0 + tl.arange(0, BLOCK_H), hidden, NUM_EXPERTS, TOP_K,
-                                 SKIP_UNROUTED, BLOCK_T, BLOCK_H, INTERPRETER)
+                                 BLOCK_T, BLOCK_H, INTERPRETER)
     else:
         _combine_columns(y_ptr, topk_ids_ptr, out_ptr, offs_t, token_mask,
                          tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H), hidden,
-                         NUM_EXPERTS, TOP_K, SKIP_UNROUTED, BLOCK_T, BLOCK_H, INTERPRETER)
+                         NUM_EXPERTS, TOP_K, BLOCK_T, BLOCK_H, INTERPRETER)
