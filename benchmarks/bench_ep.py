@@ -18,12 +18,11 @@ per-call CUDA-event timings:
                          splits, torch._grouped_mm experts, un-sort, weighted sum (eager)
 
 Every ep_* row also records ``wire_bytes``, the bytes its forward moves between ranks
-(to each other rank the rows the transport sends, ``Transport.rows_sent``: T rows over
-nvlink, capacity-sized blocks over all_to_all with fixed buffers, the routed rows
-without; back the same, except that nvlink's owners pull only their routed rows; headers
-included), beside each cell's ``routed_bytes`` (each routed token row once to each other
-owning rank and back: the least any transport can move), and on a GPU its ``launches``
-(GPU activities of one eager forward, torch.profiler).
+(``Transport.wire_rows``: over nvlink the routed rows there and back, over all_to_all
+capacity-sized blocks with fixed buffers and the routed rows without, headers included),
+beside each cell's ``routed_bytes`` (each routed token row once to each other owning
+rank and back: the least any transport can move), and on a GPU its ``launches`` (GPU
+activities of one eager forward, torch.profiler).
 
 Systems marked "graph" in the JSON are CUDA-graph replays (the no-sync ones). Floor: the
 slower rank's expert compute at the measured copy bandwidth / matmul rate
@@ -52,6 +51,7 @@ from benchmarks.ep_baseline import sequential_ep_forward  # noqa: E402
 from benchmarks.ep_report import write_outputs  # noqa: E402
 from benchmarks.run_info import command_line, default_out_dir, device_label, utc_now  # noqa: E402
 from moe_ops.distributed import ExpertParallelMoE  # noqa: E402
+from moe_ops.distributed.plan import plan_dispatch  # noqa: E402
 from moe_ops.module import shared_expert_output  # noqa: E402
 from moe_ops.pipeline import fused_experts_impl  # noqa: E402
 from moe_ops.reference import rel_l2  # noqa: E402
@@ -146,16 +146,6 @@ def wire_bytes(layer, out_rows: list[int], back_rows: list[int]) -> int:
                for d in range(len(out_rows)) if d != r)
 
 
-def transport_rows(layer, T: int, to_ranks: list[int]) -> tuple[list[int], list[int]]:
-    """(rows out, rows back) per rank of one forward over the layer's transport."""
-    t, C, W = layer.transport, layer.max_tokens_per_rank, layer.world_size
-    if C is None:
-        sent = [rows + t.header_rows for rows in to_ranks]
-    else:
-        sent = [t.rows_sent(T, C + t.header_rows)] * W
-    return sent, (to_ranks if t.pulls_back else sent)
-
-
 def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
     """Time every system at T tokens per rank, append their rows, check they agree."""
     c, W = layer.config, layer.world_size
@@ -191,7 +181,7 @@ def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
     def timed(system, fn, graph):
         extra = {}
         if system.startswith("ep_"):
-            extra["wire_bytes"] = wire_bytes(layer, *transport_rows(layer, T, to_ranks))
+            extra["wire_bytes"] = wire_bytes(layer, *layer.transport.wire_rows(to_ranks))
             extra["launches"] = count_launches(fn)[0]
         if graph and on_gpu():
             graph, out = capture_graph(fn)
@@ -246,17 +236,18 @@ def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
 
 
 def comm_round_trip(layer, x):
-    """The nvlink transport moving T rows to every peer and raising the flags back, no
-    expert compute (the way back's rows are pulled by the layer's combine kernel)."""
+    """The nvlink transport moving this rank's routed rows to their owners and raising the
+    flags back, no expert compute (the way back's rows are pulled by the layer's combine
+    kernel)."""
     t, C, W, c = layer.transport, layer.max_tokens_per_rank, layer.world_size, layer.config
+    weights, ids = route(layer, x)
     t.begin()
-    send = t.send_buffers(W * C, c.hidden_size, c.top_k, x.dtype, x.device)
-    filled = [x.shape[0]] * W
-    t.dispatch(*send, [C] * W, [C] * W, filled)
+    plan = plan_dispatch(x, weights, ids, len(layer.expert_range), layer.rank, W, C,
+                         skip_own=False)
+    t.dispatch(x, weights, ids, plan, [C] * W, [C] * W)
     recv_x, _, _ = t.receive(None)
-    partials = t.partials_out(recv_x.shape[0], c.hidden_size, x.dtype, x.device)
-    back = t.receive_back(t.send_back(recv_x if partials is None else partials,
-                                      [C] * W, [C] * W))
+    back = t.receive_back(t.send_back(t.partials_out(recv_x.shape[0], c.hidden_size, x.dtype,
+                                                     x.device), [C] * W, [C] * W))
     t.end()
     return back
 

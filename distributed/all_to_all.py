@@ -158,8 +158,17 @@ class AllToAllTransport(Transport):
                 torch.empty(rows, top_k, dtype=torch.int32, device=device),
                 torch.empty(rows, top_k, dtype=torch.float32, device=device))
 
-    def dispatch(self, send_x, send_ids, send_weights, send_rows, recv_rows,
-                 filled_rows=None, call=None) -> Pending:
+    def wire_rows(self, routed):
+        """Whole blocks of capacity rows with fixed buffers, else the routed rows; a
+        header behind each block, both ways."""
+        h, C = self.header_rows, self.capacity
+        rows = [(n if C is None else C) + h for n in routed]
+        return rows, rows
+
+    def dispatch(self, x, topk_weights, topk_ids, plan, send_rows, recv_rows,
+                 call=None) -> Pending:
+        """The packed blocks (their first sum(send_rows) rows), headers stamped first."""
+        send_x, send_ids, send_weights = (buf[:sum(send_rows)] for buf in plan.send)
         self._stamp(call, send_x, call.send_counts, bump=call.fixed and not call.stamped)
         meta = torch.cat([send_ids, send_weights.view(torch.int32)], dim=1)
         recv_x = send_x.new_empty(sum(recv_rows), send_x.shape[1])

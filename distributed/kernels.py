@@ -1,22 +1,19 @@
 """Triton kernels of the expert-parallel layer.
 
 ``plan_pack_kernel`` (one program): the dispatch plan of topk_ids [T, K] over W ranks
-of E_l experts each, packed. Block d of the send buffer starts at ``off_d`` (d * block_rows
-when FIXED, else after block d-1's tokens and HEADER_ROWS header rows); the tokens that
-need rank d fill it in order (a block's header rows follow its tokens)::
+of E_l experts each, with PACK also packed into send blocks. Block d starts at ``off_d``
+(d * block_rows when FIXED, else after block d-1's tokens and HEADER_ROWS header rows);
+the tokens that need rank d fill it in order (a block's header rows follow its tokens)::
 
     counts [W]          tokens sent to rank d
     rows [W, T]         off_d + position of token t in block d, -1 if d owns none of its ids
+    own_ids [T, K]      ids in this rank's numbering, or -1 (for in-place computation)
+    PACK only, over the R = total_rows rows of the send blocks:
     send_ids [R, K]     ids in d's numbering (-1 for other ranks' experts; -1 on unused rows)
     send_weights [R, K] the token's weights;  src_token [R]: the token of each row, or -1
-    own_ids [T, K]      ids in this rank's numbering, or -1 (for in-place computation)
 
-With FIXED only the first ``sent_rows`` rows of each block travel (the ``nvlink``
-transport copies a rank's T rows): the rest is neither initialised nor gathered.
-
-``gather_rows_kernel``: out[r, :] = x[src_token[r], :] for every row with a token, over
-the first sent_rows rows of each block_rows-row block (num_rows of them in all);
-grid (cdiv(num_rows, BLOCK_R), cdiv(H, BLOCK_H)).
+``gather_rows_kernel``: out[r, :] = x[src_token[r], :] for every row r < num_rows with a
+token; grid (cdiv(num_rows, BLOCK_R), cdiv(H, BLOCK_H)).
 
 ``combine_partials_kernel`` (every transport, also under the interpreter): each token's
 output is the sum of the partial rows its expert owners sent back, plus the partial of
@@ -56,6 +53,11 @@ Signal kernels of the NVLink transport (one program each; GPU only). Flags and t
                         every peer src, bounded in seconds of the device clock, then check
                         src's header; record a failure in the layer state (a sticky one
                         also marks the workspace failed)
+    push_rows_kernel    the dispatch: SM stores of each routed token row, ids and weights
+                        into its owners' memory, then (last program) every peer's header
+                        and flag
+    release_back_kernel recv_ids back to -1, then (last program) every peer's second header
+                        and flag
 """
 import triton
 import triton.language as tl
@@ -113,30 +115,24 @@ def _needs_rank(owned, mask, d, rank, SKIP_OWN: tl.constexpr):
 @triton.jit
 def plan_pack_kernel(
     topk_ids_ptr, topk_weights_ptr, counts_ptr, own_ids_ptr, rows_ptr, send_ids_ptr,
-    send_weights_ptr, src_token_ptr, num_tokens, block_rows, sent_rows, experts_per_rank, rank,
+    send_weights_ptr, src_token_ptr, num_tokens, block_rows, experts_per_rank, rank,
     total_rows,
     WORLD: tl.constexpr, W_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
-    FIXED: tl.constexpr, SKIP_OWN: tl.constexpr, HEADER_ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+    FIXED: tl.constexpr, SKIP_OWN: tl.constexpr, HEADER_ROWS: tl.constexpr, PACK: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     offs_k = tl.arange(0, K_PAD)
     offs_w = tl.arange(0, W_PAD)
     k_mask = offs_k < TOP_K
-    # Unused rows that travel (with FIXED the first sent_rows of each block): no token,
-    # ids -1 (overwritten below for the rows in use).
-    init_rows = total_rows
-    if FIXED:
-        init_rows = WORLD * sent_rows
-    for r0 in range(0, init_rows, BLOCK_T):
-        offs_r = r0 + tl.arange(0, BLOCK_T)
-        if FIXED:
-            r_mask = offs_r < WORLD * sent_rows
-            offs_r = (offs_r // sent_rows) * block_rows + offs_r % sent_rows
-        else:
+    if PACK:  # unused rows: no token, ids -1 (overwritten below for the rows in use)
+        for r0 in range(0, total_rows, BLOCK_T):
+            offs_r = r0 + tl.arange(0, BLOCK_T)
             r_mask = offs_r < total_rows
-        tl.store(src_token_ptr + offs_r, tl.full([BLOCK_T], -1, tl.int32), mask=r_mask)
-        tl.store(send_ids_ptr + offs_r[:, None] * TOP_K + offs_k[None, :],
-                 tl.full([BLOCK_T, K_PAD], -1, tl.int32), mask=r_mask[:, None] & k_mask[None, :])
-    tl.debug_barrier()
+            tl.store(src_token_ptr + offs_r, tl.full([BLOCK_T], -1, tl.int32), mask=r_mask)
+            tl.store(send_ids_ptr + offs_r[:, None] * TOP_K + offs_k[None, :],
+                     tl.full([BLOCK_T, K_PAD], -1, tl.int32),
+                     mask=r_mask[:, None] & k_mask[None, :])
+        tl.debug_barrier()
 
     totals = tl.zeros([W_PAD], dtype=tl.int32)
     if not FIXED:  # first pass: block sizes, for the offsets
@@ -171,24 +167,23 @@ def plan_pack_kernel(
             row = base + tl.cumsum(need, axis=0) - need
             needed = need > 0
             tl.store(rows_ptr + d * num_tokens + offs_t, tl.where(needed, row, -1), mask=t_mask)
-            tl.store(src_token_ptr + row, offs_t, mask=needed)
-            send_mask = needed[:, None] & k_mask[None, :]
-            tl.store(send_ids_ptr + row[:, None] * TOP_K + offs_k[None, :],
-                     tl.where(owned, ids - d * experts_per_rank, -1), mask=send_mask)
-            tl.store(send_weights_ptr + row[:, None] * TOP_K + offs_k[None, :], weights,
-                     mask=send_mask)
+            if PACK:
+                tl.store(src_token_ptr + row, offs_t, mask=needed)
+                send_mask = needed[:, None] & k_mask[None, :]
+                tl.store(send_ids_ptr + row[:, None] * TOP_K + offs_k[None, :],
+                         tl.where(owned, ids - d * experts_per_rank, -1), mask=send_mask)
+                tl.store(send_weights_ptr + row[:, None] * TOP_K + offs_k[None, :], weights,
+                         mask=send_mask)
             running += tl.where(offs_w == d, tl.sum(need, axis=0), 0)
     tl.store(counts_ptr + offs_w, running, mask=offs_w < WORLD)
 
 
 @triton.jit
-def gather_rows_kernel(x_ptr, src_token_ptr, out_ptr, num_rows, sent_rows, block_rows, hidden,
+def gather_rows_kernel(x_ptr, src_token_ptr, out_ptr, num_rows, hidden,
                        BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    in_range = offs_r < num_rows
-    offs_r = (offs_r // sent_rows) * block_rows + offs_r % sent_rows  # each block's first rows
-    src = tl.load(src_token_ptr + offs_r, mask=in_range, other=-1)
+    src = tl.load(src_token_ptr + offs_r, mask=offs_r < num_rows, other=-1)
     mask = (src >= 0)[:, None] & (offs_h < hidden)[None, :]
     rows = tl.load(x_ptr + src[:, None].to(tl.int64) * hidden + offs_h[None, :], mask=mask)
     tl.store(out_ptr + offs_r[:, None].to(tl.int64) * hidden + offs_h[None, :], rows, mask=mask)
@@ -384,6 +379,14 @@ def put_flag_kernel(epoch_ptr, failed_ptr, state_ptr, peer_header_ptr, peer_flag
     failed)], then peer_flag <- epoch (release, system scope, after the data and the
     header), or FLAG_FAILED when this rank's workspace failed: the peer's wait then ends
     at once."""
+    _put_flag(epoch_ptr, failed_ptr, state_ptr, peer_header_ptr, peer_flag_ptr, layer_id,
+              status)
+
+
+@triton.jit
+def _put_flag(epoch_ptr, failed_ptr, state_ptr, peer_header_ptr, peer_flag_ptr, layer_id,
+              status):
+    """``put_flag_kernel``'s body, for one program of any kernel."""
     sticky = tl.load(state_ptr + _STICKY)
     send = tl.where(status != 0, status, tl.where(sticky != 0, _BROKEN, _OK))
     tl.store(peer_header_ptr + 0, tl.full([], _MAGIC, tl.int64))
@@ -457,3 +460,90 @@ def wait_flags_kernel(epoch_ptr, flags_ptr, headers_ptr, failed_ptr, record_ptr,
                     tl.store(record_ptr + _STATE_WORDS, tl.full([], layer_id, tl.int64))
     tl.store(state_ptr + _POISON, tl.where(tl.load(failed_ptr, volatile=True) != 0, 1,
                                            tl.load(state_ptr + _POISON)))
+
+
+@triton.jit
+def _last_program(counter_ptr):
+    """True in the last program of the grid to get here (the others' stores are then
+    visible to it, and through its releases to the peers); it re-arms the counter. An
+    arrival counter in device memory, acquire-release at system scope."""
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    tl.debug_barrier()  # every thread's stores before the program's arrival
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="sys")
+    last = arrived == programs - 1
+    if last:
+        tl.store(counter_ptr, 0)
+    return last
+
+
+@triton.jit
+def _peer_ptr(addrs_ptr, rank, like):
+    """The int64 address addrs[rank] as a pointer to ``like``'s element type."""
+    return tl.load(addrs_ptr + rank).to(tl.pointer_type(like.dtype.element_ty))
+
+
+@triton.jit
+def push_rows_kernel(
+    x_ptr, topk_ids_ptr, topk_weights_ptr, rows_ptr, x_addrs, ids_addrs, weights_addrs,
+    header_addrs, flag_addrs, counter_ptr, epoch_ptr, failed_ptr, state_ptr, layer_id,
+    status, num_tokens, hidden, capacity, experts_per_rank, rank,
+    WORLD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """The nvlink dispatch, SM stores into every rank's symmetric memory: token t of x
+    [T, H] goes to row p = rows[d, t] - d * capacity (the plan's; rows -1: not sent) of
+    rank d's receive block for this rank: x to row p of x_addrs[d] ([capacity, H]), its K
+    ids in d's numbering (-1 for other ranks' experts) to row p of ids_addrs[d]
+    ([capacity, K] int32), its weights to weights_addrs[d] ([capacity, K] fp32), where
+    ``*_addrs[d]`` are int64 addresses in rank d's memory (this rank's own included). The
+    last program then writes every peer's header and raises its flag (``_put_flag``).
+    Grid (max(1, cdiv(T, BLOCK_T)), cdiv(H, BLOCK_H))."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, K_PAD)
+    t_mask = offs_t < num_tokens
+    h_mask = offs_h < hidden
+    x = tl.load(x_ptr + offs_t[:, None].to(tl.int64) * hidden + offs_h[None, :],
+                mask=t_mask[:, None] & h_mask[None, :])
+    meta_mask = t_mask[:, None] & (offs_k < TOP_K)[None, :]
+    ids = tl.load(topk_ids_ptr + offs_t[:, None] * TOP_K + offs_k[None, :], mask=meta_mask,
+                  other=-1)
+    weights = tl.load(topk_weights_ptr + offs_t[:, None] * TOP_K + offs_k[None, :],
+                      mask=meta_mask, other=0.0)
+    first_h = tl.program_id(1) == 0  # one program per token block moves the ids and weights
+    for d in tl.static_range(WORLD):
+        row = tl.load(rows_ptr + d * num_tokens + offs_t, mask=t_mask, other=-1)
+        sent = row >= 0
+        dest = (row - d * capacity).to(tl.int64)
+        tl.store(_peer_ptr(x_addrs, d, x_ptr) + dest[:, None] * hidden + offs_h[None, :], x,
+                 mask=sent[:, None] & h_mask[None, :])
+        meta = sent[:, None] & (offs_k < TOP_K)[None, :] & first_h
+        owned = (ids >= 0) & (ids // experts_per_rank == d)
+        tl.store(_peer_ptr(ids_addrs, d, topk_ids_ptr) + dest[:, None] * TOP_K + offs_k[None, :],
+                 tl.where(owned, ids - d * experts_per_rank, -1), mask=meta)
+        tl.store(_peer_ptr(weights_addrs, d, topk_weights_ptr) + dest[:, None] * TOP_K
+                 + offs_k[None, :], weights, mask=meta)
+    if _last_program(counter_ptr):
+        for d in tl.static_range(WORLD):
+            if d != rank:
+                _put_flag(epoch_ptr, failed_ptr, state_ptr,
+                          _peer_ptr(header_addrs, d, header_addrs),
+                          _peer_ptr(flag_addrs, d, flag_addrs), layer_id, status)
+
+
+@triton.jit
+def release_back_kernel(recv_ids_ptr, num_words, header_addrs, flag_addrs, counter_ptr,
+                        epoch_ptr, failed_ptr, state_ptr, layer_id, status, rank,
+                        WORLD: tl.constexpr, BLOCK: tl.constexpr):
+    """The nvlink way back, once the partial sums are in ``back``: every recv_ids word
+    (num_words int32) back to -1 (no token until the next dispatch fills the row), then
+    the last program writes every peer's second header and raises its second flag
+    (``*_addrs[d]``: addresses in rank d's memory). Grid (cdiv(num_words, BLOCK), 1)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(recv_ids_ptr + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < num_words)
+    if _last_program(counter_ptr):
+        for d in tl.static_range(WORLD):
+            if d != rank:
+                _put_flag(epoch_ptr, failed_ptr, state_ptr,
+                          _peer_ptr(header_addrs, d, header_addrs),
+                          _peer_ptr(flag_addrs, d, flag_addrs), layer_id, status)

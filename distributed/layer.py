@@ -30,8 +30,8 @@ reading the local experts' weights twice (once per source) and running two small
 grouped GEMMs. Measured on 2 x H200 (README, "Expert parallel") it was slower in 22 of
 24 cells (1.1-1.8x at 128 and 1024 tokens per rank, 4-8% at 8192) and won only for
 Mixtral at 8192 tokens. It stays an option, off by default: the dispatch already
-overlaps the shared expert, which runs on the main stream while the copy engine pushes
-the tokens.
+overlaps the shared expert, which runs on the main stream while the transport moves the
+tokens (nvlink: its push kernel on a side stream).
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ from . import protocol as P
 from .all_to_all import AllToAllTransport
 from .kernels import combine_partials_kernel
 from .nvlink import NVLinkTransport, nvlink_available
-from .plan import plan_and_pack
+from .plan import plan_dispatch
 from .sharding import (EXPERT_TENSORS, check_ranks_agree, draw_experts, expert_range,
                        layer_description, replicated_shell, weight_format)
 
@@ -375,16 +375,14 @@ class ExpertParallelMoE(nn.Module):
                 None if self.score_bias is None else self.score_bias.float())
             send = transport.send_buffers(W * ((C if C is not None else T) + h), c.hidden_size,
                                           c.top_k, x.dtype, x.device)
-            plan = plan_and_pack(x, topk_weights, topk_ids, len(self.expert_range), r, W, C,
-                                 *send, skip_own=overlap, header_rows=h,
-                                 sent_rows=None if C is None else transport.rows_sent(T, C + h))
+            plan = plan_dispatch(x, topk_weights, topk_ids, len(self.expert_range), r, W, C,
+                                 skip_own=overlap, header_rows=h, send=send)
             if C is None:
                 send_rows, recv_rows = transport.exchange_counts(call, plan.counts.long())
-                send = tuple(buf[:sum(send_rows)] for buf in send)
             else:
                 send_rows = recv_rows = call.send_rows = call.recv_rows = [C + h] * W
-            filled = [0 if overlap and d == r else T for d in range(W)]
-        pending = transport.dispatch(*send, send_rows, recv_rows, filled, call=call)
+        pending = transport.dispatch(x, topk_weights, topk_ids, plan, send_rows, recv_rows,
+                                     call=call)
 
         scales = dict(w_gate_up_scale=self.w_gate_up_scale, w_down_scale=self.w_down_scale)
         local = (fused_experts_impl(x, topk_weights, plan.own_ids, self.w_gate_up,

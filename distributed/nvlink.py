@@ -1,5 +1,5 @@
-"""The ``nvlink`` transport: one node, PyTorch symmetric memory (CUDA backend), copy-engine
-pushes on a side stream and flags in device memory. No host synchronisation; a forward
+"""The ``nvlink`` transport: one node, PyTorch symmetric memory (CUDA backend), SM stores
+into the peers' memory and flags in device memory. No host synchronisation; a forward
 can be captured in a CUDA graph and replayed, any number of times per graph, on any rank
 at any point: nothing depends on the host's call history.
 
@@ -17,26 +17,26 @@ dtype), one set of buffers on every rank (W ranks, capacity C):
                flags [2, W] int64 flags[0, s] / flags[1, s]: the epoch whose dispatch /
                                   combine data from rank s has fully arrived, or
                                   FLAG_FAILED when rank s failed
-    local      send_x [W, C, H], send_ids, send_weights: the packed blocks
-               epoch int64 (bumped on the device by every forward of the workspace),
+    local      epoch int64 (bumped on the device by every forward of the workspace),
                failed int64 (sticky until ``reset``), record [RECORD_WORDS] int64 (the
-               first failure's state and layer id, ``protocol``)
+               first failure's state and layer id, ``protocol``), two int32 arrival
+               counters (the launches whose last program raises the flags)
 
-One forward: ``begin`` bumps the epoch and the layer's call count; ``dispatch`` makes
-the side stream wait for the packed blocks, push the first T rows (this rank's token
-count, known on the host) of block d into rank d's ``recv_*[rank]`` with the copy engine
-(``Tensor.copy_`` between mapped buffers uses no SM), then write the forward's header
-into rank d's ``headers[0, rank]`` and raise rank d's flag (one launch; release, system
-scope). ``receive`` spins on this rank's flags (acquire) until each equals the epoch
-exactly, then checks each header against this call: another layer or call count (two
-layers of one shape called in different orders, a skipped or extra call) fails the
-workspace on every rank; a peer that rejected its input (status INPUT) poisons this
-forward only. The expert pipeline writes its partial sums straight into ``back``
-(``partials_out``); ``send_back`` sets ``recv_ids`` back to -1 (rows a later, shorter
-dispatch does not fill then hold no token) and raises each peer's second flag with its
-header. The way back is a pull: after ``receive_back``'s wait, the combine kernel reads
-exactly its tokens' rows from each owner's ``back`` through the peer mapping (SM loads,
-bytes in proportion to the tokens routed). ``end`` joins the side stream.
+One forward, five launches of this transport: ``begin`` bumps the epoch and the layer's
+call count; ``dispatch`` (one launch on a side stream, after the plan) stores each token
+row, its ids and its weights into the receive block of every rank that owns one of its
+experts (this rank's own block included): only the routed rows move, at any capacity;
+its last program writes every peer's header and raises its flag (release, system scope).
+``receive`` joins the side stream and spins on this rank's flags (acquire) until each
+equals the epoch exactly, then checks each header against this call: another layer or
+call count (two layers of one shape called in different orders, a skipped or extra call)
+fails the workspace on every rank; a peer that rejected its input (status INPUT)
+poisons this forward only. The expert pipeline writes its partial sums straight into
+``back`` (``partials_out``); ``send_back`` (one launch) sets ``recv_ids`` back to -1
+(rows a later dispatch does not fill then hold no token) and raises each peer's second
+flag with its header. The way back is a pull: after ``receive_back``'s wait, the combine
+kernel reads exactly its tokens' rows from each owner's ``back`` through the peer
+mapping. ``end`` joins the side stream.
 
 Failures: a wait ends early on a peer's FLAG_FAILED, on a flag from a later epoch (the
 ranks called the workspace's layers differently), or after ``timeout`` seconds of the
@@ -46,14 +46,14 @@ every later flag this rank raises is FLAG_FAILED, so its peers fail instead of w
 or reading stale rows. The other layers of the workspace then record SHARED at their next
 forward, and their ``check()`` quotes the first failure. An exception inside a forward
 fails the workspace and raises the flags it had not raised. ``reset`` (collective)
-zeroes flags, epoch, failure and record.
+zeroes flags, epoch, failure, record and counters.
 
 Buffers are safe to reuse with one set: a rank pushes forward n+1 only after its combine
 wait of forward n (the side stream waits for the main stream), which the peer signalled
 after its last read of forward n's dispatch data and after resetting its ``recv_ids``;
 a rank overwrites ``back`` in forward n+1 only after every peer's dispatch flag of n+1,
 which each peer raised after its combine of forward n (its last read of ``back``);
-``end`` joins the side stream before the next forward packs its send blocks.
+``end`` joins the side stream before the next forward plans.
 
 NVLink multicast is never used: no multimem ops, no multicast objects.
 """
@@ -61,11 +61,14 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import triton
 
+from moe_ops.interpreter import BLOCKS
 from moe_ops.profiling import stage_range
 
 from . import protocol as P
-from .kernels import CLOCK_TICKS_PER_S, bump_epoch_kernel, put_flag_kernel, wait_flags_kernel
+from .kernels import (CLOCK_TICKS_PER_S, bump_epoch_kernel, push_rows_kernel, put_flag_kernel,
+                      release_back_kernel, wait_flags_kernel)
 from .streams import StreamOrder
 from .transport import PartialSums, Transport
 
@@ -92,8 +95,13 @@ def _view(raw: torch.Tensor, offset, nbytes, dtype, shape) -> torch.Tensor:
     return raw[offset:offset + nbytes].view(dtype).view(shape)
 
 
+# The rows of ``_Slot.addresses``: where, in rank d's memory, this rank's data goes.
+ADDRESSES = ("recv_x", "recv_ids", "recv_weights", "header_dispatch", "flag_dispatch",
+             "header_combine", "flag_combine")
+
+
 class _Slot:
-    """One set of symmetric buffers, the peers' mappings of them, and the send blocks."""
+    """One set of symmetric buffers and the peers' mappings of them."""
 
     def __init__(self, group, rank, world, capacity, hidden, top_k, dtype, device):
         import torch.distributed._symmetric_memory as symm_mem
@@ -108,18 +116,31 @@ class _Slot:
                 raws[peer] = handle.get_buffer(peer, (total,), torch.uint8, 0)
                 self.peers[peer] = {name: _view(raws[peer], *spec) for name, spec in layout.items()}
         self.clear()
+        item = torch.empty((), dtype=dtype).element_size()
+        # Byte offsets, within a slot, of this rank's part of each buffer (``ADDRESSES``).
+        mine = dict(recv_x=layout["recv_x"][0] + rank * capacity * hidden * item,
+                    recv_ids=layout["recv_ids"][0] + rank * capacity * top_k * 4,
+                    recv_weights=layout["recv_weights"][0] + rank * capacity * top_k * 4)
+        for row, phase in enumerate(("dispatch", "combine")):
+            mine[f"header_{phase}"] = layout["headers"][0] + (row * world + rank) * P.HEADER_WORDS * 8
+            mine[f"flag_{phase}"] = layout["flags"][0] + (row * world + rank) * 8
+        # int64 [len(ADDRESSES), W]: the address of each, in rank d's memory (mapped here).
+        self.addresses = torch.tensor(
+            [[raws[d].data_ptr() + mine[name] for d in range(world)] for name in ADDRESSES],
+            dtype=torch.int64, device=device)
         # Where rank d's partial sums of this rank's tokens are, for the combine's pull:
         # d's ``back`` (mapped here) shifted so that the plan's row d*C + r (position r
         # in block d) lands on row rank*C + r there.
-        back_offset, item = layout["back"][0], torch.empty((), dtype=dtype).element_size()
+        back_offset = layout["back"][0]
         self.back_bases = torch.tensor(
             [raws[d].data_ptr() + back_offset + (rank - d) * capacity * hidden * item
              for d in range(world)],
             dtype=torch.int64, device=device)
-        self.send_x = torch.empty(world * capacity, hidden, dtype=dtype, device=device)
-        self.send_ids = torch.empty(world * capacity, top_k, dtype=torch.int32, device=device)
-        self.send_weights = torch.empty(world * capacity, top_k, dtype=torch.float32, device=device)
         self._keep = (raw, handle)
+
+    def address(self, name: str) -> torch.Tensor:
+        """int64 [W]: ``name``'s (``ADDRESSES``) address in every rank's memory."""
+        return self.addresses[ADDRESSES.index(name)]
 
     def clear(self) -> None:
         """No flag raised, no header, no token in any receive row."""
@@ -137,6 +158,8 @@ class _Workspace:
         self.epoch = torch.zeros(1, dtype=torch.int64, device=device)
         self.failed = torch.zeros(1, dtype=torch.int64, device=device)
         self.record = torch.zeros(P.RECORD_WORDS, dtype=torch.int64, device=device)
+        # Arrival counters of the push and release launches (``kernels._last_program``).
+        self.arrivals = torch.zeros(2, dtype=torch.int32, device=device)
         self.scratch_state = P.new_state(device)  # for transport calls outside a layer
         self.side = torch.cuda.Stream(device=device)
         self.order = StreamOrder()
@@ -179,25 +202,39 @@ class NVLinkTransport(Transport):
         ws = self.workspace
         bump_epoch_kernel[(1,)](ws.epoch, ws.failed, self._state(call))
 
-    def rows_sent(self, tokens, block_rows):
-        """The first T rows of each block: no block holds more of this rank's tokens."""
-        return min(tokens, block_rows)
-
     def send_buffers(self, rows, hidden, top_k, dtype, device):
-        return self.slot.send_x, self.slot.send_ids, self.slot.send_weights
+        """None: the dispatch stores the plan's rows of x straight into the ranks' memory."""
+        return None
 
-    def _push(self, source: torch.Tensor, filled_rows: list[int], call=None):
-        """The dispatch: block d of ``source`` and of the send ids and weights (their first
-        filled_rows[d] rows) into rank d's ``recv_*[rank]`` on the side stream, then rank
-        d's flag; this rank's own block locally, on the main stream."""
+    def wire_rows(self, routed):
+        """Each routed row once there (``dispatch``) and once back (the combine's pull)."""
+        return list(routed), list(routed)
+
+    @staticmethod
+    def _identity(call):
+        """(layer id, status) this rank's messages carry; transport-only calls (no layer)
+        carry -1 and OK on every rank alike."""
+        return (call.layer_id, call.status) if call is not None else (-1, P.OK)
+
+    def dispatch(self, x, topk_weights, topk_ids, plan, send_rows, recv_rows, call=None):
+        """One launch on the side stream (after the main stream's plan): every token row,
+        its ids and weights into its owners' receive blocks, then every peer's header and
+        flag (``kernels.push_rows_kernel``)."""
         ws, slot = self.workspace, self.slot
-        ws.side.wait_stream(torch.cuda.current_stream())
-        source.record_stream(ws.side)
-        with torch.cuda.stream(ws.side):
-            for peer, bufs in slot.peers.items():
-                self._copy_block(bufs, source, peer, filled_rows[peer])
-                self._signal(bufs, 0, call)
-        self._copy_block(slot.local, source, self.rank, filled_rows[self.rank])
+        T, H = x.shape
+        block_t, block_h = BLOCKS.gather_rows, BLOCKS.gather_h
+        with stage_range("dispatch"):
+            ws.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(ws.side):
+                push_rows_kernel[(max(1, triton.cdiv(T, block_t)), triton.cdiv(H, block_h))](
+                    x, topk_ids, topk_weights, plan.rows, slot.address("recv_x"),
+                    slot.address("recv_ids"), slot.address("recv_weights"),
+                    slot.address("header_dispatch"), slot.address("flag_dispatch"),
+                    ws.arrivals[0:], ws.epoch, ws.failed, self._state(call),
+                    *self._identity(call), T, H, self.capacity, plan.experts_per_rank,
+                    self.rank, WORLD=self.world_size, TOP_K=topk_ids.shape[1],
+                    K_PAD=triton.next_power_of_2(topk_ids.shape[1]), BLOCK_T=block_t,
+                    BLOCK_H=block_h)
         if call is not None:
             call.done.append("dispatch")
 
@@ -208,23 +245,6 @@ class NVLinkTransport(Transport):
                               peer_bufs["headers"][flag_row, self.rank],
                               peer_bufs["flags"][flag_row, self.rank:self.rank + 1],
                               *self._identity(call))
-
-    @staticmethod
-    def _identity(call):
-        """(layer id, status) this rank's messages carry; transport-only calls (no layer)
-        carry -1 and OK on every rank alike."""
-        return (call.layer_id, call.status) if call is not None else (-1, P.OK)
-
-    def _copy_block(self, dest_bufs, source, block, rows):
-        """Rows block*C ... block*C + rows of x, ids and weights into dest's block of
-        this rank (the rows past the block's tokens carry ids -1)."""
-        if not rows:
-            return
-        C, slot = self.capacity, self.slot
-        span = slice(block * C, block * C + rows)
-        dest_bufs["recv_x"][self.rank, :rows].copy_(source[span])
-        dest_bufs["recv_ids"][self.rank, :rows].copy_(slot.send_ids[span])
-        dest_bufs["recv_weights"][self.rank, :rows].copy_(slot.send_weights[span])
 
     def _wait(self, flag_row: int, stage: str, call=None):
         ws = self.workspace
@@ -237,12 +257,9 @@ class NVLinkTransport(Transport):
                                     P.DISPATCH if flag_row == 0 else P.COMBINE,
                                     WORLD=self.world_size, HIP=self.hip)
 
-    def dispatch(self, send_x, send_ids, send_weights, send_rows, recv_rows, filled_rows,
-                 call=None):
-        with stage_range("dispatch"):
-            self._push(send_x, filled_rows, call=call)
-
     def receive(self, pending, call=None):
+        """After this rank's own push (side stream) and every peer's dispatch flag."""
+        torch.cuda.current_stream().wait_stream(self.workspace.side)
         self._wait(0, "dispatch_wait", call)
         local, rows = self.slot.local, self.world_size * self.capacity
         return (local["recv_x"].view(rows, -1), local["recv_ids"].view(rows, -1),
@@ -253,17 +270,19 @@ class NVLinkTransport(Transport):
         return self.slot.local["back"].view(rows, hidden)
 
     def send_back(self, partials, send_rows, recv_rows, call=None):
-        """The partial sums are in ``back`` already: every ``recv_ids`` row back to -1,
-        then each peer's second flag (header first), on the side stream."""
+        """The partial sums are in ``back`` already: one launch sets every ``recv_ids`` row
+        back to -1, then writes each peer's second header and raises its flag
+        (``kernels.release_back_kernel``)."""
         ws, slot = self.workspace, self.slot
         if partials.data_ptr() != slot.local["back"].data_ptr():
             raise ValueError("nvlink send_back: the partial sums must be in partials_out()")
+        ids = slot.local["recv_ids"]
+        block = 1024
         with stage_range("combine"):
-            slot.local["recv_ids"].fill_(-1)
-            ws.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(ws.side):
-                for bufs in slot.peers.values():
-                    self._signal(bufs, 1, call)
+            release_back_kernel[(triton.cdiv(ids.numel(), block),)](
+                ids, ids.numel(), slot.address("header_combine"), slot.address("flag_combine"),
+                ws.arrivals[1:], ws.epoch, ws.failed, self._state(call), *self._identity(call),
+                self.rank, WORLD=self.world_size, BLOCK=block)
         if call is not None:
             call.done.append("back")
 
@@ -303,8 +322,8 @@ class NVLinkTransport(Transport):
         return self.workspace.record.tolist()
 
     def reset(self) -> None:
-        """Collective: once every rank's queued work is done, zero the flags, the epoch and
-        the failure word on every rank."""
+        """Collective: once every rank's queued work is done, zero the flags, the epoch,
+        the failure word and the arrival counters on every rank."""
         ws = self.workspace
         torch.cuda.synchronize()
         dist.barrier(group=self.group)
@@ -312,6 +331,7 @@ class NVLinkTransport(Transport):
         ws.epoch.zero_()
         ws.failed.zero_()
         ws.record.zero_()
+        ws.arrivals.zero_()
         torch.cuda.synchronize()
         dist.barrier(group=self.group)
 

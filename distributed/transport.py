@@ -6,9 +6,9 @@ only these steps, in this order per forward (``call`` is the forward's ``protoco
 
     begin(call)
     send_buffers(rows, hidden, top_k, dtype, device) -> (send_x, send_ids, send_weights)
-    rows_sent(tokens, block_rows) -> rows of each fixed-size block that travel
+                                or None (the transport moves the plan's rows of x itself)
     exchange_counts(call, counts) -> (send_rows, recv_rows)   without fixed buffers only
-    dispatch(send_x, send_ids, send_weights, send_rows, recv_rows, filled_rows, call=) -> pending
+    dispatch(x, topk_weights, topk_ids, plan, send_rows, recv_rows, call=) -> pending
     receive(pending, call=) -> (recv_x, recv_ids, recv_weights)     waits for the dispatch
     partials_out(rows, hidden, dtype, device) -> where the expert output goes (or None)
     send_back(partials, send_rows, recv_rows, call=) -> pending
@@ -19,10 +19,11 @@ only these steps, in this order per forward (``call`` is the forward's ``protoco
     reset()                     collective: drain what failed forwards left (``layer.reset``)
     failure_record()            what failed a buffer set shared by several layers (or None)
 
-``send_rows[d]`` rows go to rank d and ``recv_rows[s]`` come from rank s, blocks in rank
-order; each block is its tokens followed by ``header_rows`` rows of protocol header
-(``protocol``). ``filled_rows[d]``: how many rows of block d hold data (0 skips the copy).
-``order`` (``streams.StreamOrder``) orders forwards issued from several CUDA streams.
+``plan`` is ``plan.DispatchPlan`` (packed into ``send_buffers`` where the transport gave
+them). ``send_rows[d]`` rows go to rank d and ``recv_rows[s]`` come from rank s, blocks in
+rank order; each block is its tokens followed by ``header_rows`` rows of protocol header
+(``protocol``). ``order`` (``streams.StreamOrder``) orders forwards issued from several
+CUDA streams. ``wire_rows`` says what one forward moves (for the benchmark's bytes).
 """
 from __future__ import annotations
 
@@ -56,21 +57,22 @@ class Transport(ABC):
 
     @abstractmethod
     def send_buffers(self, rows: int, hidden: int, top_k: int, dtype, device):
-        """(send_x [rows, hidden], send_ids [rows, top_k], send_weights [rows, top_k]) to pack into."""
+        """(send_x [rows, hidden], send_ids [rows, top_k], send_weights [rows, top_k]) to
+        pack into, or None: ``dispatch`` moves the plan's rows of x itself."""
 
-    def rows_sent(self, tokens: int, block_rows: int) -> int:
-        """With fixed buffers: how many leading rows of each block_rows-row block this
-        transport moves when the rank has ``tokens`` tokens (default: whole blocks)."""
-        return block_rows
+    @abstractmethod
+    def wire_rows(self, routed: list[int]) -> tuple[list[int], list[int]]:
+        """(rows sent to each rank, rows coming back from it) in one forward, headers
+        included, when ``routed[d]`` of this rank's tokens need rank d's experts."""
 
     def exchange_counts(self, call, counts):
         """Block sizes without fixed buffers: (send_rows, recv_rows) lists, host-known."""
         raise ValueError(f"transport {self.name!r} needs max_tokens_per_rank (fixed buffers)")
 
     @abstractmethod
-    def dispatch(self, send_x, send_ids, send_weights, send_rows, recv_rows, filled_rows,
-                 call=None):
-        """Start moving the packed blocks; returns what ``receive`` waits on."""
+    def dispatch(self, x, topk_weights, topk_ids, plan, send_rows, recv_rows, call=None):
+        """Start moving every token to the ranks the plan names; returns what ``receive``
+        waits on."""
 
     @abstractmethod
     def receive(self, pending, call=None):

@@ -340,12 +340,11 @@ def test_dying_rank_fails_its_peer_in_bounded_time(max_tokens):
 
 
 @pytest.mark.parametrize("skip_own", [False, True])
-def test_plan_packs_only_the_rows_that_travel(skip_own, device):
-    """With a capacity and ``sent_rows`` (the nvlink transport's T), only the first
-    sent_rows rows of each block are written: the tokens needing that rank in order, their
-    ids renumbered (-1 for other ranks' experts), ids -1 on the rows after them; the rows
-    past sent_rows keep what they held."""
-    from moe_ops.distributed.plan import plan_and_pack
+def test_plan_packs_each_token_once_per_owner(skip_own, device):
+    """With a capacity, block d holds the tokens needing rank d in order, their ids
+    renumbered (-1 for other ranks' experts), ids -1 on the rows after them and those
+    rows' x untouched; planning without send buffers gives the same plan."""
+    from moe_ops.distributed.plan import plan_dispatch
 
     T, K, H, W, E_l, C, rank = 6, 2, 8, 2, 3, 10, 1
     ids = torch.stack([torch.randperm(W * E_l)[:K] for _ in range(T)]).int().to(device)
@@ -353,8 +352,12 @@ def test_plan_packs_only_the_rows_that_travel(skip_own, device):
     send_x = torch.full((W * C, H), 7.0, device=device)
     send_ids = torch.full((W * C, K), 99, dtype=torch.int32, device=device)
     send_weights = torch.full((W * C, K), 5.0, device=device)
-    plan = plan_and_pack(x, weights, ids, E_l, rank, W, C, send_x, send_ids, send_weights,
-                         skip_own=skip_own, sent_rows=T)
+    plan = plan_dispatch(x, weights, ids, E_l, rank, W, C, skip_own=skip_own,
+                         send=(send_x, send_ids, send_weights))
+    bare = plan_dispatch(x, weights, ids, E_l, rank, W, C, skip_own=skip_own)
+    assert bare.send is None
+    assert torch.equal(bare.rows, plan.rows) and torch.equal(bare.counts, plan.counts)
+    assert torch.equal(bare.own_ids, plan.own_ids)
     for d in range(W):
         owned = (ids // E_l) == d
         tokens = owned.any(1).nonzero().flatten()
@@ -362,13 +365,102 @@ def test_plan_packs_only_the_rows_that_travel(skip_own, device):
             tokens = tokens[:0]
         n = len(tokens)
         assert int(plan.counts[d]) == n
+        expected_rows = torch.full((T,), -1, dtype=torch.int32, device=device)
+        expected_rows[tokens] = d * C + torch.arange(n, dtype=torch.int32, device=device)
+        assert torch.equal(plan.rows[d], expected_rows)
         rows = slice(d * C, d * C + n)
         assert torch.equal(send_x[rows], x[tokens])
         assert torch.equal(send_ids[rows], torch.where(owned[tokens], ids[tokens] - d * E_l, -1))
         assert torch.equal(send_weights[rows], weights[tokens])
-        assert (send_ids[d * C + n:d * C + T] == -1).all()
-        assert (send_ids[d * C + T:(d + 1) * C] == 99).all()
-        assert (send_x[d * C + T:(d + 1) * C] == 7).all()
+        assert (send_ids[d * C + n:(d + 1) * C] == -1).all()
+        assert (send_x[d * C + n:(d + 1) * C] == 7).all()
+
+
+class _FakePeers:
+    """The nvlink workspace of W ranks as local tensors (rank d's symmetric buffers are
+    ``bufs[d]``), with the address table a transport on ``rank`` would build."""
+
+    def __init__(self, W, C, H, K, rank, dtype, device):
+        self.bufs = [dict(recv_x=torch.full((W, C, H), 3.5, dtype=dtype, device=device),
+                          recv_ids=torch.full((W, C, K), 77, dtype=torch.int32, device=device),
+                          recv_weights=torch.full((W, C, K), 9.0, device=device),
+                          headers=torch.zeros(2, W, 4, dtype=torch.int64, device=device),
+                          flags=torch.zeros(2, W, dtype=torch.int64, device=device))
+                     for _ in range(W)]
+
+        def table(name, index):
+            return torch.tensor([b[name][index].data_ptr() for b in self.bufs],
+                                dtype=torch.int64, device=device)
+
+        self.addresses = dict(recv_x=table("recv_x", rank), recv_ids=table("recv_ids", rank),
+                              recv_weights=table("recv_weights", rank),
+                              header_dispatch=table("headers", (0, rank)),
+                              flag_dispatch=table("flags", (0, rank)),
+                              header_combine=table("headers", (1, rank)),
+                              flag_combine=table("flags", (1, rank)))
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_push_stores_each_routed_row_in_its_owners_memory(failed, device):
+    """The nvlink dispatch kernel, peers' memory faked by local tensors (their addresses):
+    rank d's block of this rank receives, at the plan's positions, exactly the tokens
+    needing d (x, ids in d's numbering, weights), nothing else is written; the last of
+    several programs writes each peer's header and raises its flag to the epoch
+    (FLAG_FAILED when the workspace failed), never this rank's own, and re-arms its
+    counter. The release kernel sets every recv_ids row to -1 and raises the second flags."""
+    import triton
+
+    from moe_ops.distributed import kernels as K
+    from moe_ops.distributed import protocol as P
+    from moe_ops.distributed.plan import plan_dispatch
+
+    T, Kk, H, W, E_l, C, rank, layer_id = 7, 2, 12, 3, 2, 9, 1, 5
+    ids = torch.stack([torch.randperm(W * E_l)[:Kk] for _ in range(T)]).int().to(device)
+    weights, x = torch.rand(T, Kk, device=device), torch.randn(T, H, device=device)
+    plan = plan_dispatch(x, weights, ids, E_l, rank, W, C, skip_own=False)
+    peers = _FakePeers(W, C, H, Kk, rank, x.dtype, device)
+    state = P.new_state(device)
+    state[P.COUNT] = 41
+    epoch = torch.tensor([1234], dtype=torch.int64, device=device)
+    failed_word = torch.tensor([int(failed)], dtype=torch.int64, device=device)
+    arrivals = torch.zeros(2, dtype=torch.int32, device=device)
+    a = peers.addresses
+    K.push_rows_kernel[(triton.cdiv(T, 2), triton.cdiv(H, 4))](
+        x, ids, weights, plan.rows, a["recv_x"], a["recv_ids"], a["recv_weights"],
+        a["header_dispatch"], a["flag_dispatch"], arrivals[0:], epoch, failed_word, state,
+        layer_id, P.OK, T, H, C, E_l, rank, WORLD=W, TOP_K=Kk, K_PAD=2, BLOCK_T=2, BLOCK_H=4)
+    flag = P.FLAG_FAILED if failed else 1234
+    header = [P.MAGIC, layer_id, 41, P.OK]
+    for d in range(W):
+        owned = (ids // E_l) == d
+        tokens = owned.any(1).nonzero().flatten()
+        n = len(tokens)
+        got = peers.bufs[d]
+        assert torch.equal(got["recv_x"][rank, :n], x[tokens])
+        assert torch.equal(got["recv_ids"][rank, :n],
+                           torch.where(owned[tokens], ids[tokens] - d * E_l, -1))
+        assert torch.equal(got["recv_weights"][rank, :n], weights[tokens])
+        assert (got["recv_x"][rank, n:] == 3.5).all() and (got["recv_ids"][rank, n:] == 77).all()
+        others = [s for s in range(W) if s != rank]
+        assert (got["recv_x"][others] == 3.5).all() and (got["recv_weights"][others] == 9).all()
+        if d == rank:
+            assert (got["flags"] == 0).all() and (got["headers"] == 0).all()
+        else:
+            assert int(got["flags"][0, rank]) == flag
+            assert got["headers"][0, rank].tolist() == header
+            assert (got["flags"][1] == 0).all()
+    assert int(arrivals[0]) == 0
+
+    own = peers.bufs[rank]["recv_ids"]
+    blocks = 8  # several programs
+    K.release_back_kernel[(triton.cdiv(own.numel(), blocks),)](
+        own, own.numel(), a["header_combine"], a["flag_combine"], arrivals[1:], epoch,
+        failed_word, state, layer_id, P.OK, rank, WORLD=W, BLOCK=blocks)
+    assert (own == -1).all() and int(arrivals[1]) == 0
+    for d in range(W):
+        if d != rank:
+            assert int(peers.bufs[d]["flags"][1, rank]) == flag
+            assert peers.bufs[d]["headers"][1, rank].tolist() == header
 
 
 def test_nvlink_decision_matches_gpus_by_uuid_not_index():
@@ -417,17 +509,24 @@ for fixed in (True, False):
     build(K.plan_pack_kernel, dict(topk_ids_ptr="*i32", topk_weights_ptr="*fp32",
           counts_ptr="*i32", own_ids_ptr="*i32", rows_ptr="*i32", send_ids_ptr="*i32",
           send_weights_ptr="*fp32", src_token_ptr="*i32", num_tokens="i32",
-          block_rows="i32", sent_rows="i32", experts_per_rank="i32", rank="i32",
-          total_rows="i32"),
+          block_rows="i32", experts_per_rank="i32", rank="i32", total_rows="i32"),
           WORLD=2, W_PAD=2, TOP_K=8, K_PAD=8, FIXED=fixed, SKIP_OWN=not fixed,
-          HEADER_ROWS=int(fixed), BLOCK_T=256)
+          HEADER_ROWS=int(fixed), PACK=not fixed, BLOCK_T=256)
     build(K.combine_partials_kernel, dict(back_ptr="*bf16", bases_ptr="*i64", rows_ptr="*i32",
           local_ptr="*bf16", shared_ptr="*bf16", state_ptr="*i64", out_ptr="*bf16",
           num_tokens="i32", hidden="i32"), WORLD=2, HAS_LOCAL=fixed, HAS_SHARED=fixed,
           PULL=fixed, BLOCK_T=4, BLOCK_H=512, INTERPRETER=False)
 build(K.gather_rows_kernel, dict(x_ptr="*bf16", src_token_ptr="*i32", out_ptr="*bf16",
-      num_rows="i32", sent_rows="i32", block_rows="i32", hidden="i32"), BLOCK_R=8, BLOCK_H=512)
+      num_rows="i32", hidden="i32"), BLOCK_R=8, BLOCK_H=512)
 flags = dict(epoch_ptr="*i64", failed_ptr="*i64")
+signal = dict(header_addrs="*i64", flag_addrs="*i64", counter_ptr="*i32", **flags,
+              state_ptr="*i64", layer_id="i32", status="i32")
+build(K.push_rows_kernel, dict(x_ptr="*bf16", topk_ids_ptr="*i32", topk_weights_ptr="*fp32",
+      rows_ptr="*i32", x_addrs="*i64", ids_addrs="*i64", weights_addrs="*i64", **signal,
+      num_tokens="i32", hidden="i32", capacity="i32", experts_per_rank="i32", rank="i32"),
+      WORLD=2, TOP_K=8, K_PAD=8, BLOCK_T=8, BLOCK_H=512)
+build(K.release_back_kernel, dict(recv_ids_ptr="*i32", num_words="i32", **signal, rank="i32"),
+      WORLD=2, BLOCK=1024)
 build(K.bump_epoch_kernel, dict(flags, state_ptr="*i64"))
 build(K.put_flag_kernel, dict(flags, state_ptr="*i64", peer_header_ptr="*i64",
       peer_flag_ptr="*i64", layer_id="i32", status="i32"))
@@ -677,8 +776,8 @@ def test_gpu_nvlink_headers_catch_layer_order_and_carry_a_rejected_input():
 
 
 def nvlink_token_counts_scenario(rank, world, device, seed):
-    """The nvlink dispatch copies each forward's T rows only (ids and weights included)
-    and the combine pulls the partial sums from the owners' buffers: forwards whose token
+    """The nvlink dispatch stores each forward's routed rows only (ids and weights
+    included) and the combine pulls the partial sums from the owners' buffers: forwards whose token
     counts rise and fall (0 included; shorter after longer, the rows past them then hold
     no token), with overlap on and off, each equal the single-process layer."""
     from moe_ops.distributed import ExpertParallelMoE, random_fused_moe

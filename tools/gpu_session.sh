@@ -22,7 +22,8 @@
 #                                 torchrun -m benchmarks.bench_ep (EP_ARGS)        (~8 min)
 #   tools/gpu_session.sh ep1      (one GPU) the nvlink tests with both ranks time-sliced
 #                                 on it (TRITONMOE_TEST_SHARED_GPU=1: correctness, not
-#                                 speed), then python -m benchmarks.ep_receiver    (~3 min)
+#                                 speed), launches per forward (benchmarks.ep_launches,
+#                                 two ranks on the GPU), then benchmarks.ep_receiver (~5 min)
 #   tools/gpu_session.sh pack     tar everything under $OUT into $OUT/session.tar.gz
 #                                 (for a runner that returns only a few files)
 #
@@ -92,6 +93,8 @@ for step in "$@"; do
         -p no:cacheprovider tests/test_distributed.py -k "gpu and nvlink" > "$OUT/test_ep1.log" 2>&1 \
         || echo "EP TESTS (ONE GPU) FAILED (see test_ep1.log)"
       tail -5 "$OUT/test_ep1.log"
+      timeout "${EP_BENCH_TIMEOUT_S:-420}" torchrun --nproc_per_node=2 -m benchmarks.ep_launches \
+        --out "$OUT" 2>&1 | grep -v "^W1\|OMP_NUM\|\*\*\*\*" | tee "$OUT/ep_launches.log" | tail -12
       python -m benchmarks.ep_receiver 2>&1 | tee "$OUT/ep_receiver.log" | grep "^\[" ;;
     pack)
       [ "$out_given" = yes ] || { echo "pack empties \$OUT: set OUT to a scratch folder" >&2; exit 2; }
