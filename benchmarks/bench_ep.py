@@ -51,7 +51,6 @@ from benchmarks.ep_baseline import sequential_ep_forward  # noqa: E402
 from benchmarks.ep_report import write_outputs  # noqa: E402
 from benchmarks.run_info import command_line, default_out_dir, device_label, utc_now  # noqa: E402
 from moe_ops.distributed import ExpertParallelMoE  # noqa: E402
-from moe_ops.distributed.plan import plan_dispatch  # noqa: E402
 from moe_ops.module import shared_expert_output  # noqa: E402
 from moe_ops.pipeline import fused_experts_impl  # noqa: E402
 from moe_ops.reference import rel_l2  # noqa: E402
@@ -242,12 +241,11 @@ def comm_round_trip(layer, x):
     t, C, W, c = layer.transport, layer.max_tokens_per_rank, layer.world_size, layer.config
     weights, ids = route(layer, x)
     t.begin()
-    plan = plan_dispatch(x, weights, ids, len(layer.expert_range), layer.rank, W, C,
-                         skip_own=False)
+    plan = t.plan(x, weights, ids, len(layer.expert_range), skip_own=False)
     t.dispatch(x, weights, ids, plan, [C] * W, [C] * W)
-    recv_x, _, _ = t.receive(None)
-    back = t.receive_back(t.send_back(t.partials_out(recv_x.shape[0], c.hidden_size, x.dtype,
-                                                     x.device), [C] * W, [C] * W))
+    rows = t.receive(None).x.shape[0]
+    back = t.receive_back(t.send_back(t.partials_out(rows, c.hidden_size, x.dtype, x.device),
+                                      [C] * W, [C] * W))
     t.end()
     return back
 

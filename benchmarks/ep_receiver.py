@@ -1,17 +1,20 @@
 """What a capacity costs the receiving rank: the expert compute of one expert-parallel
-forward over a capacity-padded receive buffer against the same rows packed tight.
+forward over a capacity-sized receive buffer against the same rows packed tight.
 
-An expert-parallel rank with ``max_tokens_per_rank=C`` receives W blocks of C rows; only
-the first T rows of each block hold tokens (ids -1 after them). Per (model, T, C) this
-times the expert pipeline on the rank's E/W experts three ways (CUDA-graph replay,
-median) and lists each launch's time (torch.profiler, L2 flushed), after checking that
-the real rows agree:
+An expert-parallel rank with ``max_tokens_per_rank=C`` has a receive buffer of W*C rows;
+over ``nvlink`` the senders fill its first rows (each reserves its block there) and the
+rank knows on the device how many. Per (model, T, C), W ranks sending T tokens each, this
+times the expert pipeline on the rank's E/W experts four ways (CUDA-graph replay, median)
+and lists each launch's time (torch.profiler, L2 flushed), after checking that the real
+rows agree:
 
     padded   ``fused_experts`` over the [W*C, H] buffer as a plain call sees it (tiles
              for W*C rows, every output row written)
-    layer    the same buffer as ``ExpertParallelMoE`` computes it (tiles and GEMM grids
-             for T tokens, unrouted rows left unwritten)
-    tight    the W*T real rows alone: what the padding should cost at most
+    sparse   the same buffer with tiles and GEMM grids for T tokens, unrouted rows left
+             unwritten (``skip_unrouted``), every row's ids still read
+    layer    as ``ExpertParallelMoE`` computes it: sparse, and read up to the filled
+             rows only (``num_rows``, on the device)
+    tight    the W*T real rows alone: what the capacity should cost at most
 
 One GPU is enough; run from the checkout root::
 
@@ -31,22 +34,20 @@ from tools.timing import Timer
 from tools.workloads import layer_config
 
 
-def received_blocks(num_tokens, capacity, world, top_k, local_experts, hidden, dtype, gen):
-    """(x [W*C, H], weights, ids [W*C, K]) as a rank receives them: per block the first
-    ``num_tokens`` rows are tokens with at least one local expert (each slot local with
-    probability 1/W, the rest -1; distinct experts per token), the rows after them have
-    ids -1."""
-    rows = world * capacity
+def received_rows(num_tokens, capacity, world, top_k, local_experts, hidden, dtype, gen):
+    """(x [W*C, H], weights, ids [W*C, K]) as a rank receives them: the first W*T rows are
+    tokens with at least one local expert (each slot local with probability 1/W, the rest
+    -1; distinct experts per token), the rows after them have ids -1."""
+    rows, filled = world * capacity, world * num_tokens
     x = torch.randn(rows, hidden, device="cuda", dtype=dtype, generator=gen)
-    ids = torch.full((world, capacity, top_k), -1, dtype=torch.int32, device="cuda")
-    weights = torch.rand(world, capacity, top_k, device="cuda", generator=gen)
-    draws = torch.rand(world, num_tokens, top_k, device="cuda", generator=gen)
-    local = draws < 1.0 / world
-    local[..., 0] = True
-    first = torch.randint(0, local_experts, (world, num_tokens, 1), device="cuda", generator=gen)
+    ids = torch.full((rows, top_k), -1, dtype=torch.int32, device="cuda")
+    weights = torch.rand(rows, top_k, device="cuda", generator=gen)
+    local = torch.rand(filled, top_k, device="cuda", generator=gen) < 1.0 / world
+    local[:, 0] = True
+    first = torch.randint(0, local_experts, (filled, 1), device="cuda", generator=gen)
     picked = (first + torch.arange(top_k, device="cuda")) % local_experts  # distinct per token
-    ids[:, :num_tokens] = torch.where(local, picked.int(), -1)
-    return x, weights.view(rows, top_k), ids.view(rows, top_k)
+    ids[:filled] = torch.where(local, picked.int(), -1)
+    return x, weights, ids
 
 
 def main(argv=None) -> None:
@@ -70,13 +71,16 @@ def main(argv=None) -> None:
         w_down = torch.randn(experts, H, I, device="cuda", dtype=torch.bfloat16,
                              generator=gen) * I ** -0.5
         for t in args.tokens:
-            x, w, ids = received_blocks(t, args.capacity, args.world, K, experts, H,
-                                        torch.bfloat16, gen)
-            tight = [a.view(args.world, args.capacity, -1)[:, :t].reshape(args.world * t, -1)
-                     .contiguous() for a in (x, w, ids)]
+            x, w, ids = received_rows(t, args.capacity, args.world, K, experts, H,
+                                      torch.bfloat16, gen)
+            filled = args.world * t
+            tight = [a[:filled].contiguous() for a in (x, w, ids)]
             times, outs = {}, {}
+            sparse = dict(tile_tokens=t, skip_unrouted=True)
+            counted = torch.tensor([filled], dtype=torch.int32, device="cuda")
             variants = (("padded", (x, w, ids), {}),
-                        ("layer", (x, w, ids), dict(tile_tokens=t, skip_unrouted=True)),
+                        ("sparse", (x, w, ids), sparse),
+                        ("layer", (x, w, ids), dict(sparse, num_rows=counted)),
                         ("tight", tight, {}))
             for label, (xs, ws, ids_), how in variants:
                 def forward(xs=xs, ws=ws, ids_=ids_, how=how):
@@ -87,14 +91,13 @@ def main(argv=None) -> None:
                       f"{xs.shape[0]} rows] {times[label]:.4f} ms")
                 for kernel, us in profile_kernels(forward, runs=5):
                     print(f"    {kernel[:48]:48s} {us:9.1f} us")
-            real = [o.view(args.world, -1, H)[:, :t].reshape(-1, H) for o in
-                    (outs["padded"], outs["layer"])]
-            for label, got in zip(("padded", "layer"), real):  # the same rows, the same sums
-                error = rel_l2(got, outs["tight"])
+            for label in ("padded", "sparse", "layer"):  # the same rows, the same sums
+                error = rel_l2(outs[label][:filled], outs["tight"])
                 if not error <= 1e-2:
                     raise SystemExit(f"{name} T={t}: {label} rows differ from tight by {error}")
-            print(f"[{name} T={t}] padded / tight = {times['padded'] / times['tight']:.2f}x, "
-                  f"layer / tight = {times['layer'] / times['tight']:.2f}x")
+            print(f"[{name} T={t}] " + ", ".join(
+                f"{label} / tight = {times[label] / times['tight']:.2f}x"
+                for label in ("padded", "sparse", "layer")))
 
 
 if __name__ == "__main__":

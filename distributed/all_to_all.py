@@ -26,7 +26,8 @@ from moe_ops.profiling import stage_range
 from . import protocol as P
 from .kernels import check_headers_kernel, stamp_headers_kernel
 from .streams import StreamOrder
-from .transport import PartialSums, Transport
+from .plan import plan_dispatch
+from .transport import PartialSums, Received, Transport
 
 # Failed forwards whose block sizes never arrived (their count exchange timed out), per
 # process group, in the order they failed. Their exchanges are issued at reset(), and the
@@ -153,10 +154,18 @@ class AllToAllTransport(Transport):
         call.recv_rows = [n + h for n in values[:W]]
         return call.send_rows, call.recv_rows
 
-    def send_buffers(self, rows: int, hidden: int, top_k: int, dtype, device):
-        return (torch.empty(rows, hidden, dtype=dtype, device=device),
-                torch.empty(rows, top_k, dtype=torch.int32, device=device),
-                torch.empty(rows, top_k, dtype=torch.float32, device=device))
+    def plan(self, x, topk_weights, topk_ids, experts_per_rank, skip_own, call=None):
+        """The plan packed into fresh send blocks: W blocks of capacity (else T) rows plus
+        a header each."""
+        T, H = x.shape
+        K = topk_ids.shape[1]
+        rows = self.world_size * ((self.capacity if self.capacity is not None else T)
+                                  + self.header_rows)
+        send = (torch.empty(rows, H, dtype=x.dtype, device=x.device),
+                torch.empty(rows, K, dtype=torch.int32, device=x.device),
+                torch.empty(rows, K, dtype=torch.float32, device=x.device))
+        return plan_dispatch(x, topk_weights, topk_ids, experts_per_rank, self.rank,
+                             self.world_size, self.capacity, skip_own, self.header_rows, send)
 
     def wire_rows(self, routed):
         """Whole blocks of capacity rows with fixed buffers, else the routed rows; a
@@ -184,8 +193,8 @@ class AllToAllTransport(Transport):
         recv_x, recv_meta = pending.tensors[:2]
         call.received = recv_x  # its headers are checked with send_back's stamp: one launch
         top_k = recv_meta.shape[1] // 2
-        return (recv_x, recv_meta[:, :top_k].contiguous(),
-                recv_meta[:, top_k:].contiguous().view(torch.float32))
+        return Received(recv_x, recv_meta[:, :top_k].contiguous(),
+                        recv_meta[:, top_k:].contiguous().view(torch.float32))
 
     def send_back(self, partials, send_rows, recv_rows, call=None) -> Pending:
         self._check(call, call.received, call.recv_counts, P.DISPATCH, reply=partials)

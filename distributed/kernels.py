@@ -6,7 +6,12 @@ of E_l experts each, with PACK also packed into send blocks. Block d starts at `
 the tokens that need rank d fill it in order (a block's header rows follow its tokens)::
 
     counts [W]          tokens sent to rank d
-    rows [W, T]         off_d + position of token t in block d, -1 if d owns none of its ids
+    rows [W, T]         off_d + position of token t in block d, -1 if d owns none of its ids;
+                        with RESERVE off_d is reserved in rank d's receive buffer: an atomic
+                        add of counts[d] to the int32 fill counter at fill_addrs[d] (d's
+                        memory, system scope) returns it; a block that would end past
+                        rows_limit is not sent (rows -1) and the layer state records
+                        OVERFLOW (sticky, poisoned)
     own_ids [T, K]      ids in this rank's numbering, or -1 (for in-place computation)
     PACK only, over the R = total_rows rows of the send blocks:
     send_ids [R, K]     ids in d's numbering (-1 for other ranks' experts; -1 on unused rows)
@@ -56,8 +61,8 @@ Signal kernels of the NVLink transport (one program each; GPU only). Flags and t
     push_rows_kernel    the dispatch: SM stores of each routed token row, ids and weights
                         into its owners' memory, then (last program) every peer's header
                         and flag
-    release_back_kernel recv_ids back to -1, then (last program) every peer's second header
-                        and flag
+    release_back_kernel the filled recv_ids rows back to -1, then (last program) the fill
+                        counter to 0 and every peer's second header and flag
 """
 import triton
 import triton.language as tl
@@ -96,6 +101,8 @@ _TIMEOUT: tl.constexpr = tl.constexpr(P.TIMEOUT)
 _OTHER_EPOCH: tl.constexpr = tl.constexpr(P.OTHER_EPOCH)
 _EPOCH: tl.constexpr = tl.constexpr(P.EPOCH)
 _SHARED: tl.constexpr = tl.constexpr(P.SHARED)
+_OVERFLOW: tl.constexpr = tl.constexpr(P.OVERFLOW)
+_DISPATCH: tl.constexpr = tl.constexpr(P.DISPATCH)
 _STATE_WORDS: tl.constexpr = tl.constexpr(P.STATE_WORDS)
 _FLAG_FAILED: tl.constexpr = tl.constexpr(P.FLAG_FAILED)
 _HEADER_WORDS: tl.constexpr = tl.constexpr(P.HEADER_WORDS)
@@ -116,10 +123,10 @@ def _needs_rank(owned, mask, d, rank, SKIP_OWN: tl.constexpr):
 def plan_pack_kernel(
     topk_ids_ptr, topk_weights_ptr, counts_ptr, own_ids_ptr, rows_ptr, send_ids_ptr,
     send_weights_ptr, src_token_ptr, num_tokens, block_rows, experts_per_rank, rank,
-    total_rows,
+    total_rows, fill_addrs, rows_limit, state_ptr,
     WORLD: tl.constexpr, W_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
     FIXED: tl.constexpr, SKIP_OWN: tl.constexpr, HEADER_ROWS: tl.constexpr, PACK: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    RESERVE: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     offs_k = tl.arange(0, K_PAD)
     offs_w = tl.arange(0, W_PAD)
@@ -135,7 +142,7 @@ def plan_pack_kernel(
         tl.debug_barrier()
 
     totals = tl.zeros([W_PAD], dtype=tl.int32)
-    if not FIXED:  # first pass: block sizes, for the offsets
+    if RESERVE or not FIXED:  # first pass: block sizes, for the offsets
         for t0 in range(0, num_tokens, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             mask = (offs_t < num_tokens)[:, None] & k_mask[None, :]
@@ -145,6 +152,18 @@ def plan_pack_kernel(
                 need = _needs_rank(owner == d, mask, d, rank, SKIP_OWN)
                 totals += tl.where(offs_w == d, tl.sum(need, axis=0), 0)
 
+    reserved = tl.zeros([W_PAD], dtype=tl.int32)
+    if RESERVE:
+        full = -1  # the first destination without room, if any
+        for d in tl.static_range(WORLD):
+            fill = tl.load(fill_addrs + d).to(tl.pointer_type(tl.int32))
+            size = tl.sum(tl.where(offs_w == d, totals, 0), axis=0)
+            start = tl.atomic_add(fill, size, sem="relaxed", scope="sys")
+            fits = start + size <= rows_limit
+            reserved += tl.where(offs_w == d, tl.where(fits, start, -1), 0)
+            full = tl.where((full < 0) & (fits == 0), d, full)
+        if full >= 0:
+            _record_overflow(state_ptr, full)
     running = tl.zeros([W_PAD], dtype=tl.int32)
     for t0 in range(0, num_tokens, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -159,13 +178,17 @@ def plan_pack_kernel(
         for d in tl.static_range(WORLD):
             owned = (owner == d) & mask
             need = _needs_rank(owned, mask, d, rank, SKIP_OWN)
-            if FIXED:
+            if RESERVE:
+                first = tl.sum(tl.where(offs_w == d, reserved, 0), axis=0)
+            elif FIXED:
                 first = d * block_rows
             else:
                 first = tl.sum(tl.where(offs_w < d, totals, 0), axis=0) + d * HEADER_ROWS
             base = first + tl.sum(tl.where(offs_w == d, running, 0), axis=0)
             row = base + tl.cumsum(need, axis=0) - need
             needed = need > 0
+            if RESERVE:
+                needed = needed & (first >= 0)  # no room there: not sent
             tl.store(rows_ptr + d * num_tokens + offs_t, tl.where(needed, row, -1), mask=t_mask)
             if PACK:
                 tl.store(src_token_ptr + row, offs_t, mask=needed)
@@ -176,6 +199,21 @@ def plan_pack_kernel(
                          mask=send_mask)
             running += tl.where(offs_w == d, tl.sum(need, axis=0), 0)
     tl.store(counts_ptr + offs_w, running, mask=offs_w < WORLD)
+
+
+@triton.jit
+def _record_overflow(state_ptr, peer):
+    """Record OVERFLOW at ``peer`` in the layer state (unless a sticky failure is already
+    recorded): sticky, the forward poisoned."""
+    code = tl.load(state_ptr + _CODE)
+    take = (code == _NONE) | (tl.load(state_ptr + _STICKY) == 0)
+    tl.store(state_ptr + _CODE, tl.where(take, _OVERFLOW, code))
+    tl.store(state_ptr + _PEER, tl.where(take, peer, tl.load(state_ptr + _PEER)))
+    tl.store(state_ptr + _CALL, tl.where(take, tl.load(state_ptr + _COUNT),
+                                         tl.load(state_ptr + _CALL)))
+    tl.store(state_ptr + _PHASE, tl.where(take, _DISPATCH, tl.load(state_ptr + _PHASE)))
+    tl.store(state_ptr + _STICKY, 1)
+    tl.store(state_ptr + _POISON, 1)
 
 
 @triton.jit
@@ -486,18 +524,18 @@ def _peer_ptr(addrs_ptr, rank, like):
 def push_rows_kernel(
     x_ptr, topk_ids_ptr, topk_weights_ptr, rows_ptr, x_addrs, ids_addrs, weights_addrs,
     header_addrs, flag_addrs, counter_ptr, epoch_ptr, failed_ptr, state_ptr, layer_id,
-    status, num_tokens, hidden, capacity, experts_per_rank, rank,
+    status, num_tokens, hidden, experts_per_rank, rank,
     WORLD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """The nvlink dispatch, SM stores into every rank's symmetric memory: token t of x
-    [T, H] goes to row p = rows[d, t] - d * capacity (the plan's; rows -1: not sent) of
-    rank d's receive block for this rank: x to row p of x_addrs[d] ([capacity, H]), its K
-    ids in d's numbering (-1 for other ranks' experts) to row p of ids_addrs[d]
-    ([capacity, K] int32), its weights to weights_addrs[d] ([capacity, K] fp32), where
-    ``*_addrs[d]`` are int64 addresses in rank d's memory (this rank's own included). The
-    last program then writes every peer's header and raises its flag (``_put_flag``).
-    Grid (max(1, cdiv(T, BLOCK_T)), cdiv(H, BLOCK_H))."""
+    [T, H] goes to row p = rows[d, t] (the plan's, reserved in rank d's receive buffer;
+    -1: not sent): x to row p of x_addrs[d] ([rows, H]), its K ids in d's numbering (-1
+    for other ranks' experts) to row p of ids_addrs[d] ([rows, K] int32), its weights to
+    weights_addrs[d] ([rows, K] fp32), where ``*_addrs[d]`` are int64 addresses in rank
+    d's memory (this rank's own included). The last program then writes every peer's
+    header and raises its flag (``_put_flag``). Grid (max(1, cdiv(T, BLOCK_T)),
+    cdiv(H, BLOCK_H))."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, K_PAD)
@@ -514,7 +552,7 @@ def push_rows_kernel(
     for d in tl.static_range(WORLD):
         row = tl.load(rows_ptr + d * num_tokens + offs_t, mask=t_mask, other=-1)
         sent = row >= 0
-        dest = (row - d * capacity).to(tl.int64)
+        dest = row.to(tl.int64)
         tl.store(_peer_ptr(x_addrs, d, x_ptr) + dest[:, None] * hidden + offs_h[None, :], x,
                  mask=sent[:, None] & h_mask[None, :])
         meta = sent[:, None] & (offs_k < TOP_K)[None, :] & first_h
@@ -532,16 +570,20 @@ def push_rows_kernel(
 
 
 @triton.jit
-def release_back_kernel(recv_ids_ptr, num_words, header_addrs, flag_addrs, counter_ptr,
-                        epoch_ptr, failed_ptr, state_ptr, layer_id, status, rank,
-                        WORLD: tl.constexpr, BLOCK: tl.constexpr):
-    """The nvlink way back, once the partial sums are in ``back``: every recv_ids word
-    (num_words int32) back to -1 (no token until the next dispatch fills the row), then
-    the last program writes every peer's second header and raises its second flag
+def release_back_kernel(recv_ids_ptr, fill_ptr, num_words, header_addrs, flag_addrs,
+                        counter_ptr, epoch_ptr, failed_ptr, state_ptr, layer_id, status, rank,
+                        WORLD: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """The nvlink way back, once the partial sums are in ``back``: the filled rows of
+    recv_ids (the first fill[0] rows of TOP_K int32, at most num_words words) back to -1
+    (no token until a dispatch fills the row again); the last program then sets the fill
+    counter to 0, writes every peer's second header and raises its second flag
     (``*_addrs[d]``: addresses in rank d's memory). Grid (cdiv(num_words, BLOCK), 1)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(recv_ids_ptr + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < num_words)
+    used = tl.minimum(tl.load(fill_ptr) * TOP_K, num_words)
+    if tl.program_id(0) * BLOCK < used:
+        tl.store(recv_ids_ptr + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < used)
     if _last_program(counter_ptr):
+        tl.store(fill_ptr, 0)
         for d in tl.static_range(WORLD):
             if d != rank:
                 _put_flag(epoch_ptr, failed_ptr, state_ptr,

@@ -55,7 +55,6 @@ from . import protocol as P
 from .all_to_all import AllToAllTransport
 from .kernels import combine_partials_kernel
 from .nvlink import NVLinkTransport, nvlink_available
-from .plan import plan_dispatch
 from .sharding import (EXPERT_TENSORS, check_ranks_agree, draw_experts, expert_range,
                        layer_description, replicated_shell, weight_format)
 
@@ -363,7 +362,7 @@ class ExpertParallelMoE(nn.Module):
 
     def _exchange_and_compute(self, x: torch.Tensor, call: P.Call) -> torch.Tensor:
         transport, c = self.transport, self.config
-        W, r, C = self.world_size, self.rank, self.max_tokens_per_rank
+        W, C = self.world_size, self.max_tokens_per_rank
         h = transport.header_rows
         T = x.shape[0]
         overlap = self.overlap
@@ -373,10 +372,8 @@ class ExpertParallelMoE(nn.Module):
             topk_weights, topk_ids, _ = route(
                 x, self.router_weight, Routing(**c.routing_kwargs()),
                 None if self.score_bias is None else self.score_bias.float())
-            send = transport.send_buffers(W * ((C if C is not None else T) + h), c.hidden_size,
-                                          c.top_k, x.dtype, x.device)
-            plan = plan_dispatch(x, topk_weights, topk_ids, len(self.expert_range), r, W, C,
-                                 skip_own=overlap, header_rows=h, send=send)
+            plan = transport.plan(x, topk_weights, topk_ids, len(self.expert_range),
+                                  skip_own=overlap, call=call)
             if C is None:
                 send_rows, recv_rows = transport.exchange_counts(call, plan.counts.long())
             else:
@@ -389,13 +386,15 @@ class ExpertParallelMoE(nn.Module):
                                     self.w_down, **scales) if overlap else None)
         shared = shared_expert_output(x, self.shared_gate_up, self.shared_down, self.shared_gate)
 
-        recv_x, recv_ids, recv_weights = transport.receive(pending, call=call)
-        # Rows past each source's tokens are unrouted: tiles for the tokens this rank
-        # expects (about its own T), those rows' partials never written.
+        received = transport.receive(pending, call=call)
+        # Rows without a token are unrouted: tiles for the tokens this rank expects (about
+        # its own T), those rows' partials never written, the rows past ``received.rows``
+        # (where the transport knows them) not even read.
+        rows = received.x.shape[0]
         partials = fused_experts_impl(
-            recv_x, recv_weights, recv_ids, self.w_gate_up, self.w_down, **scales,
-            tile_tokens=max(T, 1), skip_unrouted=True,
-            out=transport.partials_out(recv_x.shape[0], c.hidden_size, x.dtype, x.device))
+            received.x, received.weights, received.ids, self.w_gate_up, self.w_down, **scales,
+            tile_tokens=max(T, 1), skip_unrouted=True, num_rows=received.rows,
+            out=transport.partials_out(rows, c.hidden_size, x.dtype, x.device))
         back = transport.receive_back(
             transport.send_back(partials, send_rows, recv_rows, call=call), call=call)
 

@@ -6,11 +6,15 @@ at any point: nothing depends on the host's call history.
 Workspace, shared by every layer of the same (group, world size, capacity, hidden, top_k,
 dtype), one set of buffers on every rank (W ranks, capacity C):
 
-    symmetric  recv_x [W, C, H]   block s: the tokens rank s sent here
-               recv_ids [W, C, K] int32 (-1 on every row no dispatch filled),
-               recv_weights [W, C, K] fp32
-               back [W, C, H]     block s: this rank's partial sums of rank s's tokens
-                                  (rank s reads its rows from here)
+    symmetric  recv_x [W*C, H]    the tokens the ranks sent here, in rows [0, fill):
+                                  each sender reserves its block of rows with an atomic
+                                  add to ``fill`` (so a block is where the sender's
+                                  reservation landed, not at a fixed place)
+               recv_ids [W*C, K] int32 (-1 on every row no dispatch filled),
+               recv_weights [W*C, K] fp32
+               fill int32         rows reserved so far in this forward
+               back [W*C, H]      row i: this rank's partial sum of the token in
+                                  recv_x row i (its sender reads it from here)
                headers [2, W, 4] int64 headers[0, s] / headers[1, s]: the header
                                   (``protocol``: magic, layer id, call count, status) of
                                   rank s's dispatch / combine message
@@ -22,19 +26,21 @@ dtype), one set of buffers on every rank (W ranks, capacity C):
                first failure's state and layer id, ``protocol``), two int32 arrival
                counters (the launches whose last program raises the flags)
 
-One forward, five launches of this transport: ``begin`` bumps the epoch and the layer's
-call count; ``dispatch`` (one launch on a side stream, after the plan) stores each token
-row, its ids and its weights into the receive block of every rank that owns one of its
-experts (this rank's own block included): only the routed rows move, at any capacity;
-its last program writes every peer's header and raises its flag (release, system scope).
+One forward, five launches of this transport besides the plan: ``begin`` bumps the
+epoch and the layer's call count; ``plan`` (the plan kernel) reserves each destination's
+rows in its receive buffer; ``dispatch`` (one launch on a side stream) stores each token
+row, its ids and its weights into the reserved rows of every rank that owns one of its
+experts (this rank's own included): only the routed rows move, at any capacity; its
+last program writes every peer's header and raises its flag (release, system scope).
 ``receive`` joins the side stream and spins on this rank's flags (acquire) until each
 equals the epoch exactly, then checks each header against this call: another layer or
 call count (two layers of one shape called in different orders, a skipped or extra call)
 fails the workspace on every rank; a peer that rejected its input (status INPUT)
-poisons this forward only. The expert pipeline writes its partial sums straight into
-``back`` (``partials_out``); ``send_back`` (one launch) sets ``recv_ids`` back to -1
-(rows a later dispatch does not fill then hold no token) and raises each peer's second
-flag with its header. The way back is a pull: after ``receive_back``'s wait, the combine
+poisons this forward only. The expert pipeline reads rows [0, fill) only (``Received.rows``)
+and writes its partial sums straight into ``back`` (``partials_out``); ``send_back`` (one
+launch) sets the filled ``recv_ids`` rows back to -1 and ``fill`` to 0 (the next
+dispatch starts from an empty buffer) and raises each peer's second flag with its
+header. The way back is a pull: after ``receive_back``'s wait, the combine
 kernel reads exactly its tokens' rows from each owner's ``back`` through the peer
 mapping. ``end`` joins the side stream.
 
@@ -48,9 +54,10 @@ forward, and their ``check()`` quotes the first failure. An exception inside a f
 fails the workspace and raises the flags it had not raised. ``reset`` (collective)
 zeroes flags, epoch, failure, record and counters.
 
-Buffers are safe to reuse with one set: a rank pushes forward n+1 only after its combine
-wait of forward n (the side stream waits for the main stream), which the peer signalled
-after its last read of forward n's dispatch data and after resetting its ``recv_ids``;
+Buffers are safe to reuse with one set: a rank reserves and pushes forward n+1 only after
+its combine wait of forward n (the side stream waits for the main stream), which the
+peer signalled after its last read of forward n's dispatch data and after resetting its
+``recv_ids`` and ``fill``;
 a rank overwrites ``back`` in forward n+1 only after every peer's dispatch flag of n+1,
 which each peer raised after its combine of forward n (its last read of ``back``);
 ``end`` joins the side stream before the next forward plans.
@@ -70,7 +77,8 @@ from . import protocol as P
 from .kernels import (CLOCK_TICKS_PER_S, bump_epoch_kernel, push_rows_kernel, put_flag_kernel,
                       release_back_kernel, wait_flags_kernel)
 from .streams import StreamOrder
-from .transport import PartialSums, Transport
+from .plan import plan_dispatch
+from .transport import PartialSums, Received, Transport
 
 _ALIGN = 256
 
@@ -78,12 +86,14 @@ _ALIGN = 256
 def _layout(world, capacity, hidden, top_k, dtype):
     """Byte offsets of the symmetric buffers in one slot, and its size."""
     item = torch.empty((), dtype=dtype).element_size()
-    sizes = dict(recv_x=(world * capacity * hidden * item, dtype, (world, capacity, hidden)),
-                 back=(world * capacity * hidden * item, dtype, (world, capacity, hidden)),
-                 recv_ids=(world * capacity * top_k * 4, torch.int32, (world, capacity, top_k)),
-                 recv_weights=(world * capacity * top_k * 4, torch.float32, (world, capacity, top_k)),
+    rows = world * capacity
+    sizes = dict(recv_x=(rows * hidden * item, dtype, (rows, hidden)),
+                 back=(rows * hidden * item, dtype, (rows, hidden)),
+                 recv_ids=(rows * top_k * 4, torch.int32, (rows, top_k)),
+                 recv_weights=(rows * top_k * 4, torch.float32, (rows, top_k)),
                  headers=(2 * world * P.HEADER_WORDS * 8, torch.int64, (2, world, P.HEADER_WORDS)),
-                 flags=(2 * world * 8, torch.int64, (2, world)))
+                 flags=(2 * world * 8, torch.int64, (2, world)),
+                 fill=(4, torch.int32, (1,)))
     layout, offset = {}, 0
     for name, (nbytes, dt, shape) in sizes.items():
         layout[name] = (offset, nbytes, dt, shape)
@@ -96,7 +106,7 @@ def _view(raw: torch.Tensor, offset, nbytes, dtype, shape) -> torch.Tensor:
 
 
 # The rows of ``_Slot.addresses``: where, in rank d's memory, this rank's data goes.
-ADDRESSES = ("recv_x", "recv_ids", "recv_weights", "header_dispatch", "flag_dispatch",
+ADDRESSES = ("recv_x", "recv_ids", "recv_weights", "fill", "header_dispatch", "flag_dispatch",
              "header_combine", "flag_combine")
 
 
@@ -116,26 +126,21 @@ class _Slot:
                 raws[peer] = handle.get_buffer(peer, (total,), torch.uint8, 0)
                 self.peers[peer] = {name: _view(raws[peer], *spec) for name, spec in layout.items()}
         self.clear()
-        item = torch.empty((), dtype=dtype).element_size()
-        # Byte offsets, within a slot, of this rank's part of each buffer (``ADDRESSES``).
-        mine = dict(recv_x=layout["recv_x"][0] + rank * capacity * hidden * item,
-                    recv_ids=layout["recv_ids"][0] + rank * capacity * top_k * 4,
-                    recv_weights=layout["recv_weights"][0] + rank * capacity * top_k * 4)
+        # Byte offsets, within a slot, of what this rank writes (``ADDRESSES``): the
+        # receive buffers and fill counter whole, its own header and flag slots.
+        mine = {name: layout[name][0] for name in ("recv_x", "recv_ids", "recv_weights", "fill")}
         for row, phase in enumerate(("dispatch", "combine")):
-            mine[f"header_{phase}"] = layout["headers"][0] + (row * world + rank) * P.HEADER_WORDS * 8
-            mine[f"flag_{phase}"] = layout["flags"][0] + (row * world + rank) * 8
+            slot = row * world + rank  # headers[row, rank], flags[row, rank]
+            mine[f"header_{phase}"] = layout["headers"][0] + slot * P.HEADER_WORDS * 8
+            mine[f"flag_{phase}"] = layout["flags"][0] + slot * 8
         # int64 [len(ADDRESSES), W]: the address of each, in rank d's memory (mapped here).
         self.addresses = torch.tensor(
             [[raws[d].data_ptr() + mine[name] for d in range(world)] for name in ADDRESSES],
             dtype=torch.int64, device=device)
         # Where rank d's partial sums of this rank's tokens are, for the combine's pull:
-        # d's ``back`` (mapped here) shifted so that the plan's row d*C + r (position r
-        # in block d) lands on row rank*C + r there.
-        back_offset = layout["back"][0]
-        self.back_bases = torch.tensor(
-            [raws[d].data_ptr() + back_offset + (rank - d) * capacity * hidden * item
-             for d in range(world)],
-            dtype=torch.int64, device=device)
+        # d's ``back`` (mapped here), whose rows mirror d's receive rows.
+        self.back_bases = torch.tensor([raws[d].data_ptr() + layout["back"][0]
+                                        for d in range(world)], dtype=torch.int64, device=device)
         self._keep = (raw, handle)
 
     def address(self, name: str) -> torch.Tensor:
@@ -143,9 +148,10 @@ class _Slot:
         return self.addresses[ADDRESSES.index(name)]
 
     def clear(self) -> None:
-        """No flag raised, no header, no token in any receive row."""
+        """No flag raised, no header, no row filled, no token in any receive row."""
         self.local["flags"].zero_()
         self.local["headers"].zero_()
+        self.local["fill"].zero_()
         self.local["recv_ids"].fill_(-1)
 
 
@@ -202,9 +208,12 @@ class NVLinkTransport(Transport):
         ws = self.workspace
         bump_epoch_kernel[(1,)](ws.epoch, ws.failed, self._state(call))
 
-    def send_buffers(self, rows, hidden, top_k, dtype, device):
-        """None: the dispatch stores the plan's rows of x straight into the ranks' memory."""
-        return None
+    def plan(self, x, topk_weights, topk_ids, experts_per_rank, skip_own, call=None):
+        """The plan, each block's rows reserved in its destination's receive buffer (no
+        send buffers: the dispatch stores rows of x straight into the ranks' memory)."""
+        return plan_dispatch(x, topk_weights, topk_ids, experts_per_rank, self.rank,
+                             self.world_size, self.capacity, skip_own,
+                             reserve=self.slot.address("fill"), state=self._state(call))
 
     def wire_rows(self, routed):
         """Each routed row once there (``dispatch``) and once back (the combine's pull)."""
@@ -231,7 +240,7 @@ class NVLinkTransport(Transport):
                     slot.address("recv_ids"), slot.address("recv_weights"),
                     slot.address("header_dispatch"), slot.address("flag_dispatch"),
                     ws.arrivals[0:], ws.epoch, ws.failed, self._state(call),
-                    *self._identity(call), T, H, self.capacity, plan.experts_per_rank,
+                    *self._identity(call), T, H, plan.experts_per_rank,
                     self.rank, WORLD=self.world_size, TOP_K=topk_ids.shape[1],
                     K_PAD=triton.next_power_of_2(topk_ids.shape[1]), BLOCK_T=block_t,
                     BLOCK_H=block_h)
@@ -262,8 +271,8 @@ class NVLinkTransport(Transport):
         torch.cuda.current_stream().wait_stream(self.workspace.side)
         self._wait(0, "dispatch_wait", call)
         local, rows = self.slot.local, self.world_size * self.capacity
-        return (local["recv_x"].view(rows, -1), local["recv_ids"].view(rows, -1),
-                local["recv_weights"].view(rows, -1))
+        return Received(local["recv_x"].view(rows, -1), local["recv_ids"].view(rows, -1),
+                        local["recv_weights"].view(rows, -1), local["fill"])
 
     def partials_out(self, rows, hidden, dtype, device) -> torch.Tensor:
         """``back``: the expert pipeline writes the partial sums where the peers read."""
@@ -280,9 +289,10 @@ class NVLinkTransport(Transport):
         block = 1024
         with stage_range("combine"):
             release_back_kernel[(triton.cdiv(ids.numel(), block),)](
-                ids, ids.numel(), slot.address("header_combine"), slot.address("flag_combine"),
-                ws.arrivals[1:], ws.epoch, ws.failed, self._state(call), *self._identity(call),
-                self.rank, WORLD=self.world_size, BLOCK=block)
+                ids, slot.local["fill"], ids.numel(), slot.address("header_combine"),
+                slot.address("flag_combine"), ws.arrivals[1:], ws.epoch, ws.failed,
+                self._state(call), *self._identity(call), self.rank, WORLD=self.world_size,
+                TOP_K=ids.shape[-1], BLOCK=block)
         if call is not None:
             call.done.append("back")
 

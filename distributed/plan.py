@@ -25,21 +25,26 @@ from .kernels import gather_rows_kernel, plan_pack_kernel
 class DispatchPlan(NamedTuple):
     counts: torch.Tensor  # int32 [W]: tokens sent to each destination (on the device)
     own_ids: torch.Tensor  # int32 [T, K]: ids in this rank's numbering, or -1
-    rows: torch.Tensor  # int32 [W, T]: token t's row in the returned partials, or -1
+    rows: torch.Tensor  # int32 [W, T]: token t's row in rank d's receive rows, or -1
     send: tuple | None  # (send_x, send_ids, send_weights) packed, or None: not packed
     experts_per_rank: int
 
 
 def plan_dispatch(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                   experts_per_rank: int, rank: int, world_size: int, capacity: int | None,
-                  skip_own: bool, header_rows: int = 0, send: tuple | None = None
+                  skip_own: bool, header_rows: int = 0, send: tuple | None = None,
+                  reserve: torch.Tensor | None = None, state: torch.Tensor | None = None
                   ) -> DispatchPlan:
     """Plan the dispatch of x [T, H] and, given ``send`` = (send_x [R, H], send_ids and
     send_weights [R, K]) with R = W * (capacity + header_rows) (W * (T + header_rows)
     without a capacity), pack the send blocks there: rows past a block's tokens get ids
     -1 and their x is not written. Without ``send`` only the plan is made (a transport
-    that moves the rows of x itself). With ``skip_own`` this rank sends itself nothing (it
-    computes its tokens in place from ``own_ids``)."""
+    that moves the rows of x itself); with ``reserve`` (int64 [W]: the address of each
+    rank's int32 fill counter, in its memory) each block's rows are reserved in its
+    destination's receive buffer of W * capacity rows instead, and ``rows`` name them
+    there (a block without room is not sent, and the layer ``state`` records it). With
+    ``skip_own`` this rank sends itself nothing (it computes its tokens in place from
+    ``own_ids``)."""
     num_tokens, top_k = topk_ids.shape
     device = x.device
     counts = torch.empty(world_size, dtype=torch.int32, device=device)
@@ -52,9 +57,12 @@ def plan_dispatch(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.T
     plan_pack_kernel[(1,)](
         topk_ids, topk_weights, counts, own_ids, rows, send_ids, send_weights, src_token,
         num_tokens, (capacity or 0) + header_rows, experts_per_rank, rank, total_rows,
+        reserve if reserve is not None else counts,  # these two unread without RESERVE
+        world_size * (capacity or 0), state if state is not None else counts,
         WORLD=world_size, W_PAD=triton.next_power_of_2(world_size), TOP_K=top_k,
         K_PAD=triton.next_power_of_2(top_k), FIXED=capacity is not None, SKIP_OWN=skip_own,
-        HEADER_ROWS=header_rows, PACK=pack, BLOCK_T=BLOCKS.plan_block_t,
+        HEADER_ROWS=header_rows, PACK=pack, RESERVE=reserve is not None,
+        BLOCK_T=BLOCKS.plan_block_t,
         num_warps=4,
     )
     if pack and total_rows and num_tokens:

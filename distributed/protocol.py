@@ -73,6 +73,7 @@ NONE, OTHER_LAYER, OTHER_CALL, NO_HEADER, PEER_STATUS, EXHAUSTED, TIMEOUT, TRANS
 OTHER_EPOCH = 8  # nvlink: a peer's flag is from a later exchange of the shared workspace
 RAISED = 9  # nvlink: this rank raised inside a forward; its workspace failed
 SHARED = 10  # nvlink: the workspace failed in a forward of another layer sharing it
+OVERFLOW = 11  # nvlink: a peer's receive buffer had no room left for this rank's rows
 
 # The state: int64 words in device memory, one tensor per layer.
 COUNT, POISON, CODE, PEER, CALL, GOT_LAYER, GOT_COUNT, GOT_STATUS, PHASE, STICKY, EPOCH = range(11)
@@ -173,6 +174,10 @@ def describe(values: list[int], layer_id: int, rank: int, record: list[int] | No
                  if record and record[CODE] and record[CODE] != SHARED else "not recorded")
         return (f"{here}; the NVLink workspace it shares with the layers of its shape had "
                 f"failed in another layer's forward: {cause}")
+    if code == OVERFLOW:
+        return (f"{here}; rank {peer}'s receive buffer had no room left for this rank's rows "
+                f"({where}): rows of a failed or late forward were still there, the ranks "
+                f"are out of step")
     if code == TRANSPORT:
         return f"{here}; the process group failed during the {where}"
     return f"{here}; unknown failure code {code}"

@@ -5,11 +5,10 @@
 only these steps, in this order per forward (``call`` is the forward's ``protocol.Call``)::
 
     begin(call)
-    send_buffers(rows, hidden, top_k, dtype, device) -> (send_x, send_ids, send_weights)
-                                or None (the transport moves the plan's rows of x itself)
+    plan(x, topk_weights, topk_ids, experts_per_rank, skip_own, call=) -> plan.DispatchPlan
     exchange_counts(call, counts) -> (send_rows, recv_rows)   without fixed buffers only
     dispatch(x, topk_weights, topk_ids, plan, send_rows, recv_rows, call=) -> pending
-    receive(pending, call=) -> (recv_x, recv_ids, recv_weights)     waits for the dispatch
+    receive(pending, call=) -> Received                             waits for the dispatch
     partials_out(rows, hidden, dtype, device) -> where the expert output goes (or None)
     send_back(partials, send_rows, recv_rows, call=) -> pending
     receive_back(pending, call=) -> PartialSums                     waits for the partials
@@ -19,10 +18,9 @@ only these steps, in this order per forward (``call`` is the forward's ``protoco
     reset()                     collective: drain what failed forwards left (``layer.reset``)
     failure_record()            what failed a buffer set shared by several layers (or None)
 
-``plan`` is ``plan.DispatchPlan`` (packed into ``send_buffers`` where the transport gave
-them). ``send_rows[d]`` rows go to rank d and ``recv_rows[s]`` come from rank s, blocks in
-rank order; each block is its tokens followed by ``header_rows`` rows of protocol header
-(``protocol``). ``order`` (``streams.StreamOrder``) orders forwards issued from several
+``send_rows[d]`` rows go to rank d and ``recv_rows[s]`` come from rank s, blocks in rank
+order; each block is its tokens followed by ``header_rows`` rows of protocol header
+(``protocol``) (a transport that places rows itself ignores both). ``order`` (``streams.StreamOrder``) orders forwards issued from several
 CUDA streams. ``wire_rows`` says what one forward moves (for the benchmark's bytes).
 """
 from __future__ import annotations
@@ -43,6 +41,16 @@ class PartialSums(NamedTuple):
     peer_bases: torch.Tensor | None = None
 
 
+class Received(NamedTuple):
+    """The rows this rank received: x [R, H], ids [R, K] in its numbering (-1: not its
+    expert, or no token), weights [R, K] fp32, and ``rows``: None, or int32 [1] on the
+    device, the rows in use (the ones after it hold no token)."""
+    x: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+    rows: torch.Tensor | None = None
+
+
 class Transport(ABC):
     """One way of moving the layer's token blocks to the ranks and the partial sums back."""
 
@@ -56,9 +64,10 @@ class Transport(ABC):
         """Once per forward, before anything moves."""
 
     @abstractmethod
-    def send_buffers(self, rows: int, hidden: int, top_k: int, dtype, device):
-        """(send_x [rows, hidden], send_ids [rows, top_k], send_weights [rows, top_k]) to
-        pack into, or None: ``dispatch`` moves the plan's rows of x itself."""
+    def plan(self, x, topk_weights, topk_ids, experts_per_rank: int, skip_own: bool,
+             call=None):
+        """Who goes where (``plan.plan_dispatch``), packed into send blocks where this
+        transport sends packed blocks."""
 
     @abstractmethod
     def wire_rows(self, routed: list[int]) -> tuple[list[int], list[int]]:
@@ -75,8 +84,8 @@ class Transport(ABC):
         waits on."""
 
     @abstractmethod
-    def receive(self, pending, call=None):
-        """(recv_x, recv_ids, recv_weights) of every source's block, once they are here."""
+    def receive(self, pending, call=None) -> Received:
+        """Every source's rows, once they are here."""
 
     def partials_out(self, rows: int, hidden: int, dtype, device) -> torch.Tensor | None:
         """The [rows, hidden] buffer the expert pipeline writes the partial sums into, or

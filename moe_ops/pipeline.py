@@ -100,9 +100,11 @@ def _weight_descriptor(gate_up: bool, w, tile: TileConfig):
     return TensorDescriptor(w, list(w.shape), list(w.stride()), [1, tile.BLOCK_N, tile.BLOCK_K])
 
 
-def quantize_input(a: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_input(a: torch.Tensor, scheme: str, count=None, rows_per_count: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(a8 e4m3 [R, K], scale): one scale per row for "channel" weights, one per row per
-    128 columns for "block" ones (``kernels.quantize``, one launch)."""
+    128 columns for "block" ones (``kernels.quantize``, one launch). With ``count`` (int32
+    [1] on the device) only the first count * rows_per_count rows are quantised."""
     rows, k = a.shape
     a8, scale = empty_activations(rows, k, scheme, a.device)
     # Fewer rows per program where rows are few, wider column steps to make up.
@@ -111,8 +113,9 @@ def quantize_input(a: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Te
     block_c = max(128, BLOCKS.quantize_tile // block_r)
     with stage_range("quantize"):
         quantize_kernel[(triton.cdiv(rows, block_r),)](
-            a, a8, scale, rows, k, a.stride(0), BLOCK_R=block_r, BLOCK_C=block_c,
-            PER_ROW=scheme == "channel")
+            a, a8, scale, rows, k, a.stride(0), count if count is not None else scale,
+            BLOCK_R=block_r, BLOCK_C=block_c, PER_ROW=scheme == "channel",
+            ROWS_PER_COUNT=rows_per_count if count is not None else 0)
     return a8, scale
 
 
@@ -151,14 +154,17 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
 
 def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: ExpertTiles,
             alignment: Alignment, w_gate_up_scale=None, w_down_scale=None, x_quantized=None,
-            skip_unrouted: bool = False, grid_blocks: int | None = None, out=None):
+            skip_unrouted: bool = False, grid_blocks: int | None = None, out=None,
+            num_rows=None):
     """gate_up -> down -> combine over an alignment: out [T, H]. A stage whose tile has
     A_FP8 reads its input quantised by one launch before it (``quantize_input``), except
     down's when gate_up writes h in e4m3 itself (``ExpertTiles.h_fp8``) and gate_up's when
     the router already quantised x (``x_quantized``: (x8, scale)). ``skip_unrouted``:
     rows of out whose ids are all outside [0, E) are left unwritten instead of zeroed;
     ``grid_blocks``: blocks the GEMM grids cover (``_grouped_gemm``); ``out``: a given
-    [T, H] output buffer (contiguous) instead of a fresh one."""
+    [T, H] output buffer (contiguous) instead of a fresh one; ``num_rows`` (int32 [1] on
+    the device, with ``skip_unrouted``): rows at or past it hold no routed id, and the
+    combine does not read them."""
     num_tokens, hidden = hidden_states.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     num_slots = topk_ids.numel()
@@ -168,7 +174,7 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     scheme = scheme_of(w_gate_up_scale)
     x, x_scale = hidden_states, None
     if tiles.gate_up.A_FP8:
-        x, x_scale = x_quantized or quantize_input(hidden_states, scheme)
+        x, x_scale = x_quantized or quantize_input(hidden_states, scheme, num_rows, 1)
     if tiles.h_fp8:
         h, h_scale = empty_activations(h_rows, inter, scheme, device)
     else:
@@ -176,8 +182,12 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     _grouped_gemm(True, x, x_scale, w_gate_up, w_gate_up_scale, h, topk_weights, alignment,
                   num_slots, top_k, inter, hidden, tiles.gate_up, tiles.h_block_order,
                   h_scale if tiles.h_fp8 else None, dtype if tiles.h_fp8 else None, grid_blocks)
-    if tiles.down.A_FP8 and not tiles.h_fp8:
-        h, h_scale = quantize_input(h, scheme)
+    if tiles.down.A_FP8 and not tiles.h_fp8:  # with num_rows: the rows in use only
+        if tiles.h_block_order:
+            used = alignment.num_blocks if num_rows is not None else None
+            h, h_scale = quantize_input(h, scheme, used, tiles.block_m)
+        else:
+            h, h_scale = quantize_input(h, scheme, num_rows, top_k)
     y = torch.empty(num_slots, hidden, dtype=dtype, device=device)
     _grouped_gemm(False, h, h_scale, w_down, w_down_scale, y, topk_weights, alignment, num_slots,
                   1, hidden, inter, tiles.down, tiles.h_block_order, grid_blocks=grid_blocks)
@@ -186,7 +196,9 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     with stage_range("combine"):
         combine_kernel[(triton.cdiv(num_tokens, BLOCKS.combine_t), column_programs)](
             y, topk_ids, out, num_tokens, hidden,
+            num_rows if num_rows is not None else topk_ids,  # unread without HAS_ROWS
             NUM_EXPERTS=num_experts, TOP_K=top_k, SKIP_UNROUTED=skip_unrouted,
+            HAS_ROWS=num_rows is not None,
             K_PAD=triton.next_power_of_2(top_k), BLOCK_T=BLOCKS.combine_t,
             BLOCK_H=BLOCKS.combine_h, INTERPRETER=interpreter_active(),
         )
@@ -197,7 +209,7 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
                        gate_up_tile: TileConfig | None = None,
                        down_tile: TileConfig | None = None,
                        w_gate_up_scale=None, w_down_scale=None, tile_tokens: int | None = None,
-                       skip_unrouted: bool = False, out=None):
+                       skip_unrouted: bool = False, out=None, num_rows=None):
     """align -> gate_up -> down -> combine of given routing (four or five launches).
 
     Contiguous hidden_states [T, H], fp32 topk_weights and int32 topk_ids [T, K]; fp8
@@ -205,7 +217,8 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
     for T tokens (the tuner passes its candidates). An expert-parallel rank's receive
     buffer has rows for its capacity, mostly unrouted: it passes the token count it
     expects (``tile_tokens``: tiles and GEMM grids sized for that many, any more still
-    computed), ``skip_unrouted`` and ``out`` (see ``experts``)."""
+    computed), ``skip_unrouted``, ``out`` and, where its filled rows are known on the
+    device, ``num_rows`` (see ``experts``; the alignment then reads only those rows)."""
     num_tokens, hidden = hidden_states.shape
     if num_tokens == 0:
         return torch.empty_like(hidden_states)
@@ -214,11 +227,14 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
     expected = max(1, min(num_tokens, tile_tokens or num_tokens))
     tiles = expert_tiles(expected, num_experts, hidden, inter, top_k, hidden_states.dtype,
                          hidden_states.device, gate_up_tile, down_tile, scheme_of(w_gate_up_scale))
+    if num_rows is not None and not skip_unrouted:
+        raise ValueError("num_rows leaves rows unwritten: it needs skip_unrouted=True")
     alignment = align_ids(topk_ids, num_experts, tiles.block_m,
-                          expected if expected < num_tokens else None)
+                          expected if expected < num_tokens else None, num_rows)
     return experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles, alignment,
                    w_gate_up_scale, w_down_scale, skip_unrouted=skip_unrouted, out=out,
-                   grid_blocks=max_blocks_for(expected * top_k, num_experts, tiles.block_m))
+                   grid_blocks=max_blocks_for(expected * top_k, num_experts, tiles.block_m),
+                   num_rows=num_rows)
 
 
 def fused_moe_impl(hidden_states, router_weight, w_gate_up, w_down, routing: Routing,

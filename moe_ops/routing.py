@@ -133,13 +133,16 @@ def route_and_quantize(hidden_states, router_weight, routing: Routing, score_bia
 
 
 def align_ids(topk_ids, num_experts: int, block_m: int,
-              expected_tokens: int | None = None) -> Alignment:
+              expected_tokens: int | None = None, num_rows=None) -> Alignment:
     """The alignment of given int32 topk_ids [T, K]. ``expected_tokens``: how many rows
     hold routed slots, when far fewer than T (a sparse expert-parallel receive buffer):
-    the ranking step's token blocks are sized for that many."""
+    the ranking step's token blocks are sized for that many. ``num_rows`` (int32 [1] on
+    the device): the rows at or past it are treated as holding no routed id (above the
+    decode sizes they are not even read)."""
     if _is_decode(topk_ids.shape[0]):
         return _select_align(topk_ids, num_experts, block_m)
-    return _align(topk_ids, _rank(topk_ids, num_experts, expected_tokens), num_experts, block_m)
+    return _align(topk_ids, _rank(topk_ids, num_experts, expected_tokens, num_rows),
+                  num_experts, block_m, num_rows)
 
 
 # ------------------------------------------------------------------ T > DECODE_MAX_T
@@ -202,14 +205,16 @@ def _route_blocks(hidden_states, router_weight, routing: Routing, score_bias, wi
     return topk_weights, topk_ids, ranks, quantized
 
 
-def _rank(topk_ids, num_experts, sizing_tokens=None) -> _TokenBlockRanks:
+def _rank(topk_ids, num_experts, sizing_tokens=None, num_rows=None) -> _TokenBlockRanks:
     num_tokens, top_k = topk_ids.shape
     ranks = _empty_ranks(num_tokens, num_experts, top_k, topk_ids.device, sizing_tokens)
     with stage_range("rank"):
         rank_kernel[(triton.cdiv(num_tokens, ranks.block_t),)](
             topk_ids, ranks.block_counts, ranks.ranks, num_tokens,
+            num_rows if num_rows is not None else topk_ids,  # unread without HAS_ROWS
             NUM_EXPERTS=num_experts, TOP_K=top_k, E_PAD=_pow2_at_least(num_experts, 16),
-            K_PAD=_pow2_at_least(top_k), BLOCK_T=ranks.block_t, num_warps=4,
+            K_PAD=_pow2_at_least(top_k), BLOCK_T=ranks.block_t, HAS_ROWS=num_rows is not None,
+            num_warps=4,
         )
     return ranks
 
@@ -221,7 +226,7 @@ def _empty_alignment(num_slots, num_experts, block_m, device) -> Alignment:
                      torch.empty(1, dtype=torch.int32, device=device), max_blocks)
 
 
-def _align(topk_ids, ranks: _TokenBlockRanks, num_experts, block_m) -> Alignment:
+def _align(topk_ids, ranks: _TokenBlockRanks, num_experts, block_m, num_rows=None) -> Alignment:
     alignment = _empty_alignment(topk_ids.numel(), num_experts, block_m, topk_ids.device)
     e_pad = _pow2_at_least(num_experts, 16)
     with stage_range("align"):
@@ -229,9 +234,11 @@ def _align(topk_ids, ranks: _TokenBlockRanks, num_experts, block_m) -> Alignment
             topk_ids, ranks.block_counts, ranks.ranks, alignment.sorted_slots,
             alignment.block_expert, alignment.num_blocks,
             topk_ids.numel(), ranks.block_counts.shape[0], alignment.max_blocks,
+            num_rows if num_rows is not None else topk_ids,  # unread without HAS_ROWS
             NUM_EXPERTS=num_experts, TOP_K=topk_ids.shape[1], RANK_BLOCK_T=ranks.block_t,
             E_PAD=e_pad, BLOCK_M=block_m, TB_CHUNK=max(1, 4096 // e_pad),
-            BLOCK_CHUNK=max(16, 4096 // e_pad), CHUNK=4096, num_warps=8,
+            BLOCK_CHUNK=max(16, 4096 // e_pad), CHUNK=4096, HAS_ROWS=num_rows is not None,
+            num_warps=8,
         )
     return alignment
 

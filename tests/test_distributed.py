@@ -378,22 +378,24 @@ def test_plan_packs_each_token_once_per_owner(skip_own, device):
 
 class _FakePeers:
     """The nvlink workspace of W ranks as local tensors (rank d's symmetric buffers are
-    ``bufs[d]``), with the address table a transport on ``rank`` would build."""
+    ``bufs[d]``, R receive rows each, its fill counter at ``fills[d]``), with the address
+    table a transport on ``rank`` would build."""
 
-    def __init__(self, W, C, H, K, rank, dtype, device):
-        self.bufs = [dict(recv_x=torch.full((W, C, H), 3.5, dtype=dtype, device=device),
-                          recv_ids=torch.full((W, C, K), 77, dtype=torch.int32, device=device),
-                          recv_weights=torch.full((W, C, K), 9.0, device=device),
+    def __init__(self, W, R, H, K, rank, fills, dtype, device):
+        self.bufs = [dict(recv_x=torch.full((R, H), 3.5, dtype=dtype, device=device),
+                          recv_ids=torch.full((R, K), 77, dtype=torch.int32, device=device),
+                          recv_weights=torch.full((R, K), 9.0, device=device),
+                          fill=torch.tensor([fill], dtype=torch.int32, device=device),
                           headers=torch.zeros(2, W, 4, dtype=torch.int64, device=device),
                           flags=torch.zeros(2, W, dtype=torch.int64, device=device))
-                     for _ in range(W)]
+                     for fill in fills]
 
-        def table(name, index):
+        def table(name, index=0):
             return torch.tensor([b[name][index].data_ptr() for b in self.bufs],
                                 dtype=torch.int64, device=device)
 
-        self.addresses = dict(recv_x=table("recv_x", rank), recv_ids=table("recv_ids", rank),
-                              recv_weights=table("recv_weights", rank),
+        self.addresses = dict(recv_x=table("recv_x"), recv_ids=table("recv_ids"),
+                              recv_weights=table("recv_weights"), fill=table("fill"),
                               header_dispatch=table("headers", (0, rank)),
                               flag_dispatch=table("flags", (0, rank)),
                               header_combine=table("headers", (1, rank)),
@@ -402,47 +404,59 @@ class _FakePeers:
 
 @pytest.mark.parametrize("failed", [False, True])
 def test_push_stores_each_routed_row_in_its_owners_memory(failed, device):
-    """The nvlink dispatch kernel, peers' memory faked by local tensors (their addresses):
-    rank d's block of this rank receives, at the plan's positions, exactly the tokens
-    needing d (x, ids in d's numbering, weights), nothing else is written; the last of
-    several programs writes each peer's header and raises its flag to the epoch
-    (FLAG_FAILED when the workspace failed), never this rank's own, and re-arms its
-    counter. The release kernel sets every recv_ids row to -1 and raises the second flags."""
+    """The nvlink dispatch, peers' memory faked by local tensors (their addresses): the
+    plan reserves each destination's rows after what its fill counter already holds (other
+    senders' rows), and the push kernel stores there exactly the tokens needing that rank
+    (x, ids in its numbering, weights), nothing else; the last of several programs writes
+    each peer's header and raises its flag to the epoch (FLAG_FAILED when the workspace
+    failed), never this rank's own, and re-arms its counter. The release kernel sets the
+    filled recv_ids rows to -1, zeroes the fill counter and raises the second flags."""
     import triton
 
     from moe_ops.distributed import kernels as K
     from moe_ops.distributed import protocol as P
     from moe_ops.distributed.plan import plan_dispatch
 
-    T, Kk, H, W, E_l, C, rank, layer_id = 7, 2, 12, 3, 2, 9, 1, 5
+    T, Kk, H, W, E_l, C, rank, layer_id = 7, 2, 12, 3, 2, 10, 1, 5
+    R = W * C
+    fills = [4, 0, 11]  # rows other senders reserved before this one
     ids = torch.stack([torch.randperm(W * E_l)[:Kk] for _ in range(T)]).int().to(device)
     weights, x = torch.rand(T, Kk, device=device), torch.randn(T, H, device=device)
-    plan = plan_dispatch(x, weights, ids, E_l, rank, W, C, skip_own=False)
-    peers = _FakePeers(W, C, H, Kk, rank, x.dtype, device)
+    peers = _FakePeers(W, R, H, Kk, rank, fills, x.dtype, device)
+    a = peers.addresses
     state = P.new_state(device)
     state[P.COUNT] = 41
+    plan = plan_dispatch(x, weights, ids, E_l, rank, W, C, skip_own=False, reserve=a["fill"],
+                         state=state)
+    assert state.tolist()[P.CODE] == P.NONE
     epoch = torch.tensor([1234], dtype=torch.int64, device=device)
     failed_word = torch.tensor([int(failed)], dtype=torch.int64, device=device)
     arrivals = torch.zeros(2, dtype=torch.int32, device=device)
-    a = peers.addresses
     K.push_rows_kernel[(triton.cdiv(T, 2), triton.cdiv(H, 4))](
         x, ids, weights, plan.rows, a["recv_x"], a["recv_ids"], a["recv_weights"],
         a["header_dispatch"], a["flag_dispatch"], arrivals[0:], epoch, failed_word, state,
-        layer_id, P.OK, T, H, C, E_l, rank, WORLD=W, TOP_K=Kk, K_PAD=2, BLOCK_T=2, BLOCK_H=4)
+        layer_id, P.OK, T, H, E_l, rank, WORLD=W, TOP_K=Kk, K_PAD=2, BLOCK_T=2, BLOCK_H=4)
     flag = P.FLAG_FAILED if failed else 1234
     header = [P.MAGIC, layer_id, 41, P.OK]
     for d in range(W):
         owned = (ids // E_l) == d
         tokens = owned.any(1).nonzero().flatten()
-        n = len(tokens)
+        n, first = len(tokens), fills[d]
         got = peers.bufs[d]
-        assert torch.equal(got["recv_x"][rank, :n], x[tokens])
-        assert torch.equal(got["recv_ids"][rank, :n],
+        assert int(got["fill"]) == first + n
+        expected_rows = torch.full((T,), -1, dtype=torch.int32, device=device)
+        expected_rows[tokens] = first + torch.arange(n, dtype=torch.int32, device=device)
+        assert torch.equal(plan.rows[d], expected_rows)
+        rows = slice(first, first + n)
+        assert torch.equal(got["recv_x"][rows], x[tokens])
+        assert torch.equal(got["recv_ids"][rows],
                            torch.where(owned[tokens], ids[tokens] - d * E_l, -1))
-        assert torch.equal(got["recv_weights"][rank, :n], weights[tokens])
-        assert (got["recv_x"][rank, n:] == 3.5).all() and (got["recv_ids"][rank, n:] == 77).all()
-        others = [s for s in range(W) if s != rank]
-        assert (got["recv_x"][others] == 3.5).all() and (got["recv_weights"][others] == 9).all()
+        assert torch.equal(got["recv_weights"][rows], weights[tokens])
+        untouched = torch.ones(R, dtype=torch.bool, device=device)
+        untouched[rows] = False
+        assert (got["recv_x"][untouched] == 3.5).all()
+        assert (got["recv_ids"][untouched] == 77).all()
+        assert (got["recv_weights"][untouched] == 9).all()
         if d == rank:
             assert (got["flags"] == 0).all() and (got["headers"] == 0).all()
         else:
@@ -451,16 +465,46 @@ def test_push_stores_each_routed_row_in_its_owners_memory(failed, device):
             assert (got["flags"][1] == 0).all()
     assert int(arrivals[0]) == 0
 
-    own = peers.bufs[rank]["recv_ids"]
+    own = peers.bufs[rank]
+    filled = int(own["fill"])
     blocks = 8  # several programs
-    K.release_back_kernel[(triton.cdiv(own.numel(), blocks),)](
-        own, own.numel(), a["header_combine"], a["flag_combine"], arrivals[1:], epoch,
-        failed_word, state, layer_id, P.OK, rank, WORLD=W, BLOCK=blocks)
-    assert (own == -1).all() and int(arrivals[1]) == 0
+    K.release_back_kernel[(triton.cdiv(own["recv_ids"].numel(), blocks),)](
+        own["recv_ids"], own["fill"], own["recv_ids"].numel(), a["header_combine"],
+        a["flag_combine"], arrivals[1:], epoch, failed_word, state, layer_id, P.OK, rank,
+        WORLD=W, TOP_K=Kk, BLOCK=blocks)
+    assert (own["recv_ids"][:filled] == -1).all() and (own["recv_ids"][filled:] == 77).all()
+    assert int(own["fill"]) == 0 and int(arrivals[1]) == 0
     for d in range(W):
         if d != rank:
             assert int(peers.bufs[d]["flags"][1, rank]) == flag
             assert peers.bufs[d]["headers"][1, rank].tolist() == header
+
+
+def test_plan_never_reserves_past_a_full_receive_buffer(device):
+    """A receive buffer whose fill counter leaves no room for this rank's block (rows of a
+    late, failed forward still there): the block is not sent (rows -1, nothing past the
+    buffer is named) and the layer state records OVERFLOW at that rank, sticky and
+    poisoned; the other destinations are planned as usual."""
+    from moe_ops.distributed import protocol as P
+    from moe_ops.distributed.plan import plan_dispatch
+
+    T, K, H, W, E_l, C, rank = 6, 2, 8, 2, 2, 8, 0
+    ids = torch.stack([torch.arange(K) + 2 * (t % 2) for t in range(T)]).int().to(device)
+    weights, x = torch.rand(T, K, device=device), torch.randn(T, H, device=device)
+    fills = torch.tensor([[0], [W * C - 1]], dtype=torch.int32, device=device)  # rank 1: full
+    addresses = torch.tensor([fills[d].data_ptr() for d in range(W)], dtype=torch.int64,
+                             device=device)
+    state = P.new_state(device)
+    state[P.COUNT] = 3
+    plan = plan_dispatch(x, weights, ids, E_l, rank, W, C, skip_own=False, reserve=addresses,
+                         state=state)
+    assert (plan.rows[1] == -1).all()
+    own = (torch.arange(T, device=device) % 2) == 0
+    assert torch.equal(plan.rows[0][own], torch.arange(T // 2, dtype=torch.int32, device=device))
+    values = state.tolist()
+    assert (values[P.CODE], values[P.PEER], values[P.CALL], values[P.STICKY], values[P.POISON]) \
+        == (P.OVERFLOW, 1, 3, 1, 1)
+    assert "rank 1's receive buffer had no room" in P.describe(values, 7, rank)
 
 
 def test_nvlink_decision_matches_gpus_by_uuid_not_index():
@@ -509,9 +553,10 @@ for fixed in (True, False):
     build(K.plan_pack_kernel, dict(topk_ids_ptr="*i32", topk_weights_ptr="*fp32",
           counts_ptr="*i32", own_ids_ptr="*i32", rows_ptr="*i32", send_ids_ptr="*i32",
           send_weights_ptr="*fp32", src_token_ptr="*i32", num_tokens="i32",
-          block_rows="i32", experts_per_rank="i32", rank="i32", total_rows="i32"),
+          block_rows="i32", experts_per_rank="i32", rank="i32", total_rows="i32",
+          fill_addrs="*i64", rows_limit="i32", state_ptr="*i64"),
           WORLD=2, W_PAD=2, TOP_K=8, K_PAD=8, FIXED=fixed, SKIP_OWN=not fixed,
-          HEADER_ROWS=int(fixed), PACK=not fixed, BLOCK_T=256)
+          HEADER_ROWS=int(fixed), PACK=not fixed, RESERVE=fixed, BLOCK_T=256)
     build(K.combine_partials_kernel, dict(back_ptr="*bf16", bases_ptr="*i64", rows_ptr="*i32",
           local_ptr="*bf16", shared_ptr="*bf16", state_ptr="*i64", out_ptr="*bf16",
           num_tokens="i32", hidden="i32"), WORLD=2, HAS_LOCAL=fixed, HAS_SHARED=fixed,
@@ -523,10 +568,10 @@ signal = dict(header_addrs="*i64", flag_addrs="*i64", counter_ptr="*i32", **flag
               state_ptr="*i64", layer_id="i32", status="i32")
 build(K.push_rows_kernel, dict(x_ptr="*bf16", topk_ids_ptr="*i32", topk_weights_ptr="*fp32",
       rows_ptr="*i32", x_addrs="*i64", ids_addrs="*i64", weights_addrs="*i64", **signal,
-      num_tokens="i32", hidden="i32", capacity="i32", experts_per_rank="i32", rank="i32"),
+      num_tokens="i32", hidden="i32", experts_per_rank="i32", rank="i32"),
       WORLD=2, TOP_K=8, K_PAD=8, BLOCK_T=8, BLOCK_H=512)
-build(K.release_back_kernel, dict(recv_ids_ptr="*i32", num_words="i32", **signal, rank="i32"),
-      WORLD=2, BLOCK=1024)
+build(K.release_back_kernel, dict(recv_ids_ptr="*i32", fill_ptr="*i32", num_words="i32",
+      **signal, rank="i32"), WORLD=2, TOP_K=8, BLOCK=1024)
 build(K.bump_epoch_kernel, dict(flags, state_ptr="*i64"))
 build(K.put_flag_kernel, dict(flags, state_ptr="*i64", peer_header_ptr="*i64",
       peer_flag_ptr="*i64", layer_id="i32", status="i32"))

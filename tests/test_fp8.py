@@ -43,7 +43,7 @@ def quantise_launches(monkeypatch) -> list:
     inputs = []
     quantize = pipeline.quantize_input
     monkeypatch.setattr(pipeline, "quantize_input",
-                        lambda a, scheme: inputs.append(a) or quantize(a, scheme))
+                        lambda a, scheme, *rows: inputs.append(a) or quantize(a, scheme, *rows))
     return inputs
 
 
@@ -151,6 +151,27 @@ def test_float16_hidden_states(scheme, a_fp8, device):
                              down, w_gate_up_scale=fp8_weights[2], w_down_scale=fp8_weights[3])
     assert out.dtype == torch.float16
     check_against_references(out, x, topk_weights, topk_ids, fp8_weights, (a_fp8, a_fp8))
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("a_desc", [False, True])
+def test_receive_buffer_quantised_up_to_its_filled_rows(scheme, a_desc, device):
+    """An expert-parallel receive buffer with its filled rows known on the device
+    (``num_rows``), fp8 activations for both GEMMs (x and h quantised by their own
+    launches, h in slot order and in block order): the filled rows equal the references on
+    them alone, the rows after them (routed ids, never read) stay unwritten."""
+    x, topk_weights, topk_ids, fp8_weights = fp8_inputs(scheme, device, **SHAPES)
+    filled = SHAPES["num_tokens"] // 3
+    gate_up = TileConfig(16, 64, 128, 1, 4, 3, A_FP8=True)  # 64 wide: h quantised apart
+    down = TileConfig(16, 64, 128, 1, 4, 3, A_DESC=a_desc, A_FP8=True)
+    out = fused_experts_impl(x, topk_weights, topk_ids, fp8_weights[0], fp8_weights[1], gate_up,
+                             down, w_gate_up_scale=fp8_weights[2], w_down_scale=fp8_weights[3],
+                             tile_tokens=filled, skip_unrouted=True,
+                             num_rows=torch.tensor([filled], dtype=torch.int32, device=device))
+    check_against_references(out[:filled], x[:filled], topk_weights[:filled],
+                             topk_ids[:filled], fp8_weights, (True, True))
+    assert bool(out[filled:].isnan().all())
 
 
 @pytest.mark.parametrize("scheme,block_k,a_fp8", [("block", 64, False), ("channel", 64, False),

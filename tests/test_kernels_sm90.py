@@ -10,6 +10,8 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from moe_ops.kernels.align import align_kernel, rank_kernel
+from moe_ops.kernels.combine import combine_kernel
 from moe_ops.kernels.grouped_gemm import grouped_gemm_kernel
 from moe_ops.kernels.quantize import quantize_kernel
 from moe_ops.kernels.route import route_kernel
@@ -49,11 +51,28 @@ gemm("*fp8e4nv", "*fp8e4nv", "*bf16", GATE_UP=False, W_SCALE=2, A_FP8=True, BLOC
 gemm("*fp8e4nv", "*fp8e4nv", "*bf16", GATE_UP=False, W_SCALE=1, A_FP8=True, BLOCK_M=64,
      BLOCK_N=64, FAST_ACC=True)
 
-for block_r, block_c, per_row in ((1, 2048, True), (16, 128, False), (2, 1024, False)):
+for block_r, block_c, per_row, counted in ((1, 2048, True, 0), (16, 128, False, 8),
+                                          (2, 1024, False, 1)):
     build(quantize_kernel, dict(src_ptr="*bf16", dst_ptr="*fp8e4nv", scale_ptr="*fp32",
-                                num_rows="i32", K="i32", stride_src="i32"),
-          dict(BLOCK_R=block_r, BLOCK_C=block_c, PER_ROW=per_row),
+                                num_rows="i32", K="i32", stride_src="i32", count_ptr="*i32"),
+          dict(BLOCK_R=block_r, BLOCK_C=block_c, PER_ROW=per_row, ROWS_PER_COUNT=counted),
           ["src_ptr", "dst_ptr", "scale_ptr", "K", "stride_src"])
+
+# An expert-parallel receive buffer read up to its filled rows (HAS_ROWS).
+build(rank_kernel, dict(topk_ids_ptr="*i32", block_counts_ptr="*i32", ranks_ptr="*i32",
+                        num_tokens="i32", rows_ptr="*i32"),
+      dict(NUM_EXPERTS=128, TOP_K=8, E_PAD=128, K_PAD=8, BLOCK_T=64, HAS_ROWS=True),
+      ["topk_ids_ptr", "block_counts_ptr", "ranks_ptr"])
+build(align_kernel, dict(topk_ids_ptr="*i32", block_counts_ptr="*i32", ranks_ptr="*i32",
+                         sorted_slots_ptr="*i32", block_expert_ptr="*i32",
+                         num_blocks_ptr="*i32", num_slots="i32", num_token_blocks="i32",
+                         max_blocks="i32", rows_ptr="*i32"),
+      dict(NUM_EXPERTS=128, TOP_K=8, RANK_BLOCK_T=64, E_PAD=128, BLOCK_M=16, TB_CHUNK=32,
+           BLOCK_CHUNK=32, CHUNK=4096, HAS_ROWS=True), ["topk_ids_ptr"], num_warps=8)
+build(combine_kernel, dict(y_ptr="*bf16", topk_ids_ptr="*i32", out_ptr="*bf16",
+                           num_tokens="i32", hidden="i32", rows_ptr="*i32"),
+      dict(NUM_EXPERTS=128, TOP_K=8, SKIP_UNROUTED=True, HAS_ROWS=True, K_PAD=8, BLOCK_T=4,
+           BLOCK_H=512, INTERPRETER=False), ["y_ptr", "out_ptr", "hidden"])
 
 for quantize in (1, 2):
     build(route_kernel, dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*fp32",

@@ -152,3 +152,33 @@ def test_sparse_receive_buffer(routed_tokens, device):
     expected = fused_experts_reference(*real, w_gate_up, w_down)
     assert_close_l2(out[:, :routed_tokens].reshape(-1, H), expected, 1e-2 if ON_GPU else 1e-5)
     assert bool(out[:, routed_tokens:].isnan().all())
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("filled", [0, 1, 37])
+def test_receive_buffer_read_up_to_its_filled_rows(filled, device):
+    """``num_rows`` (on the device): the rows a receive buffer has filled. Only those are
+    read: the rows after them hold routed ids here, yet stay unwritten (poisoned), and
+    the filled rows equal the reference on them alone."""
+    from moe_ops.pipeline import fused_experts_impl
+    from moe_ops.reference import fused_experts_reference
+
+    config = config_for_device()
+    rows = 256 if ON_GPU else 64
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    _, w_gate_up, w_down, _ = make_layer(config, dtype, device)
+    E, K, H = config.num_experts, config.top_k, config.hidden_size
+    x = torch.randn(rows, H, device=device, dtype=dtype)
+    weights = torch.rand(rows, K, device=device)
+    ids = torch.stack([torch.randperm(E, device=device)[:K] for _ in range(rows)]).int()
+    out = fused_experts_impl(x, weights, ids, w_gate_up, w_down, tile_tokens=max(filled, 1),
+                             skip_unrouted=True,
+                             num_rows=torch.tensor([filled], dtype=torch.int32, device=device))
+    if filled:
+        expected = fused_experts_reference(x[:filled], weights[:filled], ids[:filled],
+                                           w_gate_up, w_down)
+        assert_close_l2(out[:filled], expected, 1e-2 if ON_GPU else 1e-5)
+    assert bool(out[filled:].isnan().all())
+    with pytest.raises(ValueError, match="skip_unrouted"):
+        fused_experts_impl(x, weights, ids, w_gate_up, w_down, num_rows=torch.tensor(
+            [filled], dtype=torch.int32, device=device))

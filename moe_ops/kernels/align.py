@@ -5,6 +5,9 @@ Two steps, so that the single-program step does O(T*K + token_blocks*E) work:
 1. ``block_ranks`` (inside the router kernel, or ``rank_kernel`` for user-given ids),
    one program per RANK_BLOCK_T tokens: the block's per-expert counts
    ``block_counts[tb, e]`` and each slot's rank among the block's slots of its expert.
+   With HAS_ROWS, rows at or past ``rows_ptr[0]`` (an expert-parallel receive buffer's
+   filled rows, known on the device only) are taken to hold no routed id and skipped,
+   here and in step 2.
 2. ``align_kernel``, one program: expert totals, block-padded row offsets, and
        sorted_slots [max_blocks * BLOCK_M] int32: expert 0's slots padded to a multiple
            of BLOCK_M with the sentinel T*K, then expert 1's, ... (rows past the blocks
@@ -40,16 +43,19 @@ def block_ranks(ids, valid, slots, block_counts_ptr, ranks_ptr,
 
 
 @triton.jit
-def rank_kernel(topk_ids_ptr, block_counts_ptr, ranks_ptr, num_tokens,
+def rank_kernel(topk_ids_ptr, block_counts_ptr, ranks_ptr, num_tokens, rows_ptr,
                 NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr,
-                K_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+                K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HAS_ROWS: tl.constexpr):
     """Step 1 for user-given topk_ids [T, K]; grid = cdiv(T, BLOCK_T). A block without a
     valid id only zeroes its counts."""
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_k = tl.arange(0, K_PAD)
     slots = offs_t[:, None] * TOP_K + offs_k[None, :]
-    in_range = (offs_t[:, None] < num_tokens) & (offs_k[None, :] < TOP_K)
+    limit = num_tokens
+    if HAS_ROWS:
+        limit = tl.minimum(tl.load(rows_ptr), num_tokens)
+    in_range = (offs_t[:, None] < limit) & (offs_k[None, :] < TOP_K)
     ids = tl.load(topk_ids_ptr + slots, mask=in_range, other=-1)
     valid = in_range & (ids >= 0) & (ids < NUM_EXPERTS)
     if tl.max(valid.to(tl.int32)) == 0:  # common in a sparse (expert-parallel) buffer
@@ -65,10 +71,10 @@ def rank_kernel(topk_ids_ptr, block_counts_ptr, ranks_ptr, num_tokens,
 def align_kernel(
     topk_ids_ptr, block_counts_ptr, ranks_ptr,
     sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
-    num_slots, num_token_blocks, max_blocks,
+    num_slots, num_token_blocks, max_blocks, rows_ptr,
     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RANK_BLOCK_T: tl.constexpr,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TB_CHUNK: tl.constexpr,
-    BLOCK_CHUNK: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_CHUNK: tl.constexpr, CHUNK: tl.constexpr, HAS_ROWS: tl.constexpr,
 ):
     """Step 2; grid = (1,). Rewrites block_counts in place into each block's first row.
     ``select_align_kernel`` calls it as its second half."""
@@ -120,10 +126,13 @@ def align_kernel(
                  mask=rows < used_rows)
     tl.debug_barrier()
 
-    for s0 in range(0, num_slots, CHUNK):
+    used_slots = num_slots
+    if HAS_ROWS:
+        used_slots = tl.minimum(tl.load(rows_ptr) * TOP_K, num_slots)
+    for s0 in range(0, used_slots, CHUNK):
         slots = s0 + offs_c
-        ids = tl.load(topk_ids_ptr + slots, mask=slots < num_slots, other=-1)
-        valid = (slots < num_slots) & (ids >= 0) & (ids < NUM_EXPERTS)
+        ids = tl.load(topk_ids_ptr + slots, mask=slots < used_slots, other=-1)
+        valid = (slots < used_slots) & (ids >= 0) & (ids < NUM_EXPERTS)
         token_block = slots // TOP_K // RANK_BLOCK_T
         first_row = tl.load(block_counts_ptr + token_block * NUM_EXPERTS + ids, mask=valid, other=0)
         rank = tl.load(ranks_ptr + slots, mask=valid, other=0)

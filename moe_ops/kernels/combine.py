@@ -5,7 +5,8 @@ expert output (written by the down GEMM); slots whose id is outside [0, E) were 
 computed and count as zero. With SKIP_UNROUTED (an expert-parallel receive buffer, rows
 for its capacity and mostly unrouted) the grid is (cdiv(T, BLOCK_T), 1): a program whose
 rows have no routed slot ends after reading their ids, the others loop over every
-BLOCK_H columns, and rows with no routed slot are not written at all.
+BLOCK_H columns, and rows with no routed slot are not written at all; with HAS_ROWS the
+rows at or past ``rows_ptr[0]`` count as unrouted without being read.
 No atomics: the sum is bitwise reproducible.
 """
 import triton
@@ -34,13 +35,15 @@ def _combine_columns(y_ptr, topk_ids_ptr, out_ptr, offs_t, row_mask, offs_h, hid
 
 @triton.jit
 def combine_kernel(
-    y_ptr, topk_ids_ptr, out_ptr, num_tokens, hidden,
+    y_ptr, topk_ids_ptr, out_ptr, num_tokens, hidden, rows_ptr,
     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, SKIP_UNROUTED: tl.constexpr,
-    K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    INTERPRETER: tl.constexpr,
+    HAS_ROWS: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = offs_t < num_tokens
+    if HAS_ROWS:
+        token_mask = offs_t < tl.minimum(tl.load(rows_ptr), num_tokens)
     if SKIP_UNROUTED:
         offs_k = tl.arange(0, K_PAD)
         ids = tl.load(topk_ids_ptr + offs_t[:, None].to(tl.int64) * TOP_K + offs_k[None, :],

@@ -98,8 +98,17 @@ def quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, row_mask, K, stride_src,
 
 
 @triton.jit
-def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src,
-                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PER_ROW: tl.constexpr):
+def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src, count_ptr,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PER_ROW: tl.constexpr,
+                    ROWS_PER_COUNT: tl.constexpr):
+    """With ROWS_PER_COUNT > 0 only the first count_ptr[0] * ROWS_PER_COUNT rows (those in
+    use, known on the device) are quantised; the rest are left alone."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, rows < num_rows, K, stride_src, BLOCK_C,
-                  PER_ROW)
+    if ROWS_PER_COUNT > 0:
+        limit = tl.minimum(tl.load(count_ptr) * ROWS_PER_COUNT, num_rows)
+        if tl.program_id(0) * BLOCK_R < limit:
+            quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, rows < limit, K, stride_src,
+                          BLOCK_C, PER_ROW)
+    else:
+        quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, rows < num_rows, K, stride_src,
+                      BLOCK_C, PER_ROW)
