@@ -155,7 +155,7 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
 def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: ExpertTiles,
             alignment: Alignment, w_gate_up_scale=None, w_down_scale=None, x_quantized=None,
             skip_unrouted: bool = False, grid_blocks: int | None = None, out=None,
-            num_rows=None):
+            num_rows=None, grid_rows: int | None = None):
     """gate_up -> down -> combine over an alignment: out [T, H]. A stage whose tile has
     A_FP8 reads its input quantised by one launch before it (``quantize_input``), except
     down's when gate_up writes h in e4m3 itself (``ExpertTiles.h_fp8``) and gate_up's when
@@ -164,7 +164,8 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     ``grid_blocks``: blocks the GEMM grids cover (``_grouped_gemm``); ``out``: a given
     [T, H] output buffer (contiguous) instead of a fresh one; ``num_rows`` (int32 [1] on
     the device, with ``skip_unrouted``): rows at or past it hold no routed id, and the
-    combine does not read them."""
+    combine does not read them, its programs sized for ``grid_rows`` rows (default all)
+    and striding over the rest."""
     num_tokens, hidden = hidden_states.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     num_slots = topk_ids.numel()
@@ -192,9 +193,12 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     _grouped_gemm(False, h, h_scale, w_down, w_down_scale, y, topk_weights, alignment, num_slots,
                   1, hidden, inter, tiles.down, tiles.h_block_order, grid_blocks=grid_blocks)
     out = torch.empty_like(hidden_states) if out is None else out
-    column_programs = 1 if skip_unrouted else triton.cdiv(hidden, BLOCKS.combine_h)
+    column_programs = (1 if skip_unrouted and num_rows is None
+                       else triton.cdiv(hidden, BLOCKS.combine_h))
+    rows = num_tokens if num_rows is None else min(grid_rows or num_tokens, num_tokens)
+    row_programs = triton.cdiv(rows, BLOCKS.combine_t)
     with stage_range("combine"):
-        combine_kernel[(triton.cdiv(num_tokens, BLOCKS.combine_t), column_programs)](
+        combine_kernel[(row_programs, column_programs)](
             y, topk_ids, out, num_tokens, hidden,
             num_rows if num_rows is not None else topk_ids,  # unread without HAS_ROWS
             NUM_EXPERTS=num_experts, TOP_K=top_k, SKIP_UNROUTED=skip_unrouted,
@@ -234,7 +238,7 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
     return experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles, alignment,
                    w_gate_up_scale, w_down_scale, skip_unrouted=skip_unrouted, out=out,
                    grid_blocks=max_blocks_for(expected * top_k, num_experts, tiles.block_m),
-                   num_rows=num_rows)
+                   num_rows=num_rows, grid_rows=expected)
 
 
 def fused_moe_impl(hidden_states, router_weight, w_gate_up, w_down, routing: Routing,

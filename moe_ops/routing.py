@@ -208,8 +208,11 @@ def _route_blocks(hidden_states, router_weight, routing: Routing, score_bias, wi
 def _rank(topk_ids, num_experts, sizing_tokens=None, num_rows=None) -> _TokenBlockRanks:
     num_tokens, top_k = topk_ids.shape
     ranks = _empty_ranks(num_tokens, num_experts, top_k, topk_ids.device, sizing_tokens)
+    # With the filled rows known on the device, programs for the rows expected (they
+    # stride over any more); else one per token block.
+    rows = num_tokens if num_rows is None else min(sizing_tokens or num_tokens, num_tokens)
     with stage_range("rank"):
-        rank_kernel[(triton.cdiv(num_tokens, ranks.block_t),)](
+        rank_kernel[(triton.cdiv(rows, ranks.block_t),)](
             topk_ids, ranks.block_counts, ranks.ranks, num_tokens,
             num_rows if num_rows is not None else topk_ids,  # unread without HAS_ROWS
             NUM_EXPERTS=num_experts, TOP_K=top_k, E_PAD=_pow2_at_least(num_experts, 16),

@@ -167,7 +167,7 @@ def test_receive_buffer_quantised_up_to_its_filled_rows(scheme, a_desc, device):
     down = TileConfig(16, 64, 128, 1, 4, 3, A_DESC=a_desc, A_FP8=True)
     out = fused_experts_impl(x, topk_weights, topk_ids, fp8_weights[0], fp8_weights[1], gate_up,
                              down, w_gate_up_scale=fp8_weights[2], w_down_scale=fp8_weights[3],
-                             tile_tokens=filled, skip_unrouted=True,
+                             tile_tokens=filled // 4, skip_unrouted=True,
                              num_rows=torch.tensor([filled], dtype=torch.int32, device=device))
     check_against_references(out[:filled], x[:filled], topk_weights[:filled],
                              topk_ids[:filled], fp8_weights, (True, True))

@@ -46,24 +46,37 @@ def block_ranks(ids, valid, slots, block_counts_ptr, ranks_ptr,
 def rank_kernel(topk_ids_ptr, block_counts_ptr, ranks_ptr, num_tokens, rows_ptr,
                 NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr,
                 K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HAS_ROWS: tl.constexpr):
-    """Step 1 for user-given topk_ids [T, K]; grid = cdiv(T, BLOCK_T). A block without a
-    valid id only zeroes its counts."""
-    pid = tl.program_id(0)
-    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_k = tl.arange(0, K_PAD)
-    slots = offs_t[:, None] * TOP_K + offs_k[None, :]
-    limit = num_tokens
+    """Step 1 for user-given topk_ids [T, K]; grid = cdiv(T, BLOCK_T), one token block per
+    program. With HAS_ROWS the grid may be smaller: each program strides over the token
+    blocks below the filled rows (the blocks past them are neither read nor written)."""
     if HAS_ROWS:
         limit = tl.minimum(tl.load(rows_ptr), num_tokens)
-    in_range = (offs_t[:, None] < limit) & (offs_k[None, :] < TOP_K)
+        for tb in range(tl.program_id(0), tl.cdiv(limit, BLOCK_T), tl.num_programs(0)):
+            _rank_block(topk_ids_ptr, block_counts_ptr, ranks_ptr, tb, limit, NUM_EXPERTS,
+                        TOP_K, E_PAD, K_PAD, BLOCK_T)
+    else:
+        _rank_block(topk_ids_ptr, block_counts_ptr, ranks_ptr, tl.program_id(0), num_tokens,
+                    NUM_EXPERTS, TOP_K, E_PAD, K_PAD, BLOCK_T)
+
+
+@triton.jit
+def _rank_block(topk_ids_ptr, block_counts_ptr, ranks_ptr, tb, num_tokens,
+                NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr,
+                K_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Token block tb's counts and ranks; a block without a valid id only zeroes its
+    counts."""
+    offs_t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, K_PAD)
+    slots = offs_t[:, None] * TOP_K + offs_k[None, :]
+    in_range = (offs_t[:, None] < num_tokens) & (offs_k[None, :] < TOP_K)
     ids = tl.load(topk_ids_ptr + slots, mask=in_range, other=-1)
     valid = in_range & (ids >= 0) & (ids < NUM_EXPERTS)
     if tl.max(valid.to(tl.int32)) == 0:  # common in a sparse (expert-parallel) buffer
         offs_e = tl.arange(0, E_PAD)
-        tl.store(block_counts_ptr + pid * NUM_EXPERTS + offs_e, tl.zeros([E_PAD], tl.int32),
+        tl.store(block_counts_ptr + tb * NUM_EXPERTS + offs_e, tl.zeros([E_PAD], tl.int32),
                  mask=offs_e < NUM_EXPERTS)
     else:
-        block_ranks(ids, valid, slots, block_counts_ptr + pid * NUM_EXPERTS, ranks_ptr,
+        block_ranks(ids, valid, slots, block_counts_ptr + tb * NUM_EXPERTS, ranks_ptr,
                     NUM_EXPERTS, E_PAD, BLOCK_T * K_PAD)
 
 
@@ -83,6 +96,9 @@ def align_kernel(
     offs_c = tl.arange(0, CHUNK)
     expert_mask = offs_e < NUM_EXPERTS
 
+    if HAS_ROWS:  # token blocks past the filled rows hold no slot: not read
+        rows_used = tl.minimum(tl.load(rows_ptr), num_slots // TOP_K)
+        num_token_blocks = tl.minimum(tl.cdiv(rows_used, RANK_BLOCK_T), num_token_blocks)
     counts = tl.zeros([E_PAD], dtype=tl.int32)
     for tb0 in range(0, num_token_blocks, TB_CHUNK):
         rows = tb0 + offs_tb

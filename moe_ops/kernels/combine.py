@@ -5,8 +5,11 @@ expert output (written by the down GEMM); slots whose id is outside [0, E) were 
 computed and count as zero. With SKIP_UNROUTED (an expert-parallel receive buffer, rows
 for its capacity and mostly unrouted) the grid is (cdiv(T, BLOCK_T), 1): a program whose
 rows have no routed slot ends after reading their ids, the others loop over every
-BLOCK_H columns, and rows with no routed slot are not written at all; with HAS_ROWS the
-rows at or past ``rows_ptr[0]`` count as unrouted without being read.
+BLOCK_H columns, and rows with no routed slot are not written at all. With HAS_ROWS
+(such a buffer whose filled rows, ``rows_ptr[0]``, are known on the device) the grid is
+(row programs, cdiv(H, BLOCK_H)), as many row programs as the launcher expects row
+blocks: each strides over the row blocks below the fill; rows at or past it are not
+read, rows with no routed slot not written.
 No atomics: the sum is bitwise reproducible.
 """
 import triton
@@ -34,6 +37,16 @@ def _combine_columns(y_ptr, topk_ids_ptr, out_ptr, offs_t, row_mask, offs_h, hid
 
 
 @triton.jit
+def _routed_rows(topk_ids_ptr, offs_t, row_mask, NUM_EXPERTS: tl.constexpr,
+                 TOP_K: tl.constexpr, K_PAD: tl.constexpr):
+    """Which rows of row_mask have at least one slot routed to an expert in [0, E)."""
+    offs_k = tl.arange(0, K_PAD)
+    ids = tl.load(topk_ids_ptr + offs_t[:, None].to(tl.int64) * TOP_K + offs_k[None, :],
+                  mask=row_mask[:, None] & (offs_k < TOP_K)[None, :], other=-1)
+    return tl.max(((ids >= 0) & (ids < NUM_EXPERTS)).to(tl.int32), axis=1) != 0
+
+
+@triton.jit
 def combine_kernel(
     y_ptr, topk_ids_ptr, out_ptr, num_tokens, hidden, rows_ptr,
     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, SKIP_UNROUTED: tl.constexpr,
@@ -43,12 +56,16 @@ def combine_kernel(
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = offs_t < num_tokens
     if HAS_ROWS:
-        token_mask = offs_t < tl.minimum(tl.load(rows_ptr), num_tokens)
-    if SKIP_UNROUTED:
-        offs_k = tl.arange(0, K_PAD)
-        ids = tl.load(topk_ids_ptr + offs_t[:, None].to(tl.int64) * TOP_K + offs_k[None, :],
-                      mask=token_mask[:, None] & (offs_k < TOP_K)[None, :], other=-1)
-        routed_rows = tl.max(((ids >= 0) & (ids < NUM_EXPERTS)).to(tl.int32), axis=1) != 0
+        limit = tl.minimum(tl.load(rows_ptr), num_tokens)
+        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        for r0 in range(tl.program_id(0) * BLOCK_T, limit, tl.num_programs(0) * BLOCK_T):
+            rows = r0 + tl.arange(0, BLOCK_T)
+            _combine_columns(y_ptr, topk_ids_ptr, out_ptr, rows,
+                             _routed_rows(topk_ids_ptr, rows, rows < limit, NUM_EXPERTS, TOP_K,
+                                          K_PAD),
+                             offs_h, hidden, NUM_EXPERTS, TOP_K, BLOCK_T, BLOCK_H, INTERPRETER)
+    elif SKIP_UNROUTED:
+        routed_rows = _routed_rows(topk_ids_ptr, offs_t, token_mask, NUM_EXPERTS, TOP_K, K_PAD)
         if tl.max(routed_rows.to(tl.int32)) != 0:
             for h0 in range(0, hidden, BLOCK_H):
                 _combine_columns(y_ptr, topk_ids_ptr, out_ptr, offs_t, routed_rows,
