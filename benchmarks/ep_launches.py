@@ -12,7 +12,8 @@ depend on where the ranks run, so one GPU is enough. Per model and T tokens per 
 
 and records its GPU activities (torch.profiler: kernels, copies and memsets, by name),
 its wire bytes (``Transport.wire_rows``) and its relative L2 error against all_to_all
-without a capacity. Writes ``ep_launches_<gpu>x<W>.{json,md}``.
+without a capacity. Writes ``ep_launches_<gpu>x<W>.{json,md}`` (``..._one_gpu`` when the
+ranks shared a GPU).
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
     if dist.get_rank() == 0:
         out_dir = args.out or default_out_dir(True)
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"ep_launches_{slug(stamp['gpu'])}x{world}"
+        stem = f"ep_launches_{slug(stamp['gpu'])}x{world}" + ("_one_gpu" if shared else "")
         (out_dir / f"{stem}.json").write_text(json.dumps(dict(stamp=stamp, rows=rows), indent=1))
         (out_dir / f"{stem}.md").write_text(markdown(rows, stamp))
         log(f"wrote {out_dir / stem}.{{json,md}}")
