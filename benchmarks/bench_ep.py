@@ -13,7 +13,8 @@ per-call CUDA-event timings:
     ep_all_to_all_sync   all_to_all without it (one count exchange, host-synced), eager
     compute_only         this rank's fused_experts on exactly the rows it receives
     shared_only          the shared expert of this rank's tokens (part of every ep_* row)
-    comm_only            the nvlink transport moving the same blocks there and back
+    comm_only            the nvlink transport alone: plan, push of the routed rows, flags
+                         both ways (no expert compute, no combine)
     baseline             what users write today: per-pair all_to_all_single with host-synced
                          splits, torch._grouped_mm experts, un-sort, weighted sum (eager)
 

@@ -12,7 +12,8 @@ One forward, in the order the data moves (W ranks, this rank r, its tokens x [T,
     shared      the shared expert of this rank's tokens, also while it travels
     remote      the received rows through this rank's experts: one partial sum per row
                 (tiles and grids sized for about T tokens: a capacity-sized receive
-                buffer is mostly empty rows, skipped)
+                buffer is mostly empty rows, skipped; over nvlink only the filled rows,
+                counted on the device, are read)
     send back   each partial row to its token's rank (``nvlink``: the token's rank
                 pulls it in the combine)
     combine     out[t] = own partial + the owners' partials + shared (one kernel)
