@@ -20,8 +20,10 @@ only these steps, in this order per forward (``call`` is the forward's ``protoco
 
 ``send_rows[d]`` rows go to rank d and ``recv_rows[s]`` come from rank s, blocks in rank
 order; each block is its tokens followed by ``header_rows`` rows of protocol header
-(``protocol``) (a transport that places rows itself ignores both). ``order`` (``streams.StreamOrder``) orders forwards issued from several
-CUDA streams. ``wire_rows`` says what one forward moves (for the benchmark's bytes).
+(``protocol``); a transport that places the rows itself (``nvlink``: its plan reserves
+them in the receiver's buffer) ignores both. ``order`` (``streams.StreamOrder``) orders
+forwards issued from several CUDA streams. ``wire_rows`` says what one forward moves
+(for the benchmark's bytes).
 """
 from __future__ import annotations
 
