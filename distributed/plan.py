@@ -25,7 +25,8 @@ from .kernels import gather_rows_kernel, plan_pack_kernel
 class DispatchPlan(NamedTuple):
     counts: torch.Tensor  # int32 [W]: tokens sent to each destination (on the device)
     own_ids: torch.Tensor  # int32 [T, K]: ids in this rank's numbering, or -1
-    rows: torch.Tensor  # int32 [W, T]: token t's row in rank d's receive rows, or -1
+    rows: torch.Tensor  # int32 [W, T]: token t's row among rank d's partial sums, or -1
+    # (its row in the send blocks; with ``reserve``, its row in rank d's receive buffer)
     send: tuple | None  # (send_x, send_ids, send_weights) packed, or None: not packed
     experts_per_rank: int
 
