@@ -182,7 +182,6 @@ class NVLinkTransport(Transport):
     before it fails the workspace; ``None``: the process group's time-out."""
     name = "nvlink"
     header_rows = 0
-    pulls_back = True
 
     def __init__(self, group, rank: int, world_size: int, capacity: int, hidden: int,
                  top_k: int, dtype, device, timeout: float | None = None):

@@ -58,7 +58,6 @@ class Transport(ABC):
 
     name: str
     header_rows: int  # protocol rows after each block's tokens (0: the transport checks otherwise)
-    pulls_back = False  # the token owners read their partial sums' rows (only those move)
     order: StreamOrder
 
     @abstractmethod

@@ -96,9 +96,11 @@ def align_kernel(
     offs_c = tl.arange(0, CHUNK)
     expert_mask = offs_e < NUM_EXPERTS
 
-    if HAS_ROWS:  # token blocks past the filled rows hold no slot: not read
+    used_slots = num_slots
+    if HAS_ROWS:  # token blocks and slots past the filled rows hold no slot: not read
         rows_used = tl.minimum(tl.load(rows_ptr), num_slots // TOP_K)
         num_token_blocks = tl.minimum(tl.cdiv(rows_used, RANK_BLOCK_T), num_token_blocks)
+        used_slots = rows_used * TOP_K
     counts = tl.zeros([E_PAD], dtype=tl.int32)
     for tb0 in range(0, num_token_blocks, TB_CHUNK):
         rows = tb0 + offs_tb
@@ -142,9 +144,6 @@ def align_kernel(
                  mask=rows < used_rows)
     tl.debug_barrier()
 
-    used_slots = num_slots
-    if HAS_ROWS:
-        used_slots = tl.minimum(tl.load(rows_ptr) * TOP_K, num_slots)
     for s0 in range(0, used_slots, CHUNK):
         slots = s0 + offs_c
         ids = tl.load(topk_ids_ptr + slots, mask=slots < used_slots, other=-1)
