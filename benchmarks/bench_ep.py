@@ -5,8 +5,10 @@ For each model (routed + shared experts, bf16), routing (uniform, Zipf) and toke
 rank T, every rank brings T tokens and times, in one run, the slower rank's median of
 per-call CUDA-event timings:
 
-    ep_nvlink            ExpertParallelMoE, nvlink transport (overlap=False, the default)
-    ep_nvlink_overlap    the same with overlap=True (own tokens computed during the dispatch)
+    ep_nvlink            ExpertParallelMoE, nvlink transport (gate_up starts on the rows
+                         as they land, the default)
+    ep_nvlink_all_rows   the same with gate_up after every row has landed
+                         (``early_gate_up = False``)
     ep_all_to_all        all_to_all transport with max_tokens_per_rank=T (fixed splits)
     ep_nvlink_serving    nvlink with a serving capacity max_tokens_per_rank=max(T, --capacity)
     ep_all_to_all_serving  all_to_all with that capacity (what a server sized once pays)
@@ -199,10 +201,10 @@ def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
                 x, layer.shared_gate_up, layer.shared_down, layer.shared_gate), True)
         if on_gpu():
             layer.set_transport("nvlink", T)
-            for system, overlap in (("ep_nvlink", False), ("ep_nvlink_overlap", True)):
-                layer.overlap = overlap
+            for system, early in (("ep_nvlink", True), ("ep_nvlink_all_rows", False)):
+                layer.early_gate_up = early
                 outputs[system] = timed(system, lambda: layer.forward_impl(x), True).clone()
-            layer.overlap = False
+            layer.early_gate_up = True
             timed("comm_only", lambda: comm_round_trip(layer, x), True)
             layer.set_transport("nvlink", capacity)
             outputs["ep_nvlink_serving"] = timed("ep_nvlink_serving", lambda: layer.forward_impl(x),
@@ -242,7 +244,7 @@ def comm_round_trip(layer, x):
     t, C, W, c = layer.transport, layer.max_tokens_per_rank, layer.world_size, layer.config
     weights, ids = route(layer, x)
     t.begin()
-    plan = t.plan(x, weights, ids, len(layer.expert_range), skip_own=False)
+    plan = t.plan(x, weights, ids, len(layer.expert_range))
     t.dispatch(x, weights, ids, plan, [C] * W, [C] * W)
     rows = t.receive(None).x.shape[0]
     back = t.receive_back(t.send_back(t.partials_out(rows, c.hidden_size, x.dtype, x.device),

@@ -14,7 +14,14 @@ rows agree:
              unwritten (``skip_unrouted``), every row's ids still read
     layer    as ``ExpertParallelMoE`` computes it: sparse, and read up to the filled
              rows only (``num_rows``, on the device)
+    landing  the layer's call when gate_up starts on rows still landing (``Landing``):
+             each gate_up tile first checks the flags of its rows' sources (all raised
+             here: what the check costs, not what the overlap hides)
     tight    the W*T real rows alone: what the capacity should cost at most
+
+``landing / layer`` is then measured again as the median of ``--ab`` alternating pairs of
+graph replays (one variant's timing right after the other's, so that clock and thermal
+drift cancel): the cost of the early start, the number the layer's choice rests on.
 
 One GPU is enough; run from the checkout root::
 
@@ -27,7 +34,7 @@ import argparse
 import torch
 
 import moe_ops
-from moe_ops.pipeline import fused_experts_impl
+from moe_ops.pipeline import Landing, fused_experts_impl
 from moe_ops.reference import rel_l2
 from tools.profiler import profile_kernels
 from tools.timing import Timer
@@ -56,6 +63,7 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 128])
     p.add_argument("--capacity", type=int, default=4096)
     p.add_argument("--world", type=int, default=2)
+    p.add_argument("--ab", type=int, default=7, help="alternating landing/layer pairs")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.ep_receiver times GPU kernels: it needs CUDA")
@@ -78,26 +86,41 @@ def main(argv=None) -> None:
             times, outs = {}, {}
             sparse = dict(tile_tokens=t, skip_unrouted=True)
             counted = torch.tensor([filled], dtype=torch.int32, device="cuda")
+            # Rank s's rows are block s of the filled rows; every source's flag is raised.
+            sources = (torch.arange(x.shape[0], device="cuda") // max(t, 1)).clamp(
+                max=args.world - 1).int()
+            epoch = torch.ones(1, dtype=torch.int64, device="cuda")
+            landed = Landing(sources, epoch.repeat(args.world), epoch, epoch - 1, 10**10,
+                             torch.version.hip is not None)
+            layer = dict(sparse, num_rows=counted)
             variants = (("padded", (x, w, ids), {}),
                         ("sparse", (x, w, ids), sparse),
-                        ("layer", (x, w, ids), dict(sparse, num_rows=counted)),
+                        ("layer", (x, w, ids), layer),
+                        ("landing", (x, w, ids), dict(layer, landing=landed)),
                         ("tight", tight, {}))
+            forwards = {}
             for label, (xs, ws, ids_), how in variants:
                 def forward(xs=xs, ws=ws, ids_=ids_, how=how):
                     return fused_experts_impl(xs, ws, ids_, w_gate_up, w_down, **how)
+                forwards[label] = forward
                 outs[label] = forward()
                 times[label] = timer.replayed(forward)
                 print(f"[{name} T={t} C={args.capacity} W={args.world} {label}: "
                       f"{xs.shape[0]} rows] {times[label]:.4f} ms")
                 for kernel, us in profile_kernels(forward, runs=5):
                     print(f"    {kernel[:48]:48s} {us:9.1f} us")
-            for label in ("padded", "sparse", "layer"):  # the same rows, the same sums
+            for label in ("padded", "sparse", "layer", "landing"):  # the same rows, the same sums
                 error = rel_l2(outs[label][:filled], outs["tight"])
                 if not error <= 1e-2:
                     raise SystemExit(f"{name} T={t}: {label} rows differ from tight by {error}")
             print(f"[{name} T={t}] " + ", ".join(
                 f"{label} / tight = {times[label] / times['tight']:.2f}x"
-                for label in ("padded", "sparse", "layer")))
+                for label in ("padded", "sparse", "layer", "landing"))
+                + f", landing / layer = {times['landing'] / times['layer']:.3f}x")
+            pairs = sorted(timer.replayed(forwards["landing"]) / timer.replayed(forwards["layer"])
+                           for _ in range(args.ab))
+            print(f"[{name} T={t}] landing / layer, median of {args.ab} alternating pairs: "
+                  f"{pairs[len(pairs) // 2]:.3f}x (range {pairs[0]:.3f}-{pairs[-1]:.3f})")
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ class AllToAllTransport(Transport):
         call.recv_rows = [n + h for n in values[:W]]
         return call.send_rows, call.recv_rows
 
-    def plan(self, x, topk_weights, topk_ids, experts_per_rank, skip_own, call=None):
+    def plan(self, x, topk_weights, topk_ids, experts_per_rank, call=None):
         """The plan packed into fresh send blocks: W blocks of capacity (else T) rows plus
         a header each."""
         T, H = x.shape
@@ -164,8 +164,8 @@ class AllToAllTransport(Transport):
         send = (torch.empty(rows, H, dtype=x.dtype, device=x.device),
                 torch.empty(rows, K, dtype=torch.int32, device=x.device),
                 torch.empty(rows, K, dtype=torch.float32, device=x.device))
-        return plan_dispatch(x, topk_weights, topk_ids, experts_per_rank, self.rank,
-                             self.world_size, self.capacity, skip_own, self.header_rows, send)
+        return plan_dispatch(x, topk_weights, topk_ids, experts_per_rank, self.world_size,
+                             self.capacity, self.header_rows, send)
 
     def wire_rows(self, routed):
         """Whole blocks of capacity rows with fixed buffers, else the routed rows; a
@@ -187,7 +187,9 @@ class AllToAllTransport(Transport):
                      self._issue(call, "dispatch_meta", recv_meta, meta, recv_rows, send_rows)]
         return Pending(works, (recv_x, recv_meta, send_x, meta))
 
-    def receive(self, pending: Pending, call=None):
+    def receive(self, pending: Pending, call=None, early: bool = False):
+        """Every block, once the collectives are done (``early`` changes nothing: the
+        rows come in one collective)."""
         with stage_range("dispatch_wait"):
             self._wait(call, pending, P.DISPATCH)
         recv_x, recv_meta = pending.tensors[:2]

@@ -12,7 +12,6 @@ the tokens that need rank d fill it in order (a block's header rows follow its t
                         memory, system scope) returns it; a block that would end past
                         rows_limit is not sent (rows -1) and the layer state records
                         OVERFLOW (sticky, poisoned)
-    own_ids [T, K]      ids in this rank's numbering, or -1 (for in-place computation)
     PACK only, over the R = total_rows rows of the send blocks:
     send_ids [R, K]     ids in d's numbering (-1 for other ranks' experts; -1 on unused rows)
     send_weights [R, K] the token's weights;  src_token [R]: the token of each row, or -1
@@ -21,14 +20,14 @@ the tokens that need rank d fill it in order (a block's header rows follow its t
 token; grid (cdiv(num_rows, BLOCK_R), cdiv(H, BLOCK_H)).
 
 ``combine_partials_kernel`` (every transport, also under the interpreter): each token's
-output is the sum of the partial rows its expert owners sent back, plus the partial of
-this rank's own experts and the shared expert, in float32, in a fixed order::
+output is the sum of the partial rows its expert owners (this rank included) sent back,
+plus the shared expert, in float32, in a fixed order::
 
-    out[t, :] = local[t, :] + sum_d (rows[d, t] >= 0 ? back[rows[d, t], :] : 0) + shared[t, :]
+    out[t, :] = sum_d (rows[d, t] >= 0 ? back[rows[d, t], :] : 0) + shared[t, :]
 
     back  [R, H]   partial rows returned by the owner ranks, rank d's block first
     rows  [W, T]   int32: token t's row in back for owner d, -1 where d owns none of
-                   t's experts (or when t's own-rank partial is in ``local``)
+                   t's experts
     PULL           (nvlink) back[rows[d, t]] is read from the address bases[d] (int64 [W]:
                    owner d's partial-sum buffer, mapped here, offset so that the plan's
                    rows land on this rank's block of it) instead of one local buffer
@@ -58,18 +57,18 @@ Signal kernels of the NVLink transport (one program each; GPU only). Flags and t
                         every peer src, bounded in seconds of the device clock, then check
                         src's header; record a failure in the layer state (a sticky one
                         also marks the workspace failed)
-    push_rows_kernel    the dispatch: SM stores of each routed token row, ids and weights
-                        into its owners' memory, then (last program) every peer's header
-                        and flag
+    push_rows_kernel    the dispatch: SM stores of each routed token's ids, weights and
+                        source into its owners' memory, then every rank's header and ids
+                        flag; then its rows, then every rank's rows flag
     release_back_kernel the filled recv_ids rows back to -1, then (last program) the fill
-                        counter to 0 and every peer's second header and flag
+                        counter to 0 and every peer's second header and flag (a time-out
+                        instead when a tile gave up waiting for landing rows)
 """
 import triton
 import triton.language as tl
-from triton.language.extra import cuda as tl_cuda
-from triton.language.extra import hip as tl_hip
 
 from moe_ops.kernels.casting import cast_rne
+from moe_ops.kernels.landing import device_clock
 
 from . import protocol as P
 
@@ -89,6 +88,7 @@ _STICKY: tl.constexpr = tl.constexpr(P.STICKY)
 _OK: tl.constexpr = tl.constexpr(P.OK)
 _INPUT: tl.constexpr = tl.constexpr(P.INPUT)
 _FAILED: tl.constexpr = tl.constexpr(P.FAILED)
+_TIMED_OUT: tl.constexpr = tl.constexpr(P.TIMED_OUT)
 _PENDING: tl.constexpr = tl.constexpr(P.PENDING)
 _BROKEN: tl.constexpr = tl.constexpr(P.BROKEN)
 _NONE: tl.constexpr = tl.constexpr(P.NONE)
@@ -109,23 +109,18 @@ _HEADER_WORDS: tl.constexpr = tl.constexpr(P.HEADER_WORDS)
 
 
 @triton.jit
-def _needs_rank(owned, mask, d, rank, SKIP_OWN: tl.constexpr):
-    """int32 [BLOCK_T]: 1 where a token has an expert on rank d (owned [BLOCK_T, K_PAD]),
-    0 for every token when d is this rank and SKIP_OWN."""
-    need = tl.max((owned & mask).to(tl.int32), axis=1)
-    if SKIP_OWN:
-        if d == rank:  # rank may arrive as a constant (Triton specialises 1)
-            need = need * 0
-    return need
+def _needs_rank(owned, mask):
+    """int32 [BLOCK_T]: 1 where a token has an expert on the rank (owned [BLOCK_T, K_PAD])."""
+    return tl.max((owned & mask).to(tl.int32), axis=1)
 
 
 @triton.jit
 def plan_pack_kernel(
-    topk_ids_ptr, topk_weights_ptr, counts_ptr, own_ids_ptr, rows_ptr, send_ids_ptr,
-    send_weights_ptr, src_token_ptr, num_tokens, block_rows, experts_per_rank, rank,
+    topk_ids_ptr, topk_weights_ptr, counts_ptr, rows_ptr, send_ids_ptr,
+    send_weights_ptr, src_token_ptr, num_tokens, block_rows, experts_per_rank,
     total_rows, fill_addrs, rows_limit, state_ptr,
     WORLD: tl.constexpr, W_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
-    FIXED: tl.constexpr, SKIP_OWN: tl.constexpr, HEADER_ROWS: tl.constexpr, PACK: tl.constexpr,
+    FIXED: tl.constexpr, HEADER_ROWS: tl.constexpr, PACK: tl.constexpr,
     RESERVE: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     offs_k = tl.arange(0, K_PAD)
@@ -149,7 +144,7 @@ def plan_pack_kernel(
             ids = tl.load(topk_ids_ptr + offs_t[:, None] * TOP_K + offs_k[None, :], mask=mask, other=-1)
             owner = tl.where(ids >= 0, ids // experts_per_rank, -1)
             for d in tl.static_range(WORLD):
-                need = _needs_rank(owner == d, mask, d, rank, SKIP_OWN)
+                need = _needs_rank(owner == d, mask)
                 totals += tl.where(offs_w == d, tl.sum(need, axis=0), 0)
 
     reserved = tl.zeros([W_PAD], dtype=tl.int32)
@@ -163,7 +158,7 @@ def plan_pack_kernel(
             reserved += tl.where(offs_w == d, tl.where(fits, start, -1), 0)
             full = tl.where((full < 0) & (fits == 0), d, full)
         if full >= 0:
-            _record_overflow(state_ptr, full)
+            _record_sticky(state_ptr, _OVERFLOW, full, _DISPATCH)
     running = tl.zeros([W_PAD], dtype=tl.int32)
     for t0 in range(0, num_tokens, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -173,11 +168,9 @@ def plan_pack_kernel(
         ids = tl.load(topk_ids_ptr + slot, mask=mask, other=-1)
         weights = tl.load(topk_weights_ptr + slot, mask=mask, other=0.0)
         owner = tl.where(ids >= 0, ids // experts_per_rank, -1)
-        tl.store(own_ids_ptr + slot, tl.where(owner == rank, ids - rank * experts_per_rank, -1),
-                 mask=mask)
         for d in tl.static_range(WORLD):
             owned = (owner == d) & mask
-            need = _needs_rank(owned, mask, d, rank, SKIP_OWN)
+            need = _needs_rank(owned, mask)
             if RESERVE:
                 first = tl.sum(tl.where(offs_w == d, reserved, 0), axis=0)
             elif FIXED:
@@ -202,18 +195,29 @@ def plan_pack_kernel(
 
 
 @triton.jit
-def _record_overflow(state_ptr, peer):
-    """Record OVERFLOW at ``peer`` in the layer state (unless a sticky failure is already
-    recorded): sticky, the forward poisoned."""
-    code = tl.load(state_ptr + _CODE)
-    take = (code == _NONE) | (tl.load(state_ptr + _STICKY) == 0)
-    tl.store(state_ptr + _CODE, tl.where(take, _OVERFLOW, code))
+def _record_sticky(state_ptr, code, peer, phase):
+    """Record ``code`` at ``peer`` in ``phase`` in the layer state (unless a sticky failure
+    is already recorded): sticky, the forward poisoned."""
+    recorded = tl.load(state_ptr + _CODE)
+    take = (recorded == _NONE) | (tl.load(state_ptr + _STICKY) == 0)
+    tl.store(state_ptr + _CODE, tl.where(take, code, recorded))
     tl.store(state_ptr + _PEER, tl.where(take, peer, tl.load(state_ptr + _PEER)))
     tl.store(state_ptr + _CALL, tl.where(take, tl.load(state_ptr + _COUNT),
                                          tl.load(state_ptr + _CALL)))
-    tl.store(state_ptr + _PHASE, tl.where(take, _DISPATCH, tl.load(state_ptr + _PHASE)))
+    tl.store(state_ptr + _PHASE, tl.where(take, phase, tl.load(state_ptr + _PHASE)))
     tl.store(state_ptr + _STICKY, 1)
     tl.store(state_ptr + _POISON, 1)
+
+
+@triton.jit
+def _fail_workspace(failed_ptr, record_ptr, state_ptr, layer_id):
+    """Fail the nvlink workspace (failed <- 1) and, if it holds no record yet, copy the
+    layer state and layer_id into its record [RECORD_WORDS]."""
+    tl.store(failed_ptr, 1)
+    if tl.load(record_ptr + _CODE) == 0:
+        for word in tl.static_range(_STATE_WORDS):
+            tl.store(record_ptr + word, tl.load(state_ptr + word))
+        tl.store(record_ptr + _STATE_WORDS, tl.full([], layer_id, tl.int64))
 
 
 @triton.jit
@@ -229,8 +233,8 @@ def gather_rows_kernel(x_ptr, src_token_ptr, out_ptr, num_rows, hidden,
 
 @triton.jit
 def combine_partials_kernel(
-    back_ptr, bases_ptr, rows_ptr, local_ptr, shared_ptr, state_ptr, out_ptr, num_tokens,
-    hidden, WORLD: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_SHARED: tl.constexpr,
+    back_ptr, bases_ptr, rows_ptr, shared_ptr, state_ptr, out_ptr, num_tokens,
+    hidden, WORLD: tl.constexpr, HAS_SHARED: tl.constexpr,
     PULL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):
@@ -240,8 +244,6 @@ def combine_partials_kernel(
     mask = token_mask[:, None] & (offs_h[None, :] < hidden)
     token_offsets = offs_t[:, None].to(tl.int64) * hidden + offs_h[None, :]
     acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-    if HAS_LOCAL:
-        acc += tl.load(local_ptr + token_offsets, mask=mask, other=0.0).to(tl.float32)
     for owner in tl.static_range(WORLD):
         rows = tl.load(rows_ptr + owner * num_tokens + offs_t, mask=token_mask, other=-1)
         source = back_ptr
@@ -374,21 +376,6 @@ def check_headers_kernel(buf_ptr, counts_ptr, state_ptr, layer_id, self_rank, ro
     tl.store(state_ptr + _PHASE, at_phase)
 
 
-# Device clock rate by backend (index: is it AMD's HIP?).
-CLOCK_TICKS_PER_S = {False: 1e9, True: 1e8}
-
-
-@triton.jit
-def _device_clock(HIP: tl.constexpr):
-    """The GPU's constant-rate clock, from Triton's own per-backend helpers (this project
-    writes no inline assembly): nanoseconds on NVIDIA (%globaltimer), ticks of
-    ``CLOCK_TICKS_PER_S[HIP]`` on AMD (s_memrealtime, 100 MHz)."""
-    if HIP:
-        return tl_hip.memrealtime()
-    else:
-        return tl_cuda.globaltimer()
-
-
 @triton.jit
 def bump_epoch_kernel(epoch_ptr, failed_ptr, state_ptr):
     """A new forward: the workspace's epoch and the layer's call count (never past
@@ -432,28 +419,36 @@ def _put_flag(epoch_ptr, failed_ptr, state_ptr, peer_header_ptr, peer_flag_ptr, 
     tl.store(peer_header_ptr + 2, tl.load(state_ptr + _COUNT))
     tl.store(peer_header_ptr + 3, send.to(tl.int64))
     tl.debug_barrier()  # the header's stores before the releasing flag
+    _raise_flag(epoch_ptr, failed_ptr, peer_flag_ptr)
+
+
+@triton.jit
+def _raise_flag(epoch_ptr, failed_ptr, flag_ptr):
+    """flag <- epoch, or FLAG_FAILED when this rank's workspace failed (release, system
+    scope: after every store the program's arrival made visible)."""
     value = tl.where(tl.load(failed_ptr) != 0, _FLAG_FAILED, tl.load(epoch_ptr))
-    tl.atomic_xchg(peer_flag_ptr, value, sem="release", scope="sys")
+    tl.atomic_xchg(flag_ptr, value, sem="release", scope="sys")
 
 
 @triton.jit
 def wait_flags_kernel(epoch_ptr, flags_ptr, headers_ptr, failed_ptr, record_ptr, state_ptr,
-                      layer_id, self_rank, timeout_ticks, phase, WORLD: tl.constexpr,
+                      layer_id, self_rank, skip_rank, timeout_ticks, phase, WORLD: tl.constexpr,
                       HIP: tl.constexpr):
-    """Spin (acquire, system scope) until flags[src] == epoch for every peer src, then
-    check src's header (headers [WORLD, HEADER_WORDS]) against this call as
-    ``check_headers_kernel`` does. Ends early when the workspace already failed (a queued
-    wait after a failure costs nothing) and on a peer's FLAG_FAILED, a flag from a later
-    epoch (the ranks' calls differ) or timeout_ticks of the device clock
-    (``_device_clock``). The layer's state records the first failure and poisons the
+    """Spin (acquire, system scope) until flags[src] == epoch for every rank src but
+    skip_rank (this rank, or -1: this rank's own flag too), then check each peer's header
+    (headers [WORLD, HEADER_WORDS]) against this call as ``check_headers_kernel`` does.
+    Ends early when the workspace already failed (a queued wait after a failure costs
+    nothing) and on a peer's FLAG_FAILED, a flag from a later epoch (the ranks' calls
+    differ) or timeout_ticks of the device clock
+    (``landing.device_clock``). The layer's state records the first failure and poisons the
     forward; a sticky one (any but a peer's rejected input or exception) also fails the
     workspace (failed <- 1) and, the first time, is copied with layer_id into the
     workspace's record [RECORD_WORDS]."""
     epoch = tl.load(epoch_ptr)
     expected = tl.load(state_ptr + _COUNT)
-    start = _device_clock(HIP)
+    start = device_clock(HIP)
     for src in tl.static_range(WORLD):
-        if src != self_rank:
+        if src != skip_rank:
             seen = tl.atomic_add(flags_ptr + src, 0, sem="acquire", scope="sys")
             failed = tl.load(failed_ptr, volatile=True)
             waiting = (seen >= 0) & (seen < epoch) & (failed == 0)
@@ -461,7 +456,7 @@ def wait_flags_kernel(epoch_ptr, flags_ptr, headers_ptr, failed_ptr, record_ptr,
                 seen = tl.atomic_add(flags_ptr + src, 0, sem="acquire", scope="sys")
                 failed = tl.load(failed_ptr, volatile=True)
                 waiting = ((seen >= 0) & (seen < epoch) & (failed == 0)
-                           & (_device_clock(HIP) - start < timeout_ticks))
+                           & (device_clock(HIP) - start < timeout_ticks))
             header = headers_ptr + src * _HEADER_WORDS
             layer = tl.load(header + 1, volatile=True)
             count = tl.load(header + 2, volatile=True)
@@ -469,6 +464,8 @@ def wait_flags_kernel(epoch_ptr, flags_ptr, headers_ptr, failed_ptr, record_ptr,
             arrived = seen == epoch
             new, new_sticky = _header_verdict(tl.load(header + 0, volatile=True), layer, count,
                                               their, layer_id, expected)
+            new = tl.where(src == self_rank, _NONE, new)  # this rank's own: only its flag
+            new_sticky = new_sticky & (src != self_rank)
             flag_new = tl.where(seen == _FLAG_FAILED, _PEER_STATUS,
                                 tl.where(seen > epoch, _OTHER_EPOCH, _TIMEOUT))
             new = tl.where(failed != 0, _NONE, tl.where(arrived, new, flag_new))
@@ -491,21 +488,16 @@ def wait_flags_kernel(epoch_ptr, flags_ptr, headers_ptr, failed_ptr, record_ptr,
             tl.store(state_ptr + _POISON, tl.where((new != _NONE) | (failed != 0), 1,
                                                    tl.load(state_ptr + _POISON)))
             if new_sticky:  # the ranks are out of step: the workspace fails
-                tl.store(failed_ptr, 1)
-                if tl.load(record_ptr + _CODE) == 0:
-                    for word in tl.static_range(_STATE_WORDS):
-                        tl.store(record_ptr + word, tl.load(state_ptr + word))
-                    tl.store(record_ptr + _STATE_WORDS, tl.full([], layer_id, tl.int64))
+                _fail_workspace(failed_ptr, record_ptr, state_ptr, layer_id)
     tl.store(state_ptr + _POISON, tl.where(tl.load(failed_ptr, volatile=True) != 0, 1,
                                            tl.load(state_ptr + _POISON)))
 
 
 @triton.jit
-def _last_program(counter_ptr):
-    """True in the last program of the grid to get here (the others' stores are then
+def _last_program(counter_ptr, programs):
+    """True in the last of ``programs`` programs to get here (the others' stores are then
     visible to it, and through its releases to the peers); it re-arms the counter. An
     arrival counter in device memory, acquire-release at system scope."""
-    programs = tl.num_programs(0) * tl.num_programs(1)
     tl.debug_barrier()  # every thread's stores before the program's arrival
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="sys")
     last = arrived == programs - 1
@@ -523,8 +515,8 @@ def _peer_ptr(addrs_ptr, rank, like):
 @triton.jit
 def push_rows_kernel(
     x_ptr, topk_ids_ptr, topk_weights_ptr, rows_ptr, x_addrs, ids_addrs, weights_addrs,
-    header_addrs, flag_addrs, counter_ptr, epoch_ptr, failed_ptr, state_ptr, layer_id,
-    status, num_tokens, hidden, experts_per_rank, rank,
+    source_addrs, header_addrs, ids_flag_addrs, flag_addrs, counter_ptr, epoch_ptr, failed_ptr,
+    state_ptr, layer_id, status, num_tokens, hidden, experts_per_rank, rank,
     WORLD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -532,60 +524,83 @@ def push_rows_kernel(
     [T, H] goes to row p = rows[d, t] (the plan's, reserved in rank d's receive buffer;
     -1: not sent): x to row p of x_addrs[d] ([rows, H]), its K ids in d's numbering (-1
     for other ranks' experts) to row p of ids_addrs[d] ([rows, K] int32), its weights to
-    weights_addrs[d] ([rows, K] fp32), where ``*_addrs[d]`` are int64 addresses in rank
-    d's memory (this rank's own included). The last program then writes every peer's
-    header and raises its flag (``_put_flag``). Grid (max(1, cdiv(T, BLOCK_T)),
-    cdiv(H, BLOCK_H))."""
+    weights_addrs[d] ([rows, K] fp32) and this rank's number to source_addrs[d] ([rows]
+    int32), where ``*_addrs[d]`` are int64 addresses in rank d's memory (this rank's own
+    included). In two stages, each ending in a flag per rank (this one's own included):
+    the first program of each token block (pid 1 == 0) stores its ids, weights and
+    sources first, and the last of those writes every rank's header and raises its ids
+    flag (``_put_flag``; counter_ptr[0]); then every program stores its part of the rows,
+    and the last program of the grid raises every rank's rows flag (counter_ptr[1]). A
+    receiver can align its rows on the ids flags while the rows still land. Grid
+    (max(1, cdiv(T, BLOCK_T)), cdiv(H, BLOCK_H))."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, K_PAD)
     t_mask = offs_t < num_tokens
     h_mask = offs_h < hidden
-    x = tl.load(x_ptr + offs_t[:, None].to(tl.int64) * hidden + offs_h[None, :],
-                mask=t_mask[:, None] & h_mask[None, :])
-    meta_mask = t_mask[:, None] & (offs_k < TOP_K)[None, :]
-    ids = tl.load(topk_ids_ptr + offs_t[:, None] * TOP_K + offs_k[None, :], mask=meta_mask,
-                  other=-1)
-    weights = tl.load(topk_weights_ptr + offs_t[:, None] * TOP_K + offs_k[None, :],
-                      mask=meta_mask, other=0.0)
-    first_h = tl.program_id(1) == 0  # one program per token block moves the ids and weights
-    for d in tl.static_range(WORLD):
-        row = tl.load(rows_ptr + d * num_tokens + offs_t, mask=t_mask, other=-1)
-        sent = row >= 0
-        dest = row.to(tl.int64)
-        tl.store(_peer_ptr(x_addrs, d, x_ptr) + dest[:, None] * hidden + offs_h[None, :], x,
-                 mask=sent[:, None] & h_mask[None, :])
-        meta = sent[:, None] & (offs_k < TOP_K)[None, :] & first_h
-        owned = (ids >= 0) & (ids // experts_per_rank == d)
-        tl.store(_peer_ptr(ids_addrs, d, topk_ids_ptr) + dest[:, None] * TOP_K + offs_k[None, :],
-                 tl.where(owned, ids - d * experts_per_rank, -1), mask=meta)
-        tl.store(_peer_ptr(weights_addrs, d, topk_weights_ptr) + dest[:, None] * TOP_K
-                 + offs_k[None, :], weights, mask=meta)
-    if _last_program(counter_ptr):
+    if tl.program_id(1) == 0:
+        meta_mask = t_mask[:, None] & (offs_k < TOP_K)[None, :]
+        ids = tl.load(topk_ids_ptr + offs_t[:, None] * TOP_K + offs_k[None, :], mask=meta_mask,
+                      other=-1)
+        weights = tl.load(topk_weights_ptr + offs_t[:, None] * TOP_K + offs_k[None, :],
+                          mask=meta_mask, other=0.0)
         for d in tl.static_range(WORLD):
-            if d != rank:
+            row = tl.load(rows_ptr + d * num_tokens + offs_t, mask=t_mask, other=-1)
+            sent = row >= 0
+            dest = row.to(tl.int64)
+            meta = sent[:, None] & (offs_k < TOP_K)[None, :]
+            owned = (ids >= 0) & (ids // experts_per_rank == d)
+            tl.store(_peer_ptr(ids_addrs, d, topk_ids_ptr) + dest[:, None] * TOP_K
+                     + offs_k[None, :], tl.where(owned, ids - d * experts_per_rank, -1), mask=meta)
+            tl.store(_peer_ptr(weights_addrs, d, topk_weights_ptr) + dest[:, None] * TOP_K
+                     + offs_k[None, :], weights, mask=meta)
+            tl.store(_peer_ptr(source_addrs, d, rows_ptr) + dest,
+                     tl.zeros([BLOCK_T], tl.int32) + rank, mask=sent)
+        if _last_program(counter_ptr, tl.num_programs(0)):
+            for d in tl.static_range(WORLD):
                 _put_flag(epoch_ptr, failed_ptr, state_ptr,
                           _peer_ptr(header_addrs, d, header_addrs),
-                          _peer_ptr(flag_addrs, d, flag_addrs), layer_id, status)
+                          _peer_ptr(ids_flag_addrs, d, ids_flag_addrs), layer_id, status)
+    x = tl.load(x_ptr + offs_t[:, None].to(tl.int64) * hidden + offs_h[None, :],
+                mask=t_mask[:, None] & h_mask[None, :])
+    for d in tl.static_range(WORLD):
+        row = tl.load(rows_ptr + d * num_tokens + offs_t, mask=t_mask, other=-1)
+        tl.store(_peer_ptr(x_addrs, d, x_ptr) + row.to(tl.int64)[:, None] * hidden
+                 + offs_h[None, :], x, mask=(row >= 0)[:, None] & h_mask[None, :])
+    if _last_program(counter_ptr + 1, tl.num_programs(0) * tl.num_programs(1)):
+        for d in tl.static_range(WORLD):
+            _raise_flag(epoch_ptr, failed_ptr, _peer_ptr(flag_addrs, d, flag_addrs))
 
 
 @triton.jit
 def release_back_kernel(recv_ids_ptr, fill_ptr, num_words, header_addrs, flag_addrs,
                         counter_ptr, epoch_ptr, failed_ptr, state_ptr, layer_id, status, rank,
-                        WORLD: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+                        late_ptr, record_ptr, WORLD: tl.constexpr, TOP_K: tl.constexpr,
+                        LANDING: tl.constexpr, BLOCK: tl.constexpr):
     """The nvlink way back, once the partial sums are in ``back``: the filled rows of
     recv_ids (the first fill[0] rows of TOP_K int32, at most num_words words) back to -1
     (no token until a dispatch fills the row again); the last program then sets the fill
     counter to 0, writes every peer's second header and raises its second flag
-    (``*_addrs[d]``: addresses in rank d's memory). Grid (cdiv(num_words, BLOCK), 1)."""
+    (``*_addrs[d]``: addresses in rank d's memory). With LANDING (the expert pipeline
+    read rows as they landed, ``moe_ops.kernels.landing``) a tile that stopped waiting
+    (late == epoch) makes this a time-out: recorded here (sticky, the workspace failed)
+    and told to the peers (status TIMED_OUT) before they read a partial sum. Grid
+    (cdiv(num_words, BLOCK), 1)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     used = tl.minimum(tl.load(fill_ptr) * TOP_K, num_words)
     if tl.program_id(0) * BLOCK < used:
         tl.store(recv_ids_ptr + offs, tl.full([BLOCK], -1, tl.int32), mask=offs < used)
-    if _last_program(counter_ptr):
+    if _last_program(counter_ptr, tl.num_programs(0)):
         tl.store(fill_ptr, 0)
+        send = tl.zeros([], tl.int32) + status
+        if LANDING:
+            late = tl.load(late_ptr) == tl.load(epoch_ptr)
+            if late:
+                _record_sticky(state_ptr, _TIMEOUT, -1, _DISPATCH)
+                _fail_workspace(failed_ptr, record_ptr, state_ptr, layer_id)
+            send = tl.where(late, _TIMED_OUT, send)
         for d in tl.static_range(WORLD):
             if d != rank:
                 _put_flag(epoch_ptr, failed_ptr, state_ptr,
                           _peer_ptr(header_addrs, d, header_addrs),
-                          _peer_ptr(flag_addrs, d, flag_addrs), layer_id, status)
+                          _peer_ptr(flag_addrs, d, flag_addrs), layer_id, send)

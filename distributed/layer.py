@@ -4,35 +4,39 @@ a process group.
 One forward, in the order the data moves (W ranks, this rank r, its tokens x [T, H]):
 
     route       top-k of every token over all E experts (router replicated)
-    plan        which ranks own each token's experts, packed into send blocks (``plan``)
-    dispatch    each token once to every owner rank, with its ids in that rank's
-                numbering and its weights (a transport: ``all_to_all`` or ``nvlink``)
-    local       [overlap] this rank's own tokens through its experts, in place, while
-                the dispatch travels
-    shared      the shared expert of this rank's tokens, also while it travels
-    remote      the received rows through this rank's experts: one partial sum per row
+    plan        which ranks own each token's experts (``plan``): its rows reserved in
+                each owner's receive buffer (``nvlink``) or packed into send blocks
+    dispatch    each token once to every owner rank, this one included, with its ids in
+                that rank's numbering and its weights (a transport: ``all_to_all`` or
+                ``nvlink``)
+    shared      the shared expert of this rank's tokens, while the dispatch travels
+    experts     the received rows through this rank's experts: one partial sum per row
                 (tiles and grids sized for about T tokens: a capacity-sized receive
                 buffer is mostly empty rows, skipped; over nvlink only the filled rows,
                 counted on the device, are read)
     send back   each partial row to its token's rank (``nvlink``: the token's rank
                 pulls it in the combine)
-    combine     out[t] = own partial + the owners' partials + shared (one kernel)
+    combine     out[t] = the owners' partials + shared (one kernel)
 
 The expert computation is ``moe_ops.pipeline.fused_experts_impl`` on the local shard
 (with its fp8 scales for fp8 experts): ids a rank does not own arrive as -1 and are
 skipped by its kernels.
 
+What the dispatch overlaps: the shared expert (main stream) always; over ``nvlink``
+(its push on a side stream) also the receiver's ranking and alignment and its fused
+gate+up. The receiver waits only until every rank's ids and weights are in (they move
+first), aligns its rows while the rows still land, and each gate_up tile waits for the
+flags of the sources of its own rows (``moe_ops.kernels.landing``): tiles whose rows
+are in compute while the others' travel, the weights read once. The layer starts early
+whenever it can: float experts (``_gate_up_on_landing``); fp8 experts quantise the
+received rows in one launch before gate_up, which needs them all. What the early start
+costs is a flag check per gate_up tile and source (``benchmarks.ep_receiver``, "landing").
+(An earlier ``overlap=True`` computed the own tokens apart, reading the local experts'
+weights twice; measured slower in 22 of 24 cells on 2 x H200, it is gone.)
+
 Every exchange carries the layer's id, its call count and the sender's status
 (``protocol``, which also says where and when each failure raises); whatever fails, a
 rank finishes the forward's exchanges, so the ranks stay in step.
-
-``overlap=True`` computes the own tokens while the others travel, at the price of
-reading the local experts' weights twice (once per source) and running two smaller
-grouped GEMMs. Measured on 2 x H200 (README, "Expert parallel") it was slower in 22 of
-24 cells (1.1-1.8x at 128 and 1024 tokens per rank, 4-8% at 8192) and won only for
-Mixtral at 8192 tokens. It stays an option, off by default: the dispatch already
-overlaps the shared expert, which runs on the main stream while the transport moves the
-tokens (nvlink: its push kernel on a side stream).
 """
 from __future__ import annotations
 
@@ -117,8 +121,6 @@ class ExpertParallelMoE(nn.Module):
         max_tokens_per_rank: fixes the buffers and split sizes: no host synchronisation
             and CUDA-graph capturable. Without it ``all_to_all`` exchanges the counts
             once per forward (a small collective the host waits for).
-        overlap: compute this rank's own tokens in place during the dispatch (see the
-            module docstring: measured slower, so off by default).
         timeout: seconds a forward waits for its peers before it raises
             ``ExpertParallelTimeout`` (and tells them); ``None``: the process group's
             time-out. See ``moe_ops.distributed.all_to_all`` for which waits it bounds.
@@ -126,18 +128,18 @@ class ExpertParallelMoE(nn.Module):
     Every forward carries the layer's id and call count (``protocol``): it returns the
     right output on every rank or fails on every rank. Where a failure raises (at once,
     or through ``check()`` when CUDA tensors and fixed buffers keep the host out) is
-    written in ``protocol``; ``reset()`` makes a failed layer usable again.
+    written in ``protocol``; ``reset()`` makes a failed layer usable again. Over ``nvlink``
+    gate+up starts on the received rows as they land (module docstring); setting
+    ``early_gate_up = False`` makes it wait for all of them (the benchmark compares both).
     """
 
     def __init__(self, moe: FusedMoE, group=None, transport: str = "auto",
-                 max_tokens_per_rank: int | None = None, *, overlap: bool = False,
-                 timeout: float | None = None, _local_experts=None):
+                 max_tokens_per_rank: int | None = None, *, timeout: float | None = None,
+                 _local_experts=None):
         super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("ExpertParallelMoE needs torch.distributed initialised "
                                "(torchrun, then dist.init_process_group)")
-        if not isinstance(overlap, bool):
-            raise TypeError(f"overlap must be a bool, got {overlap!r}")
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
@@ -176,7 +178,7 @@ class ExpertParallelMoE(nn.Module):
         for name, tensor in zip(EXPERT_TENSORS, experts):
             self.register_parameter(name, keep(None if tensor is None else tensor.contiguous()))
 
-        self.overlap = overlap
+        self.early_gate_up = True  # see _gate_up_on_landing (benchmarks turn it off)
         self.timeout = timeout
         # Call count and failure record (protocol.STATE_WORDS int64): an op argument that
         # the op mutates, so that compilers keep and order every call.
@@ -222,7 +224,7 @@ class ExpertParallelMoE(nn.Module):
     @classmethod
     def from_config(cls, name_or_config: str | MoEConfig, group=None, dtype=torch.float32,
                     device=None, transport: str = "auto", max_tokens_per_rank: int | None = None,
-                    *, seed: int = 0, overlap: bool = False, timeout: float | None = None,
+                    *, seed: int = 0, timeout: float | None = None,
                     weight_dtype: torch.dtype | None = None, scheme: str = "block"
                     ) -> "ExpertParallelMoE":
         """A random layer that allocates only this rank's experts; router and shared
@@ -236,7 +238,7 @@ class ExpertParallelMoE(nn.Module):
         experts = expert_range(config.num_experts, dist.get_world_size(group),
                                dist.get_rank(group))
         return cls(replicated_shell(config, seed, dtype, device), group, transport,
-                   max_tokens_per_rank, overlap=overlap, timeout=timeout,
+                   max_tokens_per_rank, timeout=timeout,
                    _local_experts=draw_experts(config, seed, experts, dtype, device,
                                                weight_dtype, scheme))
 
@@ -361,20 +363,24 @@ class ExpertParallelMoE(nn.Module):
                 self._raise_failure(values)
         return out
 
+    def _gate_up_on_landing(self) -> bool:
+        """Whether the received rows' gate_up starts as they land (the module docstring):
+        float experts, unless ``early_gate_up`` is off. fp8 experts quantise the received
+        rows in one launch before gate_up, which needs them all."""
+        return self.early_gate_up and self.w_gate_up_scale is None
+
     def _exchange_and_compute(self, x: torch.Tensor, call: P.Call) -> torch.Tensor:
         transport, c = self.transport, self.config
         W, C = self.world_size, self.max_tokens_per_rank
         h = transport.header_rows
         T = x.shape[0]
-        overlap = self.overlap
         transport.begin(call)
 
         with stage_range("plan"):
             topk_weights, topk_ids, _ = route(
                 x, self.router_weight, Routing(**c.routing_kwargs()),
                 None if self.score_bias is None else self.score_bias.float())
-            plan = transport.plan(x, topk_weights, topk_ids, len(self.expert_range),
-                                  skip_own=overlap, call=call)
+            plan = transport.plan(x, topk_weights, topk_ids, len(self.expert_range), call=call)
             if C is None:
                 send_rows, recv_rows = transport.exchange_counts(call, plan.counts.long())
             else:
@@ -383,11 +389,9 @@ class ExpertParallelMoE(nn.Module):
                                      call=call)
 
         scales = dict(w_gate_up_scale=self.w_gate_up_scale, w_down_scale=self.w_down_scale)
-        local = (fused_experts_impl(x, topk_weights, plan.own_ids, self.w_gate_up,
-                                    self.w_down, **scales) if overlap else None)
         shared = shared_expert_output(x, self.shared_gate_up, self.shared_down, self.shared_gate)
 
-        received = transport.receive(pending, call=call)
+        received = transport.receive(pending, call=call, early=self._gate_up_on_landing())
         # Rows without a token are unrouted: tiles for the tokens this rank expects (about
         # its own T), those rows' partials never written, the rows past ``received.rows``
         # (where the transport knows them) not even read.
@@ -395,7 +399,8 @@ class ExpertParallelMoE(nn.Module):
         partials = fused_experts_impl(
             received.x, received.weights, received.ids, self.w_gate_up, self.w_down, **scales,
             tile_tokens=max(T, 1), skip_unrouted=True, num_rows=received.rows,
-            out=transport.partials_out(rows, c.hidden_size, x.dtype, x.device))
+            out=transport.partials_out(rows, c.hidden_size, x.dtype, x.device),
+            landing=received.landing)
         back = transport.receive_back(
             transport.send_back(partials, send_rows, recv_rows, call=call), call=call)
 
@@ -407,12 +412,9 @@ class ExpertParallelMoE(nn.Module):
                 grid = (triton.cdiv(T, block_t), triton.cdiv(c.hidden_size, block_h))
                 combine_partials_kernel[grid](
                     back.back, back.peer_bases if pull else plan.rows,  # bases unread without PULL
-                    plan.rows,
-                    local if local is not None else x,
-                    shared.contiguous() if shared is not None else x, call.state, out, T,
-                    c.hidden_size, WORLD=W, HAS_LOCAL=local is not None,
-                    HAS_SHARED=shared is not None, PULL=pull, BLOCK_T=block_t, BLOCK_H=block_h,
-                    INTERPRETER=interpreter_active(),
+                    plan.rows, shared.contiguous() if shared is not None else x, call.state,
+                    out, T, c.hidden_size, WORLD=W, HAS_SHARED=shared is not None, PULL=pull,
+                    BLOCK_T=block_t, BLOCK_H=block_h, INTERPRETER=interpreter_active(),
                 )
         transport.end(call)
         return out

@@ -12,31 +12,39 @@ dtype), one set of buffers on every rank (W ranks, capacity C):
                                   reservation landed, not at a fixed place)
                recv_ids [W*C, K] int32 (-1 on every row no dispatch filled),
                recv_weights [W*C, K] fp32
+               recv_source [W*C] int32  the rank whose dispatch filled the row
                fill int32         rows reserved so far in this forward
                back [W*C, H]      row i: this rank's partial sum of the token in
                                   recv_x row i (its sender reads it from here)
                headers [2, W, 4] int64 headers[0, s] / headers[1, s]: the header
                                   (``protocol``: magic, layer id, call count, status) of
                                   rank s's dispatch / combine message
-               flags [2, W] int64 flags[0, s] / flags[1, s]: the epoch whose dispatch /
-                                  combine data from rank s has fully arrived, or
-                                  FLAG_FAILED when rank s failed
+               flags [3, W] int64 flags[0, s] / flags[1, s] / flags[2, s]: the epoch whose
+                                  dispatch rows / partial sums / dispatch ids, weights and
+                                  sources from rank s have fully arrived, or FLAG_FAILED
+                                  when rank s failed (flags[2] goes with headers[0])
     local      epoch int64 (bumped on the device by every forward of the workspace),
                failed int64 (sticky until ``reset``), record [RECORD_WORDS] int64 (the
-               first failure's state and layer id, ``protocol``), two int32 arrival
-               counters (the launches whose last program raises the flags)
+               first failure's state and layer id, ``protocol``), late int64 (the epoch
+               in which a gate_up tile gave up waiting for landing rows), three int32
+               arrival counters (the launch stages whose last program raises flags)
 
 One forward, five launches of this transport besides the plan: ``begin`` bumps the
 epoch and the layer's call count; ``plan`` (the plan kernel) reserves each destination's
 rows in its receive buffer; ``dispatch`` (one launch on a side stream) stores each token
 row, its ids and its weights into the reserved rows of every rank that owns one of its
-experts (this rank's own included): only the routed rows move, at any capacity; its
-last program writes every peer's header and raises its flag (release, system scope).
-``receive`` joins the side stream and spins on this rank's flags (acquire) until each
-equals the epoch exactly, then checks each header against this call: another layer or
-call count (two layers of one shape called in different orders, a skipped or extra call)
-fails the workspace on every rank; a peer that rejected its input (status INPUT)
-poisons this forward only. The expert pipeline reads rows [0, fill) only (``Received.rows``)
+experts (this rank's own included): only the routed rows move, at any capacity. It
+moves the ids, weights and sources first and then writes every rank's header and raises
+its ids flag; then the rows, and raises every rank's rows flag (release, system scope).
+``receive`` spins on this rank's flags (acquire) until each equals the epoch exactly,
+then checks each header against this call: another layer or call count (two layers of
+one shape called in different orders, a skipped or extra call) fails the workspace on
+every rank; a peer that rejected its input (status INPUT) poisons this forward only.
+It waits for the rows flags (after joining the side stream), or, ``early``, only for
+every rank's ids flag: the receiver then ranks and aligns its rows while they land, and
+each gate_up tile waits for the rows flags of the sources of its rows
+(``moe_ops.kernels.landing``; a tile that gives up makes the send-back a time-out).
+The expert pipeline reads rows [0, fill) only (``Received.rows``)
 and writes its partial sums straight into ``back`` (``partials_out``); ``send_back`` (one
 launch) sets the filled ``recv_ids`` rows back to -1 and ``fill`` to 0 (the next
 dispatch starts from an empty buffer) and raises each peer's second flag with its
@@ -58,7 +66,7 @@ Buffers are safe to reuse with one set: a rank reserves and pushes forward n+1 o
 its combine wait of forward n (the side stream waits for the main stream), which the
 peer signalled after its last read of forward n's dispatch data and after resetting its
 ``recv_ids`` and ``fill``;
-a rank overwrites ``back`` in forward n+1 only after every peer's dispatch flag of n+1,
+a rank overwrites ``back`` in forward n+1 only after every peer's ids flag of n+1,
 which each peer raised after its combine of forward n (its last read of ``back``);
 ``end`` joins the side stream before the next forward plans.
 
@@ -74,8 +82,11 @@ from moe_ops.interpreter import BLOCKS
 from moe_ops.profiling import stage_range
 
 from . import protocol as P
-from .kernels import (CLOCK_TICKS_PER_S, bump_epoch_kernel, push_rows_kernel, put_flag_kernel,
-                      release_back_kernel, wait_flags_kernel)
+from moe_ops.kernels.landing import CLOCK_TICKS_PER_S
+from moe_ops.pipeline import Landing
+
+from .kernels import (bump_epoch_kernel, push_rows_kernel, put_flag_kernel, release_back_kernel,
+                      wait_flags_kernel)
 from .streams import StreamOrder
 from .plan import plan_dispatch
 from .transport import PartialSums, Received, Transport
@@ -91,8 +102,9 @@ def _layout(world, capacity, hidden, top_k, dtype):
                  back=(rows * hidden * item, dtype, (rows, hidden)),
                  recv_ids=(rows * top_k * 4, torch.int32, (rows, top_k)),
                  recv_weights=(rows * top_k * 4, torch.float32, (rows, top_k)),
+                 recv_source=(rows * 4, torch.int32, (rows,)),
                  headers=(2 * world * P.HEADER_WORDS * 8, torch.int64, (2, world, P.HEADER_WORDS)),
-                 flags=(2 * world * 8, torch.int64, (2, world)),
+                 flags=(3 * world * 8, torch.int64, (3, world)),
                  fill=(4, torch.int32, (1,)))
     layout, offset = {}, 0
     for name, (nbytes, dt, shape) in sizes.items():
@@ -105,9 +117,14 @@ def _view(raw: torch.Tensor, offset, nbytes, dtype, shape) -> torch.Tensor:
     return raw[offset:offset + nbytes].view(dtype).view(shape)
 
 
+# The rows of ``flags``: rows landed (dispatch), partial sums ready (combine), ids landed
+# (dispatch); the header row each goes with.
+_ROWS, _COMBINE, _IDS = range(3)
+_HEADER_OF = {_ROWS: 0, _COMBINE: 1, _IDS: 0}
+
 # The rows of ``_Slot.addresses``: where, in rank d's memory, this rank's data goes.
-ADDRESSES = ("recv_x", "recv_ids", "recv_weights", "fill", "header_dispatch", "flag_dispatch",
-             "header_combine", "flag_combine")
+ADDRESSES = ("recv_x", "recv_ids", "recv_weights", "recv_source", "fill", "header_dispatch",
+             "flag_dispatch", "header_combine", "flag_combine", "flag_ids")
 
 
 class _Slot:
@@ -128,10 +145,12 @@ class _Slot:
         self.clear()
         # Byte offsets, within a slot, of what this rank writes (``ADDRESSES``): the
         # receive buffers and fill counter whole, its own header and flag slots.
-        mine = {name: layout[name][0] for name in ("recv_x", "recv_ids", "recv_weights", "fill")}
-        for row, phase in enumerate(("dispatch", "combine")):
+        mine = {name: layout[name][0]
+                for name in ("recv_x", "recv_ids", "recv_weights", "recv_source", "fill")}
+        for row, phase in enumerate(("dispatch", "combine", "ids")):
             slot = row * world + rank  # headers[row, rank], flags[row, rank]
-            mine[f"header_{phase}"] = layout["headers"][0] + slot * P.HEADER_WORDS * 8
+            if phase != "ids":  # the ids flag goes with the dispatch header
+                mine[f"header_{phase}"] = layout["headers"][0] + slot * P.HEADER_WORDS * 8
             mine[f"flag_{phase}"] = layout["flags"][0] + slot * 8
         # int64 [len(ADDRESSES), W]: the address of each, in rank d's memory (mapped here).
         self.addresses = torch.tensor(
@@ -164,10 +183,14 @@ class _Workspace:
         self.epoch = torch.zeros(1, dtype=torch.int64, device=device)
         self.failed = torch.zeros(1, dtype=torch.int64, device=device)
         self.record = torch.zeros(P.RECORD_WORDS, dtype=torch.int64, device=device)
-        # Arrival counters of the push and release launches (``kernels._last_program``).
-        self.arrivals = torch.zeros(2, dtype=torch.int32, device=device)
+        # The epoch in which a gate_up tile gave up waiting for landing rows (``landing``).
+        self.late = torch.zeros(1, dtype=torch.int64, device=device)
+        # Arrival counters of the push's two stages and of the release
+        # (``kernels._last_program``).
+        self.arrivals = torch.zeros(3, dtype=torch.int32, device=device)
         self.scratch_state = P.new_state(device)  # for transport calls outside a layer
-        self.side = torch.cuda.Stream(device=device)
+        # High priority: its blocks go first when gate_up's tiles wait for its rows.
+        self.side = torch.cuda.Stream(device=device, priority=-1)
         self.order = StreamOrder()
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every rank's flags are zero before anyone signals
@@ -198,6 +221,7 @@ class NVLinkTransport(Transport):
         self.timeout_ticks = int(seconds * CLOCK_TICKS_PER_S[self.hip])
         self.order = self.workspace.order
         self.slot = self.workspace.slot
+        self._landing = False  # this forward's gate_up read rows as they landed
 
     def _state(self, call):
         return call.state if call is not None else self.workspace.scratch_state
@@ -207,12 +231,12 @@ class NVLinkTransport(Transport):
         ws = self.workspace
         bump_epoch_kernel[(1,)](ws.epoch, ws.failed, self._state(call))
 
-    def plan(self, x, topk_weights, topk_ids, experts_per_rank, skip_own, call=None):
+    def plan(self, x, topk_weights, topk_ids, experts_per_rank, call=None):
         """The plan, each block's rows reserved in its destination's receive buffer (no
         send buffers: the dispatch stores rows of x straight into the ranks' memory)."""
-        return plan_dispatch(x, topk_weights, topk_ids, experts_per_rank, self.rank,
-                             self.world_size, self.capacity, skip_own,
-                             reserve=self.slot.address("fill"), state=self._state(call))
+        return plan_dispatch(x, topk_weights, topk_ids, experts_per_rank, self.world_size,
+                             self.capacity, reserve=self.slot.address("fill"),
+                             state=self._state(call))
 
     def wire_rows(self, routed):
         """Each routed row once there (``dispatch``) and once back (the combine's pull)."""
@@ -237,8 +261,9 @@ class NVLinkTransport(Transport):
                 push_rows_kernel[(max(1, triton.cdiv(T, block_t)), triton.cdiv(H, block_h))](
                     x, topk_ids, topk_weights, plan.rows, slot.address("recv_x"),
                     slot.address("recv_ids"), slot.address("recv_weights"),
-                    slot.address("header_dispatch"), slot.address("flag_dispatch"),
-                    ws.arrivals[0:], ws.epoch, ws.failed, self._state(call),
+                    slot.address("recv_source"), slot.address("header_dispatch"),
+                    slot.address("flag_ids"), slot.address("flag_dispatch"),
+                    ws.arrivals[0:2], ws.epoch, ws.failed, self._state(call),
                     *self._identity(call), T, H, plan.experts_per_rank,
                     self.rank, WORLD=self.world_size, TOP_K=topk_ids.shape[1],
                     K_PAD=triton.next_power_of_2(topk_ids.shape[1]), BLOCK_T=block_t,
@@ -249,29 +274,39 @@ class NVLinkTransport(Transport):
     def _signal(self, peer_bufs, flag_row: int, call=None):
         """This call's header, then the flag, into the peer's slot (one launch)."""
         ws = self.workspace
+        header_row = _HEADER_OF[flag_row]
         put_flag_kernel[(1,)](ws.epoch, ws.failed, self._state(call),
-                              peer_bufs["headers"][flag_row, self.rank],
+                              peer_bufs["headers"][header_row, self.rank],
                               peer_bufs["flags"][flag_row, self.rank:self.rank + 1],
                               *self._identity(call))
 
-    def _wait(self, flag_row: int, stage: str, call=None):
+    def _wait(self, flag_row: int, stage: str, call=None, own: bool = False):
+        """Every peer's flag in ``flag_row`` (``own``: this rank's too), and its header."""
         ws = self.workspace
         with stage_range(stage):
             wait_flags_kernel[(1,)](ws.epoch, self.slot.local["flags"][flag_row],
-                                    self.slot.local["headers"][flag_row], ws.failed,
+                                    self.slot.local["headers"][_HEADER_OF[flag_row]], ws.failed,
                                     ws.record, self._state(call), self._identity(call)[0],
-                                    self.rank,
-                                    self.timeout_ticks,
-                                    P.DISPATCH if flag_row == 0 else P.COMBINE,
+                                    self.rank, -1 if own else self.rank, self.timeout_ticks,
+                                    P.COMBINE if flag_row == _COMBINE else P.DISPATCH,
                                     WORLD=self.world_size, HIP=self.hip)
 
-    def receive(self, pending, call=None):
-        """After this rank's own push (side stream) and every peer's dispatch flag."""
-        torch.cuda.current_stream().wait_stream(self.workspace.side)
-        self._wait(0, "dispatch_wait", call)
-        local, rows = self.slot.local, self.world_size * self.capacity
+    def receive(self, pending, call=None, early: bool = False):
+        """After this rank's own push (side stream) and every peer's rows flag; ``early``:
+        after every rank's ids flag (this one's own included), the rows still landing
+        (``Received.landing``: gate_up's tiles wait for them, ``moe_ops.kernels.landing``)."""
+        ws, local, rows = self.workspace, self.slot.local, self.world_size * self.capacity
+        if early:
+            self._wait(_IDS, "ids_wait", call, own=True)
+            landing = Landing(local["recv_source"], local["flags"][_ROWS], ws.epoch, ws.late,
+                              self.timeout_ticks, self.hip)
+        else:
+            torch.cuda.current_stream().wait_stream(ws.side)
+            self._wait(_ROWS, "dispatch_wait", call)
+            landing = None
+        self._landing = landing is not None
         return Received(local["recv_x"].view(rows, -1), local["recv_ids"].view(rows, -1),
-                        local["recv_weights"].view(rows, -1), local["fill"])
+                        local["recv_weights"].view(rows, -1), local["fill"], landing)
 
     def partials_out(self, rows, hidden, dtype, device) -> torch.Tensor:
         """``back``: the expert pipeline writes the partial sums where the peers read."""
@@ -289,15 +324,16 @@ class NVLinkTransport(Transport):
         with stage_range("combine"):
             release_back_kernel[(triton.cdiv(ids.numel(), block),)](
                 ids, slot.local["fill"], ids.numel(), slot.address("header_combine"),
-                slot.address("flag_combine"), ws.arrivals[1:], ws.epoch, ws.failed,
-                self._state(call), *self._identity(call), self.rank, WORLD=self.world_size,
-                TOP_K=ids.shape[-1], BLOCK=block)
+                slot.address("flag_combine"), ws.arrivals[2:], ws.epoch, ws.failed,
+                self._state(call), *self._identity(call), self.rank, ws.late, ws.record,
+                WORLD=self.world_size, TOP_K=ids.shape[-1], LANDING=self._landing,
+                BLOCK=block)
         if call is not None:
             call.done.append("back")
 
     def receive_back(self, pending, call=None) -> PartialSums:
         """After the peers' second flags: where the combine reads each owner's rows."""
-        self._wait(1, "combine_wait", call)
+        self._wait(_COMBINE, "combine_wait", call)
         rows = self.world_size * self.capacity
         return PartialSums(self.slot.local["back"].view(rows, -1), self.slot.back_bases)
 
@@ -319,10 +355,11 @@ class NVLinkTransport(Transport):
             ws.record[P.RECORD_LAYER] = call.layer_id
         ws.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(ws.side):
-            for row, name in ((0, "dispatch"), (1, "back")):
+            for rows, name in (((_IDS, _ROWS), "dispatch"), ((_COMBINE,), "back")):
                 if name not in call.done:
                     for bufs in self.slot.peers.values():
-                        self._signal(bufs, row, call)
+                        for row in rows:
+                            self._signal(bufs, row, call)
         torch.cuda.current_stream().wait_stream(ws.side)
 
     def failure_record(self) -> list[int]:
@@ -340,6 +377,7 @@ class NVLinkTransport(Transport):
         ws.epoch.zero_()
         ws.failed.zero_()
         ws.record.zero_()
+        ws.late.zero_()
         ws.arrivals.zero_()
         torch.cuda.synchronize()
         dist.barrier(group=self.group)

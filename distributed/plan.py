@@ -24,7 +24,6 @@ from .kernels import gather_rows_kernel, plan_pack_kernel
 
 class DispatchPlan(NamedTuple):
     counts: torch.Tensor  # int32 [W]: tokens sent to each destination (on the device)
-    own_ids: torch.Tensor  # int32 [T, K]: ids in this rank's numbering, or -1
     rows: torch.Tensor  # int32 [W, T]: token t's row among rank d's partial sums, or -1
     # (its row in the send blocks; with ``reserve``, its row in rank d's receive buffer)
     send: tuple | None  # (send_x, send_ids, send_weights) packed, or None: not packed
@@ -32,8 +31,8 @@ class DispatchPlan(NamedTuple):
 
 
 def plan_dispatch(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                  experts_per_rank: int, rank: int, world_size: int, capacity: int | None,
-                  skip_own: bool, header_rows: int = 0, send: tuple | None = None,
+                  experts_per_rank: int, world_size: int, capacity: int | None,
+                  header_rows: int = 0, send: tuple | None = None,
                   reserve: torch.Tensor | None = None, state: torch.Tensor | None = None
                   ) -> DispatchPlan:
     """Plan the dispatch of x [T, H] and, given ``send`` = (send_x [R, H], send_ids and
@@ -43,25 +42,22 @@ def plan_dispatch(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.T
     that moves the rows of x itself); with ``reserve`` (int64 [W]: the address of each
     rank's int32 fill counter, in its memory) each block's rows are reserved in its
     destination's receive buffer of W * capacity rows instead, and ``rows`` name them
-    there (a block without room is not sent, and the layer ``state`` records it). With
-    ``skip_own`` this rank sends itself nothing (it computes its tokens in place from
-    ``own_ids``)."""
+    there (a block without room is not sent, and the layer ``state`` records it)."""
     num_tokens, top_k = topk_ids.shape
     device = x.device
     counts = torch.empty(world_size, dtype=torch.int32, device=device)
-    own_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
     rows = torch.empty(world_size, num_tokens, dtype=torch.int32, device=device)
     pack = send is not None
     total_rows = send[0].shape[0] if pack else 0
     src_token = torch.empty(total_rows, dtype=torch.int32, device=device)
-    send_ids, send_weights = (send[1], send[2]) if pack else (own_ids, topk_weights)  # unread
+    send_ids, send_weights = (send[1], send[2]) if pack else (topk_ids, topk_weights)  # unread
     plan_pack_kernel[(1,)](
-        topk_ids, topk_weights, counts, own_ids, rows, send_ids, send_weights, src_token,
-        num_tokens, (capacity or 0) + header_rows, experts_per_rank, rank, total_rows,
+        topk_ids, topk_weights, counts, rows, send_ids, send_weights, src_token,
+        num_tokens, (capacity or 0) + header_rows, experts_per_rank, total_rows,
         reserve if reserve is not None else counts,  # these two unread without RESERVE
         world_size * (capacity or 0), state if state is not None else counts,
         WORLD=world_size, W_PAD=triton.next_power_of_2(world_size), TOP_K=top_k,
-        K_PAD=triton.next_power_of_2(top_k), FIXED=capacity is not None, SKIP_OWN=skip_own,
+        K_PAD=triton.next_power_of_2(top_k), FIXED=capacity is not None,
         HEADER_ROWS=header_rows, PACK=pack, RESERVE=reserve is not None,
         BLOCK_T=BLOCKS.plan_block_t,
         num_warps=4,
@@ -70,4 +66,4 @@ def plan_dispatch(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.T
         block_r, block_h = BLOCKS.gather_rows, BLOCKS.gather_h
         gather_rows_kernel[(triton.cdiv(total_rows, block_r), triton.cdiv(x.shape[1], block_h))](
             x, src_token, send[0], total_rows, x.shape[1], BLOCK_R=block_r, BLOCK_H=block_h)
-    return DispatchPlan(counts, own_ids, rows, send, experts_per_rank)
+    return DispatchPlan(counts, rows, send, experts_per_rank)

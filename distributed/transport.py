@@ -5,10 +5,10 @@
 only these steps, in this order per forward (``call`` is the forward's ``protocol.Call``)::
 
     begin(call)
-    plan(x, topk_weights, topk_ids, experts_per_rank, skip_own, call=) -> plan.DispatchPlan
+    plan(x, topk_weights, topk_ids, experts_per_rank, call=) -> plan.DispatchPlan
     exchange_counts(call, counts) -> (send_rows, recv_rows)   without fixed buffers only
     dispatch(x, topk_weights, topk_ids, plan, send_rows, recv_rows, call=) -> pending
-    receive(pending, call=) -> Received                             waits for the dispatch
+    receive(pending, call=, early=) -> Received                     waits for the dispatch
     partials_out(rows, hidden, dtype, device) -> where the expert output goes (or None)
     send_back(partials, send_rows, recv_rows, call=) -> pending
     receive_back(pending, call=) -> PartialSums                     waits for the partials
@@ -45,12 +45,15 @@ class PartialSums(NamedTuple):
 
 class Received(NamedTuple):
     """The rows this rank received: x [R, H], ids [R, K] in its numbering (-1: not its
-    expert, or no token), weights [R, K] fp32, and ``rows``: None, or int32 [1] on the
-    device, the rows in use (the ones after it hold no token)."""
+    expert, or no token), weights [R, K] fp32, ``rows``: None, or int32 [1] on the
+    device, the rows in use (the ones after it hold no token), and ``landing``: None, or
+    how the rows of x still landing are waited for (``moe_ops.pipeline.Landing``; ids and
+    weights are in)."""
     x: torch.Tensor
     ids: torch.Tensor
     weights: torch.Tensor
     rows: torch.Tensor | None = None
+    landing: object = None
 
 
 class Transport(ABC):
@@ -65,8 +68,7 @@ class Transport(ABC):
         """Once per forward, before anything moves."""
 
     @abstractmethod
-    def plan(self, x, topk_weights, topk_ids, experts_per_rank: int, skip_own: bool,
-             call=None):
+    def plan(self, x, topk_weights, topk_ids, experts_per_rank: int, call=None):
         """Who goes where (``plan.plan_dispatch``), packed into send blocks where this
         transport sends packed blocks."""
 
@@ -85,8 +87,9 @@ class Transport(ABC):
         waits on."""
 
     @abstractmethod
-    def receive(self, pending, call=None) -> Received:
-        """Every source's rows, once they are here."""
+    def receive(self, pending, call=None, early: bool = False) -> Received:
+        """Every source's rows, once they are here; ``early``: once their ids and weights
+        are, where the transport can say how to wait for the rows (``Received.landing``)."""
 
     def partials_out(self, rows: int, hidden: int, dtype, device) -> torch.Tensor | None:
         """The [rows, hidden] buffer the expert pipeline writes the partial sums into, or

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import triton
@@ -27,6 +28,19 @@ from .kernels.quantize import quantize_kernel
 from .profiling import stage_range
 from .routing import Alignment, Routing, align_ids, max_blocks_for, route_and_quantize
 from .tiles import TileConfig, get_tile_config
+
+
+class Landing(NamedTuple):
+    """x's rows are still landing from other GPUs: gate_up's tiles wait for the flag of
+    each source of their rows first (``kernels.landing``: row_source int32 [rows of x],
+    flags int64 [sources], epoch and late int64 [1], all on the device; the bound in
+    ticks of the device clock, and whether that clock is AMD's)."""
+    row_source: torch.Tensor
+    flags: torch.Tensor
+    epoch: torch.Tensor
+    late: torch.Tensor
+    timeout_ticks: int
+    hip: bool
 
 
 @dataclass(frozen=True)
@@ -121,12 +135,13 @@ def quantize_input(a: torch.Tensor, scheme: str, count=None, rows_per_count: int
 
 def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alignment: Alignment,
                   num_slots, rows_per_slot_div, n, k, tile: TileConfig, h_block_order: bool,
-                  out_scale=None, h_dtype=None, grid_blocks=None):
+                  out_scale=None, h_dtype=None, grid_blocks=None, landing: Landing | None = None):
     """One ``grouped_gemm_kernel`` launch (the gate_up stage or the down stage); ``w_scale``
     None for float weights, else fp8 ``w``'s scales (``moe_ops.fp8``); ``a_scale`` those of
     an e4m3 ``a`` (tiles with A_FP8), else None. ``out_scale``: gate_up writes e4m3 h
     and its block scales there, from h as ``h_dtype`` would hold it. ``grid_blocks``:
-    blocks the grid covers (each program strides over the rest), default all."""
+    blocks the grid covers (each program strides over the rest), default all; ``landing``
+    (gate_up): the rows of ``a`` still landing."""
     sorted_slots, block_expert, num_blocks, max_blocks = alignment
     grid_blocks = min(grid_blocks or max_blocks, max_blocks)
     grid = (grid_blocks * triton.cdiv(n, tile.BLOCK_N),)
@@ -141,12 +156,16 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
             a.stride(0), 0 if a_scale is None else a_scale.stride(0), w.stride(0), w.stride(1),
             0 if w_scale is None else w_scale.stride(0), 0 if w_scale is None else w_scale.stride(1),
             out.stride(0), 0 if out_scale is None else out_scale.stride(0),
+            *(landing[:4] if landing else (sorted_slots, num_blocks, num_blocks, num_blocks)),
+            landing.timeout_ticks if landing else 0,  # unread without WAIT_ROWS
             GATE_UP=gate_up, OUT_FP8=out_scale is not None,
             H_DTYPE=None if h_dtype is None else TRITON[h_dtype],
             BLOCK_M=tile.BLOCK_M, BLOCK_N=tile.BLOCK_N, BLOCK_K=tile.BLOCK_K,
             GROUP_M=tile.GROUP_M, EVEN_K=k % tile.BLOCK_K == 0, H_BLOCK_ORDER=h_block_order,
             B_DESC=use_desc, W_SCALE=SCHEME_CODES[scheme_of(w_scale)], A_FP8=tile.A_FP8,
             FAST_ACC=fast_accumulation(), LOOP_M=grid_blocks < max_blocks,
+            WAIT_ROWS=landing is not None,
+            NUM_SOURCES=triton.next_power_of_2(landing.flags.numel()) if landing else 1, HIP=bool(landing and landing.hip),
             INTERPRETER=interpreter_active(),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
@@ -155,7 +174,7 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
 def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: ExpertTiles,
             alignment: Alignment, w_gate_up_scale=None, w_down_scale=None, x_quantized=None,
             skip_unrouted: bool = False, grid_blocks: int | None = None, out=None,
-            num_rows=None, grid_rows: int | None = None):
+            num_rows=None, grid_rows: int | None = None, landing: Landing | None = None):
     """gate_up -> down -> combine over an alignment: out [T, H]. A stage whose tile has
     A_FP8 reads its input quantised by one launch before it (``quantize_input``), except
     down's when gate_up writes h in e4m3 itself (``ExpertTiles.h_fp8``) and gate_up's when
@@ -165,7 +184,8 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     [T, H] output buffer (contiguous) instead of a fresh one; ``num_rows`` (int32 [1] on
     the device, with ``skip_unrouted``): rows at or past it hold no routed id, and the
     combine does not read them, its programs sized for ``grid_rows`` rows (default all)
-    and striding over the rest."""
+    and striding over the rest; ``landing``: the rows of hidden_states are still landing
+    (``Landing``; gate_up must read them in place, not quantised)."""
     num_tokens, hidden = hidden_states.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     num_slots = topk_ids.numel()
@@ -175,6 +195,9 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     scheme = scheme_of(w_gate_up_scale)
     x, x_scale = hidden_states, None
     if tiles.gate_up.A_FP8:
+        if landing is not None:
+            raise ValueError("landing rows need a gate_up that reads x in place: this fp8 "
+                             "tile quantises x first")
         x, x_scale = x_quantized or quantize_input(hidden_states, scheme, num_rows, 1)
     if tiles.h_fp8:
         h, h_scale = empty_activations(h_rows, inter, scheme, device)
@@ -182,7 +205,8 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
         h, h_scale = torch.empty(h_rows, inter, dtype=dtype, device=device), None
     _grouped_gemm(True, x, x_scale, w_gate_up, w_gate_up_scale, h, topk_weights, alignment,
                   num_slots, top_k, inter, hidden, tiles.gate_up, tiles.h_block_order,
-                  h_scale if tiles.h_fp8 else None, dtype if tiles.h_fp8 else None, grid_blocks)
+                  h_scale if tiles.h_fp8 else None, dtype if tiles.h_fp8 else None, grid_blocks,
+                  landing)
     if tiles.down.A_FP8 and not tiles.h_fp8:  # with num_rows: the rows in use only
         if tiles.h_block_order:
             used = alignment.num_blocks if num_rows is not None else None
@@ -213,7 +237,8 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
                        gate_up_tile: TileConfig | None = None,
                        down_tile: TileConfig | None = None,
                        w_gate_up_scale=None, w_down_scale=None, tile_tokens: int | None = None,
-                       skip_unrouted: bool = False, out=None, num_rows=None):
+                       skip_unrouted: bool = False, out=None, num_rows=None,
+                       landing: Landing | None = None):
     """align -> gate_up -> down -> combine of given routing (four or five launches).
 
     Contiguous hidden_states [T, H], fp32 topk_weights and int32 topk_ids [T, K]; fp8
@@ -222,7 +247,8 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
     buffer has rows for its capacity, mostly unrouted: it passes the token count it
     expects (``tile_tokens``: tiles and GEMM grids sized for that many, any more still
     computed), ``skip_unrouted``, ``out`` and, where its filled rows are known on the
-    device, ``num_rows`` (see ``experts``; the alignment then reads only those rows)."""
+    device, ``num_rows`` (see ``experts``; the alignment then reads only those rows), and
+    ``landing`` where its rows are still arriving (``Landing``)."""
     num_tokens, hidden = hidden_states.shape
     if num_tokens == 0:
         return torch.empty_like(hidden_states)
@@ -238,7 +264,7 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
     return experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles, alignment,
                    w_gate_up_scale, w_down_scale, skip_unrouted=skip_unrouted, out=out,
                    grid_blocks=max_blocks_for(expected * top_k, num_experts, tiles.block_m),
-                   num_rows=num_rows, grid_rows=expected)
+                   num_rows=num_rows, grid_rows=expected, landing=landing)
 
 
 def fused_moe_impl(hidden_states, router_weight, w_gate_up, w_down, routing: Routing,

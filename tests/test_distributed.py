@@ -45,14 +45,14 @@ def _check_against_single_process(ep, moe, x, tol):
 
 
 def parity_scenario(rank, world, device, cases, seed, dtype, transports):
-    """Every (model, max_tokens_per_rank, overlap) case and transport against
-    random_fused_moe; returns the relative errors."""
+    """Every (model, max_tokens_per_rank) case and transport against random_fused_moe;
+    returns the relative errors."""
     from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
 
     _poison_empty()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     errors, models = {}, {}
-    for i, (name, max_tokens, overlap) in enumerate(cases):
+    for i, (name, max_tokens) in enumerate(cases):
         config = shrink(name)
         if name not in models:
             models[name] = random_fused_moe(config, seed, dtype=dtype, device=device)
@@ -60,12 +60,12 @@ def parity_scenario(rank, world, device, cases, seed, dtype, transports):
         for transport in transports:
             ep = ExpertParallelMoE.from_config(
                 config, dtype=dtype, device=device, transport=transport,
-                max_tokens_per_rank=max_tokens, seed=seed, overlap=overlap)
+                max_tokens_per_rank=max_tokens, seed=seed)
             assert ep.transport.name == transport
             torch.manual_seed(seed + 7 * rank + i)
             x = torch.randn(TOKENS[world][i % 2][rank], config.hidden_size, device=device,
                             dtype=dtype)
-            key = f"{name}/{transport}/max_tokens={max_tokens}/overlap={overlap}"
+            key = f"{name}/{transport}/max_tokens={max_tokens}"
             errors[key] = _check_against_single_process(ep, moe, x, tol)
             # The layer keeps only its shard, and the shard is the right one.
             per_rank = config.num_experts // world
@@ -74,13 +74,12 @@ def parity_scenario(rank, world, device, cases, seed, dtype, transports):
     return errors
 
 
-# (model, max_tokens_per_rank, overlap): both buffer modes and both overlap modes on every
-# model at 2 ranks; at 4 ranks each model once, the four combinations spread over them.
+# (model, max_tokens_per_rank): both buffer modes on every model at 2 ranks; at 4 ranks
+# each model once, the two modes alternating.
 CASES = {
-    2: [(m, cap, ov) for m in MODELS for cap, ov in [(None, False), (CAPACITY, True)]]
-    + [("mixtral-8x7b", None, True), ("mixtral-8x7b", CAPACITY, False)],
-    4: [("mixtral-8x7b", None, False), ("qwen2-57b-a14b", CAPACITY, True),
-        ("qwen3-30b-a3b", None, True), ("deepseek-v3", CAPACITY, False)],
+    2: [(m, cap) for m in MODELS for cap in (None, CAPACITY)],
+    4: [("mixtral-8x7b", None), ("qwen2-57b-a14b", CAPACITY), ("qwen3-30b-a3b", None),
+        ("deepseek-v3", CAPACITY)],
 }
 
 
@@ -95,14 +94,14 @@ def test_parity_with_single_process_layer(world):
 
 def fp8_parity_scenario(rank, world, device, cases, seed):
     """fp8 experts (bf16 hidden states) against the single-process FusedMoE holding the
-    same fp8 weights: every (scheme, model, max_tokens_per_rank, overlap, built) case,
+    same fp8 weights: every (scheme, model, max_tokens_per_rank, built) case,
     built by from_config (this rank's experts only) or from the whole layer (sliced).
     Each rank keeps its experts' rows of the weights and of both scales."""
     from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
 
     _poison_empty()
     fp8, bf16, errors = torch.float8_e4m3fn, torch.bfloat16, {}
-    for i, (scheme, name, max_tokens, overlap, built) in enumerate(cases):
+    for i, (scheme, name, max_tokens, built) in enumerate(cases):
         config = FP8_CONFIGS[name]
         moe = random_fused_moe(config, seed, dtype=bf16, device=device, weight_dtype=fp8,
                                scheme=scheme)
@@ -110,11 +109,9 @@ def fp8_parity_scenario(rank, world, device, cases, seed):
         if built == "from_config":
             ep = ExpertParallelMoE.from_config(
                 config, dtype=bf16, device=device, transport="all_to_all",
-                max_tokens_per_rank=max_tokens, seed=seed, overlap=overlap,
-                weight_dtype=fp8, scheme=scheme)
+                max_tokens_per_rank=max_tokens, seed=seed, weight_dtype=fp8, scheme=scheme)
         else:
-            ep = ExpertParallelMoE(moe, transport="all_to_all", max_tokens_per_rank=max_tokens,
-                                   overlap=overlap)
+            ep = ExpertParallelMoE(moe, transport="all_to_all", max_tokens_per_rank=max_tokens)
         shard = slice(ep.expert_range.start, ep.expert_range.stop)
         assert ep.fp8_scheme == scheme and ep.w_gate_up.dtype == ep.w_down.dtype == fp8
         for weight in ("w_gate_up", "w_down"):
@@ -123,7 +120,7 @@ def fp8_parity_scenario(rank, world, device, cases, seed):
             assert torch.equal(getattr(ep, f"{weight}_scale"), getattr(moe, f"{weight}_scale")[shard])
         torch.manual_seed(seed + 7 * rank + i)
         x = torch.randn(TOKENS[world][i % 2][rank], config.hidden_size, device=device, dtype=bf16)
-        key = f"{scheme}/{name}/max_tokens={max_tokens}/overlap={overlap}/{built}"
+        key = f"{scheme}/{name}/max_tokens={max_tokens}/{built}"
         # fp8 GEMMs choose per call, by its row count, between weight-only and fp8
         # activations (moe_ops.tiles.FP8_ACTIVATIONS_MIN_T); a rank's calls (received rows,
         # capacity-padded buffers) need not choose as the single-process layer does, and
@@ -141,12 +138,12 @@ FP8_CONFIGS = {
     "qwen2-57b-a14b": replace(shrink("qwen2-57b-a14b", hidden_size=256, intermediate_size=128),
                               num_experts=8, top_k=2),
 }
-# (scheme, model, max_tokens_per_rank, overlap, built): each scheme in both buffer modes
-# and both overlap modes, each way of building.
-FP8_CASES = [("block", "mixtral-8x7b", None, False, "from_config"),
-             ("block", "qwen2-57b-a14b", CAPACITY, True, "whole"),
-             ("channel", "qwen2-57b-a14b", None, True, "from_config"),
-             ("channel", "mixtral-8x7b", CAPACITY, False, "whole")]
+# (scheme, model, max_tokens_per_rank, built): each scheme in both buffer modes, each way
+# of building.
+FP8_CASES = [("block", "mixtral-8x7b", None, "from_config"),
+             ("block", "qwen2-57b-a14b", CAPACITY, "whole"),
+             ("channel", "qwen2-57b-a14b", None, "from_config"),
+             ("channel", "mixtral-8x7b", CAPACITY, "whole")]
 
 
 def test_fp8_experts_parity_with_single_process_layer():
@@ -339,30 +336,25 @@ def test_dying_rank_fails_its_peer_in_bounded_time(max_tokens):
         assert "ExpertParallelError" in reports[0][1], reports[0]
 
 
-@pytest.mark.parametrize("skip_own", [False, True])
-def test_plan_packs_each_token_once_per_owner(skip_own, device):
+def test_plan_packs_each_token_once_per_owner(device):
     """With a capacity, block d holds the tokens needing rank d in order, their ids
     renumbered (-1 for other ranks' experts), ids -1 on the rows after them and those
     rows' x untouched; planning without send buffers gives the same plan."""
     from moe_ops.distributed.plan import plan_dispatch
 
-    T, K, H, W, E_l, C, rank = 6, 2, 8, 2, 3, 10, 1
+    T, K, H, W, E_l, C = 6, 2, 8, 2, 3, 10
     ids = torch.stack([torch.randperm(W * E_l)[:K] for _ in range(T)]).int().to(device)
     weights, x = torch.rand(T, K, device=device), torch.randn(T, H, device=device)
     send_x = torch.full((W * C, H), 7.0, device=device)
     send_ids = torch.full((W * C, K), 99, dtype=torch.int32, device=device)
     send_weights = torch.full((W * C, K), 5.0, device=device)
-    plan = plan_dispatch(x, weights, ids, E_l, rank, W, C, skip_own=skip_own,
-                         send=(send_x, send_ids, send_weights))
-    bare = plan_dispatch(x, weights, ids, E_l, rank, W, C, skip_own=skip_own)
+    plan = plan_dispatch(x, weights, ids, E_l, W, C, send=(send_x, send_ids, send_weights))
+    bare = plan_dispatch(x, weights, ids, E_l, W, C)
     assert bare.send is None
     assert torch.equal(bare.rows, plan.rows) and torch.equal(bare.counts, plan.counts)
-    assert torch.equal(bare.own_ids, plan.own_ids)
     for d in range(W):
         owned = (ids // E_l) == d
         tokens = owned.any(1).nonzero().flatten()
-        if skip_own and d == rank:
-            tokens = tokens[:0]
         n = len(tokens)
         assert int(plan.counts[d]) == n
         expected_rows = torch.full((T,), -1, dtype=torch.int32, device=device)
@@ -385,9 +377,10 @@ class _FakePeers:
         self.bufs = [dict(recv_x=torch.full((R, H), 3.5, dtype=dtype, device=device),
                           recv_ids=torch.full((R, K), 77, dtype=torch.int32, device=device),
                           recv_weights=torch.full((R, K), 9.0, device=device),
+                          recv_source=torch.full((R,), 55, dtype=torch.int32, device=device),
                           fill=torch.tensor([fill], dtype=torch.int32, device=device),
                           headers=torch.zeros(2, W, 4, dtype=torch.int64, device=device),
-                          flags=torch.zeros(2, W, dtype=torch.int64, device=device))
+                          flags=torch.zeros(3, W, dtype=torch.int64, device=device))
                      for fill in fills]
 
         def table(name, index=0):
@@ -395,11 +388,13 @@ class _FakePeers:
                                 dtype=torch.int64, device=device)
 
         self.addresses = dict(recv_x=table("recv_x"), recv_ids=table("recv_ids"),
-                              recv_weights=table("recv_weights"), fill=table("fill"),
+                              recv_weights=table("recv_weights"),
+                              recv_source=table("recv_source"), fill=table("fill"),
                               header_dispatch=table("headers", (0, rank)),
                               flag_dispatch=table("flags", (0, rank)),
                               header_combine=table("headers", (1, rank)),
-                              flag_combine=table("flags", (1, rank)))
+                              flag_combine=table("flags", (1, rank)),
+                              flag_ids=table("flags", (2, rank)))
 
 
 @pytest.mark.parametrize("failed", [False, True])
@@ -407,10 +402,12 @@ def test_push_stores_each_routed_row_in_its_owners_memory(failed, device):
     """The nvlink dispatch, peers' memory faked by local tensors (their addresses): the
     plan reserves each destination's rows after what its fill counter already holds (other
     senders' rows), and the push kernel stores there exactly the tokens needing that rank
-    (x, ids in its numbering, weights), nothing else; the last of several programs writes
-    each peer's header and raises its flag to the epoch (FLAG_FAILED when the workspace
-    failed), never this rank's own, and re-arms its counter. The release kernel sets the
-    filled recv_ids rows to -1, zeroes the fill counter and raises the second flags."""
+    (x, ids in its numbering, weights, this rank as their source), nothing else; of its
+    several programs, the last of those moving ids writes every rank's header (this one's
+    own included) and raises its ids flag, the last of all raises every rank's rows flag,
+    each to the epoch (FLAG_FAILED when the workspace failed), and both counters are
+    re-armed. The release kernel sets the filled recv_ids rows to -1, zeroes the fill
+    counter and raises the peers' second flags."""
     import triton
 
     from moe_ops.distributed import kernels as K
@@ -426,16 +423,16 @@ def test_push_stores_each_routed_row_in_its_owners_memory(failed, device):
     a = peers.addresses
     state = P.new_state(device)
     state[P.COUNT] = 41
-    plan = plan_dispatch(x, weights, ids, E_l, rank, W, C, skip_own=False, reserve=a["fill"],
-                         state=state)
+    plan = plan_dispatch(x, weights, ids, E_l, W, C, reserve=a["fill"], state=state)
     assert state.tolist()[P.CODE] == P.NONE
     epoch = torch.tensor([1234], dtype=torch.int64, device=device)
     failed_word = torch.tensor([int(failed)], dtype=torch.int64, device=device)
-    arrivals = torch.zeros(2, dtype=torch.int32, device=device)
+    arrivals = torch.zeros(3, dtype=torch.int32, device=device)
     K.push_rows_kernel[(triton.cdiv(T, 2), triton.cdiv(H, 4))](
         x, ids, weights, plan.rows, a["recv_x"], a["recv_ids"], a["recv_weights"],
-        a["header_dispatch"], a["flag_dispatch"], arrivals[0:], epoch, failed_word, state,
-        layer_id, P.OK, T, H, E_l, rank, WORLD=W, TOP_K=Kk, K_PAD=2, BLOCK_T=2, BLOCK_H=4)
+        a["recv_source"], a["header_dispatch"], a["flag_ids"], a["flag_dispatch"],
+        arrivals[0:2], epoch, failed_word, state, layer_id, P.OK, T, H, E_l, rank, WORLD=W,
+        TOP_K=Kk, K_PAD=2, BLOCK_T=2, BLOCK_H=4)
     flag = P.FLAG_FAILED if failed else 1234
     header = [P.MAGIC, layer_id, 41, P.OK]
     for d in range(W):
@@ -452,32 +449,70 @@ def test_push_stores_each_routed_row_in_its_owners_memory(failed, device):
         assert torch.equal(got["recv_ids"][rows],
                            torch.where(owned[tokens], ids[tokens] - d * E_l, -1))
         assert torch.equal(got["recv_weights"][rows], weights[tokens])
+        assert (got["recv_source"][rows] == rank).all()
         untouched = torch.ones(R, dtype=torch.bool, device=device)
         untouched[rows] = False
         assert (got["recv_x"][untouched] == 3.5).all()
         assert (got["recv_ids"][untouched] == 77).all()
         assert (got["recv_weights"][untouched] == 9).all()
-        if d == rank:
-            assert (got["flags"] == 0).all() and (got["headers"] == 0).all()
-        else:
-            assert int(got["flags"][0, rank]) == flag
-            assert got["headers"][0, rank].tolist() == header
-            assert (got["flags"][1] == 0).all()
-    assert int(arrivals[0]) == 0
+        assert (got["recv_source"][untouched] == 55).all()
+        assert int(got["flags"][0, rank]) == flag and int(got["flags"][2, rank]) == flag
+        assert got["headers"][0, rank].tolist() == header
+        assert (got["flags"][1] == 0).all()
+    assert arrivals.tolist() == [0, 0, 0]
 
     own = peers.bufs[rank]
     filled = int(own["fill"])
     blocks = 8  # several programs
+    late = epoch - 1  # no tile gave up in this exchange
+    record = torch.zeros(P.RECORD_WORDS, dtype=torch.int64, device=device)
     K.release_back_kernel[(triton.cdiv(own["recv_ids"].numel(), blocks),)](
         own["recv_ids"], own["fill"], own["recv_ids"].numel(), a["header_combine"],
-        a["flag_combine"], arrivals[1:], epoch, failed_word, state, layer_id, P.OK, rank,
-        WORLD=W, TOP_K=Kk, BLOCK=blocks)
+        a["flag_combine"], arrivals[2:], epoch, failed_word, state, layer_id, P.OK, rank,
+        late, record, WORLD=W, TOP_K=Kk, LANDING=True, BLOCK=blocks)
     assert (own["recv_ids"][:filled] == -1).all() and (own["recv_ids"][filled:] == 77).all()
-    assert int(own["fill"]) == 0 and int(arrivals[1]) == 0
+    assert int(own["fill"]) == 0 and int(arrivals[2]) == 0
+    assert state.tolist()[P.CODE] == P.NONE and not record.any()
     for d in range(W):
         if d != rank:
             assert int(peers.bufs[d]["flags"][1, rank]) == flag
             assert peers.bufs[d]["headers"][1, rank].tolist() == header
+
+
+def test_release_turns_a_tile_that_gave_up_into_a_timeout(device):
+    """A gate_up tile gave up waiting for landing rows in this exchange (late == epoch):
+    the release records a sticky time-out in the layer state, fails the workspace and
+    copies the state into its record, and tells every peer TIMED_OUT in its second
+    header before they read a partial sum; this rank's own slot is not signalled."""
+    import triton
+
+    from moe_ops.distributed import kernels as K
+    from moe_ops.distributed import protocol as P
+
+    W, R, H, Kk, rank, layer_id = 3, 12, 4, 2, 2, 9
+    peers = _FakePeers(W, R, H, Kk, rank, [0, 0, 5], torch.float32, device)
+    a, own = peers.addresses, peers.bufs[rank]
+    state = P.new_state(device)
+    state[P.COUNT] = 17
+    epoch = torch.tensor([300], dtype=torch.int64, device=device)
+    failed, late = torch.zeros_like(epoch), epoch.clone()
+    record = torch.zeros(P.RECORD_WORDS, dtype=torch.int64, device=device)
+    arrivals = torch.zeros(1, dtype=torch.int32, device=device)
+    K.release_back_kernel[(triton.cdiv(own["recv_ids"].numel(), 8),)](
+        own["recv_ids"], own["fill"], own["recv_ids"].numel(), a["header_combine"],
+        a["flag_combine"], arrivals, epoch, failed, state, layer_id, P.OK, rank, late, record,
+        WORLD=W, TOP_K=Kk, LANDING=True, BLOCK=8)
+    values = state.tolist()
+    assert (values[P.CODE], values[P.PEER], values[P.CALL], values[P.PHASE], values[P.STICKY],
+            values[P.POISON]) == (P.TIMEOUT, -1, 17, P.DISPATCH, 1, 1)
+    assert int(failed) == 1 and record.tolist() == values + [layer_id]
+    assert "timed out waiting for a peer in the dispatch" in P.describe(values, layer_id, rank)
+    for d in range(W):
+        if d != rank:
+            assert peers.bufs[d]["headers"][1, rank].tolist() == [P.MAGIC, layer_id, 17,
+                                                                  P.TIMED_OUT]
+            assert int(peers.bufs[d]["flags"][1, rank]) in (300, P.FLAG_FAILED)
+    assert (own["flags"] == 0).all() and int(own["fill"]) == 0
 
 
 def test_plan_never_reserves_past_a_full_receive_buffer(device):
@@ -496,8 +531,7 @@ def test_plan_never_reserves_past_a_full_receive_buffer(device):
                              device=device)
     state = P.new_state(device)
     state[P.COUNT] = 3
-    plan = plan_dispatch(x, weights, ids, E_l, rank, W, C, skip_own=False, reserve=addresses,
-                         state=state)
+    plan = plan_dispatch(x, weights, ids, E_l, W, C, reserve=addresses, state=state)
     assert (plan.rows[1] == -1).all()
     own = (torch.arange(T, device=device) % 2) == 0
     assert torch.equal(plan.rows[0][own], torch.arange(T // 2, dtype=torch.int32, device=device))
@@ -551,15 +585,15 @@ for fixed in (True, False):
     build(K.check_headers_kernel, dict(i64, self_rank="i32", phase="i32", reply_ptr="*i64",
           status="i32"), WORLD=8, HEADER_ROWS=1, FIXED=fixed, REPLY=fixed)
     build(K.plan_pack_kernel, dict(topk_ids_ptr="*i32", topk_weights_ptr="*fp32",
-          counts_ptr="*i32", own_ids_ptr="*i32", rows_ptr="*i32", send_ids_ptr="*i32",
+          counts_ptr="*i32", rows_ptr="*i32", send_ids_ptr="*i32",
           send_weights_ptr="*fp32", src_token_ptr="*i32", num_tokens="i32",
-          block_rows="i32", experts_per_rank="i32", rank="i32", total_rows="i32",
+          block_rows="i32", experts_per_rank="i32", total_rows="i32",
           fill_addrs="*i64", rows_limit="i32", state_ptr="*i64"),
-          WORLD=2, W_PAD=2, TOP_K=8, K_PAD=8, FIXED=fixed, SKIP_OWN=not fixed,
+          WORLD=2, W_PAD=2, TOP_K=8, K_PAD=8, FIXED=fixed,
           HEADER_ROWS=int(fixed), PACK=not fixed, RESERVE=fixed, BLOCK_T=256)
     build(K.combine_partials_kernel, dict(back_ptr="*bf16", bases_ptr="*i64", rows_ptr="*i32",
-          local_ptr="*bf16", shared_ptr="*bf16", state_ptr="*i64", out_ptr="*bf16",
-          num_tokens="i32", hidden="i32"), WORLD=2, HAS_LOCAL=fixed, HAS_SHARED=fixed,
+          shared_ptr="*bf16", state_ptr="*i64", out_ptr="*bf16",
+          num_tokens="i32", hidden="i32"), WORLD=2, HAS_SHARED=fixed,
           PULL=fixed, BLOCK_T=4, BLOCK_H=512, INTERPRETER=False)
 build(K.gather_rows_kernel, dict(x_ptr="*bf16", src_token_ptr="*i32", out_ptr="*bf16",
       num_rows="i32", hidden="i32"), BLOCK_R=8, BLOCK_H=512)
@@ -567,16 +601,20 @@ flags = dict(epoch_ptr="*i64", failed_ptr="*i64")
 signal = dict(header_addrs="*i64", flag_addrs="*i64", counter_ptr="*i32", **flags,
               state_ptr="*i64", layer_id="i32", status="i32")
 build(K.push_rows_kernel, dict(x_ptr="*bf16", topk_ids_ptr="*i32", topk_weights_ptr="*fp32",
-      rows_ptr="*i32", x_addrs="*i64", ids_addrs="*i64", weights_addrs="*i64", **signal,
+      rows_ptr="*i32", x_addrs="*i64", ids_addrs="*i64", weights_addrs="*i64",
+      source_addrs="*i64", header_addrs="*i64", ids_flag_addrs="*i64", flag_addrs="*i64",
+      counter_ptr="*i32", **flags, state_ptr="*i64", layer_id="i32", status="i32",
       num_tokens="i32", hidden="i32", experts_per_rank="i32", rank="i32"),
       WORLD=2, TOP_K=8, K_PAD=8, BLOCK_T=8, BLOCK_H=512)
-build(K.release_back_kernel, dict(recv_ids_ptr="*i32", fill_ptr="*i32", num_words="i32",
-      **signal, rank="i32"), WORLD=2, TOP_K=8, BLOCK=1024)
+for landing in (False, True):
+    build(K.release_back_kernel, dict(recv_ids_ptr="*i32", fill_ptr="*i32", num_words="i32",
+          **signal, rank="i32", late_ptr="*i64", record_ptr="*i64"), WORLD=2, TOP_K=8,
+          LANDING=landing, BLOCK=1024)
 build(K.bump_epoch_kernel, dict(flags, state_ptr="*i64"))
 build(K.put_flag_kernel, dict(flags, state_ptr="*i64", peer_header_ptr="*i64",
       peer_flag_ptr="*i64", layer_id="i32", status="i32"))
 build(K.wait_flags_kernel, dict(flags, flags_ptr="*i64", headers_ptr="*i64",
-      record_ptr="*i64", state_ptr="*i64", layer_id="i32", self_rank="i32",
+      record_ptr="*i64", state_ptr="*i64", layer_id="i32", self_rank="i32", skip_rank="i32",
       timeout_ticks="i64", phase="i32"), WORLD=2, HIP=False)
 """
 
@@ -596,24 +634,25 @@ needs_two_gpus = pytest.mark.skipif(not use_gpus(2), reason="needs 2 GPUs")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_parity_both_transports(dtype):
     seed = _seed()
-    fixed = [(m, CAPACITY, ov) for m in MODELS for ov in (False, True)]
+    fixed = [(m, CAPACITY) for m in MODELS]
     assert_all_ok(run_on_ranks(parity_scenario, 2, fixed, seed, dtype, ["nvlink", "all_to_all"]))
-    assert_all_ok(run_on_ranks(parity_scenario, 2, [(m, None, False) for m in MODELS], seed,
+    assert_all_ok(run_on_ranks(parity_scenario, 2, [(m, None) for m in MODELS], seed,
                                dtype, ["all_to_all"]))
 
 
 def graph_scenario(rank, world, device, seed, transport):
     """Capture two layers' forwards in one CUDA graph with no host sync (they share one
-    nvlink workspace); three replays with new data each equal the eager forward bitwise,
-    and each layer equals the single-process layer on its input."""
+    nvlink workspace; the first starts gate_up as rows land, the second after all have);
+    three replays with new data each equal the eager forward bitwise, and each layer
+    equals the single-process layer on its input."""
     from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
 
     config = shrink("deepseek-v3", hidden_size=256, intermediate_size=128)
     moe = random_fused_moe(config, seed, dtype=torch.bfloat16, device=device)
     layers = [ExpertParallelMoE.from_config(config, dtype=torch.bfloat16, device=device,
                                             transport=transport, max_tokens_per_rank=64,
-                                            seed=seed, overlap=overlap)
-              for overlap in (False, True)]
+                                            seed=seed) for _ in range(2)]
+    layers[1].early_gate_up = False
     static_x = torch.randn(40 + 8 * rank, config.hidden_size, device=device, dtype=torch.bfloat16)
 
     def step():
@@ -824,7 +863,8 @@ def nvlink_token_counts_scenario(rank, world, device, seed):
     """The nvlink dispatch stores each forward's routed rows only (ids and weights
     included) and the combine pulls the partial sums from the owners' buffers: forwards whose token
     counts rise and fall (0 included; shorter after longer, the rows past them then hold
-    no token), with overlap on and off, each equal the single-process layer."""
+    no token), gate_up started as the rows land and after all have, each equal the
+    single-process layer."""
     from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
 
     _poison_empty()
@@ -832,8 +872,8 @@ def nvlink_token_counts_scenario(rank, world, device, seed):
     moe = random_fused_moe(config, seed, dtype=torch.bfloat16, device=device)
     layers = [ExpertParallelMoE.from_config(config, dtype=torch.bfloat16, device=device,
                                             transport="nvlink", max_tokens_per_rank=64,
-                                            seed=seed, overlap=overlap)
-              for overlap in (False, True)]
+                                            seed=seed) for _ in range(2)]
+    layers[1].early_gate_up = False
     errors = []
     for i, count in enumerate([64, 3, 0, 40 + rank, 1, 64 - 7 * rank]):
         torch.manual_seed(seed + 31 * i + rank)

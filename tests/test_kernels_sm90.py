@@ -30,11 +30,14 @@ def gemm(a, w, out, **flags):
                      block_expert_ptr="*i32", num_blocks_ptr="*i32", N="i32", K="i32",
                      num_slots="i32", a_rows_per_slot_div="i32", grid_blocks="i32",
                      stride_a="i32", stride_as="i32", stride_we="i32", stride_wn="i32",
-                     stride_se="i32", stride_sn="i32", stride_out="i32", stride_os="i32")
+                     stride_se="i32", stride_sn="i32", stride_out="i32", stride_os="i32",
+                     row_source_ptr="*i32", source_flags_ptr="*i64", epoch_ptr="*i64",
+                     late_ptr="*i64", timeout_ticks="i64")
     constexprs = dict(a_desc=None, w_desc=None, GATE_UP=True, OUT_FP8=False, H_DTYPE=None,
                       BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, EVEN_K=True,
                       H_BLOCK_ORDER=False, B_DESC=False, W_SCALE=0, A_FP8=False, FAST_ACC=False,
-                      LOOP_M=False, INTERPRETER=False)
+                      LOOP_M=False, WAIT_ROWS=False, NUM_SOURCES=1, HIP=False,
+                      INTERPRETER=False)
     constexprs.update(flags)
     aligned = [n for n in signature if n.endswith("_ptr")] + ["N", "K", "stride_a", "stride_we",
                                                               "stride_wn", "stride_out"]
@@ -42,6 +45,8 @@ def gemm(a, w, out, **flags):
 
 gemm("*bf16", "*bf16", "*bf16")
 gemm("*bf16", "*bf16", "*bf16", LOOP_M=True, H_BLOCK_ORDER=True)
+# gate_up over rows still landing from two ranks (expert parallel over NVLink).
+gemm("*bf16", "*bf16", "*bf16", LOOP_M=True, H_BLOCK_ORDER=True, WAIT_ROWS=True, NUM_SOURCES=4)
 gemm("*bf16", "*fp8e4nv", "*bf16", GATE_UP=False, W_SCALE=1, BLOCK_K=256)
 gemm("*fp8e4nv", "*fp8e4nv", "*bf16", W_SCALE=1, A_FP8=True, BLOCK_M=64, BLOCK_N=32)
 gemm("*fp8e4nv", "*fp8e4nv", "*fp8e4nv", W_SCALE=2, A_FP8=True, BLOCK_M=64, BLOCK_N=256,

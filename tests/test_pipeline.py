@@ -1,4 +1,6 @@
 """The pipeline on a GPU: five launches, CUDA-graph capture and replay, no host sync."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -183,3 +185,73 @@ def test_receive_buffer_read_up_to_its_filled_rows(filled, device):
     with pytest.raises(ValueError, match="skip_unrouted"):
         fused_experts_impl(x, weights, ids, w_gate_up, w_down, num_rows=torch.tensor(
             [filled], dtype=torch.int32, device=device))
+
+
+def _landing_case(device, sources: int):
+    """A receive buffer whose rows came from ``sources`` ranks (each row's source drawn at
+    random), its layer and the reference on its rows."""
+    from moe_ops.pipeline import Landing
+    from moe_ops.reference import fused_experts_reference
+
+    # Small on the GPU too: every gate_up program must be resident at once, so that the
+    # stream landing the rows finds an SM while they wait.
+    config = dataclasses.replace(shrink("qwen3-30b-a3b"), num_experts=16, top_k=4)
+    rows = 32
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    _, w_gate_up, w_down, _ = make_layer(config, dtype, device)
+    E, K, H = config.num_experts, config.top_k, config.hidden_size
+    x = torch.randn(rows, H, device=device, dtype=dtype)
+    weights = torch.rand(rows, K, device=device)
+    ids = torch.stack([torch.randperm(E, device=device)[:K] for _ in range(rows)]).int()
+    landing = Landing(row_source=torch.randint(0, sources, (rows,), dtype=torch.int32,
+                                               device=device),
+                      flags=torch.zeros(sources, dtype=torch.int64, device=device),
+                      epoch=torch.tensor([5], dtype=torch.int64, device=device),
+                      late=torch.tensor([4], dtype=torch.int64, device=device),
+                      timeout_ticks=10**10, hip=torch.version.hip is not None)
+    expected = fused_experts_reference(x, weights, ids, w_gate_up, w_down)
+    return x, weights, ids, w_gate_up, w_down, landing, expected
+
+
+@pytest.mark.parametrize("flag", ["landed", "failed", "later"])
+def test_gate_up_on_landed_rows(flag, device):
+    """gate_up over rows that land from three sources (``Landing``): once every flag holds
+    the epoch the result is the reference's and no tile gives up (``late`` untouched); a
+    source's flag that failed (negative) or is from a later exchange makes the tiles
+    that need it give up at once, which ``late`` records (the epoch), never a hang."""
+    from moe_ops.pipeline import fused_experts_impl
+
+    x, weights, ids, w_gate_up, w_down, landing, expected = _landing_case(device, 3)
+    landing.flags.fill_(5)
+    if flag != "landed":
+        landing.flags[1] = -1 if flag == "failed" else 6
+    out = fused_experts_impl(x, weights, ids, w_gate_up, w_down, landing=landing)
+    if flag == "landed":
+        assert_close_l2(out, expected, 1e-2 if ON_GPU else 1e-5)
+        assert int(landing.late) == 4
+    else:
+        assert int(landing.late) == 5
+
+
+@pytest.mark.skipif(not ON_GPU, reason="a kernel on another stream lands the rows later")
+def test_gate_up_waits_for_rows_landing_later(device):
+    """The rows and their flags arrive from another stream ~20 ms after gate_up started
+    (the buffer NaN until then): every tile waits for its sources' flags and the result is
+    the reference's. With flags that never come and a 1 ms bound, the tiles give up."""
+    from moe_ops.pipeline import fused_experts_impl
+
+    x, weights, ids, w_gate_up, w_down, landing, expected = _landing_case(device, 2)
+    buffer = torch.full_like(x, float("nan"))
+    other = torch.cuda.Stream(priority=-1)
+    with torch.cuda.stream(other):
+        torch.cuda._sleep(40_000_000)
+        buffer.copy_(x)
+        landing.flags.fill_(5)
+    out = fused_experts_impl(buffer, weights, ids, w_gate_up, w_down, landing=landing)
+    torch.cuda.synchronize()
+    assert_close_l2(out, expected, 1e-2)
+    assert int(landing.late) == 4
+
+    never = landing._replace(flags=torch.zeros_like(landing.flags), timeout_ticks=10**6)
+    fused_experts_impl(x, weights, ids, w_gate_up, w_down, landing=never)
+    assert int(never.late) == 5

@@ -42,6 +42,10 @@ with one float32 scale per row per 128 columns into out_scale [h rows, cdiv(N, 1
 ``kernels.quantize`` would, from h rounded to H_DTYPE), so down's fp8 input costs no
 launch of its own.
 
+WAIT_ROWS (gate_up): x's rows are still landing from other GPUs (``kernels.landing``):
+each tile first waits for the flags of the sources of its rows (row_source, flags,
+epoch, late, timeout_ticks as ``landing.wait_landed`` reads them; NUM_SOURCES flags).
+
 In INTERPRETER mode (the Triton CPU interpreter) loads are upcast to float32 and bf16
 stores rounded to nearest, because the interpreter gets 16-bit floats wrong. float32
 operands multiply in IEEE float32 (never tf32).
@@ -52,6 +56,7 @@ import triton
 import triton.language as tl
 
 from .casting import cast_rne
+from .landing import wait_landed
 from .quantize import quantize_groups
 
 
@@ -174,10 +179,12 @@ def _block(pid_m, pid_n, a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr,
            out_scale_ptr, topk_weights_ptr, sorted_slots_ptr, block_expert_ptr,
            N, K, num_slots, a_rows_per_slot_div,
            stride_a, stride_as, stride_we, stride_wn, stride_se, stride_sn, stride_out, stride_os,
+           row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr, timeout_ticks,
            GATE_UP: tl.constexpr, OUT_FP8: tl.constexpr, H_DTYPE: tl.constexpr,
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
            EVEN_K: tl.constexpr, H_BLOCK_ORDER: tl.constexpr, B_DESC: tl.constexpr,
            W_SCALE: tl.constexpr, A_FP8: tl.constexpr, FAST_ACC: tl.constexpr,
+           WAIT_ROWS: tl.constexpr, NUM_SOURCES: tl.constexpr, HIP: tl.constexpr,
            INTERPRETER: tl.constexpr):
     """Output tile (pid_m, pid_n) of a block in use."""
     expert = tl.load(block_expert_ptr + pid_m)
@@ -188,6 +195,9 @@ def _block(pid_m, pid_n, a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr,
     # down with H_BLOCK_ORDER reads h's block-order rows through a_desc; otherwise A is gathered.
     A_DESC: tl.constexpr = H_BLOCK_ORDER and not GATE_UP
     a_rows = (slots // a_rows_per_slot_div).to(tl.int64)
+    if GATE_UP and WAIT_ROWS:
+        wait_landed(a_rows, row_mask, row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr,
+                    timeout_ticks, NUM_SOURCES, HIP)
     a_ptrs = a_ptr + a_rows[:, None] * stride_a + tl.arange(0, BLOCK_K)[None, :]
     a_scale_ptrs = None
     if A_FP8:  # A's scales, by the rows A is read at (block order through a_desc)
@@ -233,11 +243,13 @@ def grouped_gemm_kernel(
     topk_weights_ptr, sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
     N, K, num_slots, a_rows_per_slot_div, grid_blocks,
     stride_a, stride_as, stride_we, stride_wn, stride_se, stride_sn, stride_out, stride_os,
+    row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr, timeout_ticks,
     GATE_UP: tl.constexpr, OUT_FP8: tl.constexpr, H_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, H_BLOCK_ORDER: tl.constexpr,
     B_DESC: tl.constexpr, W_SCALE: tl.constexpr, A_FP8: tl.constexpr, FAST_ACC: tl.constexpr,
-    LOOP_M: tl.constexpr, INTERPRETER: tl.constexpr,
+    LOOP_M: tl.constexpr, WAIT_ROWS: tl.constexpr, NUM_SOURCES: tl.constexpr,
+    HIP: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -254,13 +266,15 @@ def grouped_gemm_kernel(
             _block(m, pid_n, a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr,
                    out_scale_ptr, topk_weights_ptr, sorted_slots_ptr, block_expert_ptr,
                    N, K, num_slots, a_rows_per_slot_div, stride_a, stride_as, stride_we,
-                   stride_wn, stride_se, stride_sn, stride_out, stride_os, GATE_UP, OUT_FP8,
+                   stride_wn, stride_se, stride_sn, stride_out, stride_os, row_source_ptr,
+                   source_flags_ptr, epoch_ptr, late_ptr, timeout_ticks, GATE_UP, OUT_FP8,
                    H_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, H_BLOCK_ORDER, B_DESC, W_SCALE,
-                   A_FP8, FAST_ACC, INTERPRETER)
+                   A_FP8, FAST_ACC, WAIT_ROWS, NUM_SOURCES, HIP, INTERPRETER)
     elif pid_m < num_blocks:
         _block(pid_m, pid_n, a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr,
                out_scale_ptr, topk_weights_ptr, sorted_slots_ptr, block_expert_ptr,
                N, K, num_slots, a_rows_per_slot_div, stride_a, stride_as, stride_we,
-               stride_wn, stride_se, stride_sn, stride_out, stride_os, GATE_UP, OUT_FP8,
+               stride_wn, stride_se, stride_sn, stride_out, stride_os, row_source_ptr,
+               source_flags_ptr, epoch_ptr, late_ptr, timeout_ticks, GATE_UP, OUT_FP8,
                H_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, H_BLOCK_ORDER, B_DESC, W_SCALE,
-               A_FP8, FAST_ACC, INTERPRETER)
+               A_FP8, FAST_ACC, WAIT_ROWS, NUM_SOURCES, HIP, INTERPRETER)
