@@ -243,7 +243,6 @@ def comm_round_trip(layer, x):
     kernel)."""
     t, C, W, c = layer.transport, layer.max_tokens_per_rank, layer.world_size, layer.config
     weights, ids = route(layer, x)
-    t.begin()
     plan = t.plan(x, weights, ids, len(layer.expert_range))
     t.dispatch(x, weights, ids, plan, [C] * W, [C] * W)
     rows = t.receive(None).x.shape[0]

@@ -90,8 +90,8 @@ def main(argv=None) -> None:
             sources = (torch.arange(x.shape[0], device="cuda") // max(t, 1)).clamp(
                 max=args.world - 1).int()
             epoch = torch.ones(1, dtype=torch.int64, device="cuda")
-            landed = Landing(sources, epoch.repeat(args.world), epoch, epoch - 1, 10**10,
-                             torch.version.hip is not None)
+            landed = Landing(sources, epoch.repeat(args.world), epoch, epoch - 1, epoch * 0,
+                             10**10, torch.version.hip is not None)
             layer = dict(sparse, num_rows=counted)
             variants = (("padded", (x, w, ids), {}),
                         ("sparse", (x, w, ids), sparse),

@@ -119,9 +119,6 @@ class AllToAllTransport(Transport):
 
     # -- the steps of a forward ----------------------------------------------------------
 
-    def begin(self, call) -> None:
-        """Nothing to prepare: the collectives order themselves."""
-
     def exchange_counts(self, call, counts: torch.Tensor) -> tuple[list[int], list[int]]:
         """Without fixed buffers: each block's size, behind a header, to its destination
         (a host sync). Every rank raises here, before any token moves, when a header is

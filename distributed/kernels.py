@@ -12,6 +12,8 @@ the tokens that need rank d fill it in order (a block's header rows follow its t
                         memory, system scope) returns it; a block that would end past
                         rows_limit is not sent (rows -1) and the layer state records
                         OVERFLOW (sticky, poisoned)
+    BUMP (nvlink) first of all: the workspace's epoch += 1 and the layer's call count
+    (``_bump_epoch``; the flags this forward raises carry the new epoch)
     PACK only, over the R = total_rows rows of the send blocks:
     send_ids [R, K]     ids in d's numbering (-1 for other ranks' experts; -1 on unused rows)
     send_weights [R, K] the token's weights;  src_token [R]: the token of each row, or -1
@@ -45,11 +47,10 @@ tokens (``counts[d]`` of them, blocks of ``counts[e] + HEADER_ROWS`` rows in ran
                            failure in the state and poison the forward; with REPLY also
                            stamp the headers of the answer (same rows of ``reply``)
 
-Signal kernels of the NVLink transport (one program each; GPU only). Flags and the
-64-bit epoch live in device memory so that a CUDA-graph replay signals the replay's epoch:
+Signal kernels of the NVLink transport (GPU only). Flags and the 64-bit epoch live in
+device memory so that a CUDA-graph replay signals the replay's epoch (bumped by the plan
+kernel, BUMP):
 
-    bump_epoch_kernel   epoch += 1 and the layer's call count (once per forward); a
-                        failed workspace poisons the forward
     put_flag_kernel     the header [MAGIC, layer, count, status] into the peer's header
                         slot, then peer_flag <- epoch (or FLAG_FAILED), release at system
                         scope, after the data
@@ -118,11 +119,13 @@ def _needs_rank(owned, mask):
 def plan_pack_kernel(
     topk_ids_ptr, topk_weights_ptr, counts_ptr, rows_ptr, send_ids_ptr,
     send_weights_ptr, src_token_ptr, num_tokens, block_rows, experts_per_rank,
-    total_rows, fill_addrs, rows_limit, state_ptr,
+    total_rows, fill_addrs, rows_limit, state_ptr, epoch_ptr, failed_ptr,
     WORLD: tl.constexpr, W_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
     FIXED: tl.constexpr, HEADER_ROWS: tl.constexpr, PACK: tl.constexpr,
-    RESERVE: tl.constexpr, BLOCK_T: tl.constexpr,
+    RESERVE: tl.constexpr, BUMP: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    if BUMP:  # a new forward of the nvlink workspace, first of all (``_bump_epoch``)
+        _bump_epoch(epoch_ptr, failed_ptr, state_ptr)
     offs_k = tl.arange(0, K_PAD)
     offs_w = tl.arange(0, W_PAD)
     k_mask = offs_k < TOP_K
@@ -377,7 +380,7 @@ def check_headers_kernel(buf_ptr, counts_ptr, state_ptr, layer_id, self_rank, ro
 
 
 @triton.jit
-def bump_epoch_kernel(epoch_ptr, failed_ptr, state_ptr):
+def _bump_epoch(epoch_ptr, failed_ptr, state_ptr):
     """A new forward: the workspace's epoch and the layer's call count (never past
     2**63 - 1); the forward starts poisoned if the workspace or the layer failed, and a
     layer that had not failed records SHARED (the workspace failed in another layer)."""
@@ -583,8 +586,9 @@ def release_back_kernel(recv_ids_ptr, fill_ptr, num_words, header_addrs, flag_ad
     counter to 0, writes every peer's second header and raises its second flag
     (``*_addrs[d]``: addresses in rank d's memory). With LANDING (the expert pipeline
     read rows as they landed, ``moe_ops.kernels.landing``) a tile that stopped waiting
-    (late == epoch) makes this a time-out: recorded here (sticky, the workspace failed)
-    and told to the peers (status TIMED_OUT) before they read a partial sum. Grid
+    (late == epoch) fails the workspace before any peer reads a partial sum: a time-out
+    recorded here (sticky) and told to the peers (status TIMED_OUT), unless a failure was
+    already recorded, which stands (the peers then see BROKEN or FLAG_FAILED). Grid
     (cdiv(num_words, BLOCK), 1)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     used = tl.minimum(tl.load(fill_ptr) * TOP_K, num_words)
@@ -595,10 +599,14 @@ def release_back_kernel(recv_ids_ptr, fill_ptr, num_words, header_addrs, flag_ad
         send = tl.zeros([], tl.int32) + status
         if LANDING:
             late = tl.load(late_ptr) == tl.load(epoch_ptr)
+            # A tile gave up: a time-out, unless a failure is already recorded (a peer's
+            # failed flag, the ids wait's own time-out), which then stands.
+            fresh = ((tl.load(state_ptr + _CODE) == _NONE)
+                     | (tl.load(state_ptr + _STICKY) == 0))
             if late:
                 _record_sticky(state_ptr, _TIMEOUT, -1, _DISPATCH)
                 _fail_workspace(failed_ptr, record_ptr, state_ptr, layer_id)
-            send = tl.where(late, _TIMED_OUT, send)
+            send = tl.where(late & fresh, _TIMED_OUT, send)
         for d in tl.static_range(WORLD):
             if d != rank:
                 _put_flag(epoch_ptr, failed_ptr, state_ptr,

@@ -374,7 +374,6 @@ class ExpertParallelMoE(nn.Module):
         W, C = self.world_size, self.max_tokens_per_rank
         h = transport.header_rows
         T = x.shape[0]
-        transport.begin(call)
 
         with stage_range("plan"):
             topk_weights, topk_ids, _ = route(

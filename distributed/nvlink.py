@@ -29,8 +29,8 @@ dtype), one set of buffers on every rank (W ranks, capacity C):
                in which a gate_up tile gave up waiting for landing rows), three int32
                arrival counters (the launch stages whose last program raises flags)
 
-One forward, five launches of this transport besides the plan: ``begin`` bumps the
-epoch and the layer's call count; ``plan`` (the plan kernel) reserves each destination's
+One forward, four launches of this transport besides the plan: ``plan`` (the plan
+kernel) bumps the epoch and the layer's call count, then reserves each destination's
 rows in its receive buffer; ``dispatch`` (one launch on a side stream) stores each token
 row, its ids and its weights into the reserved rows of every rank that owns one of its
 experts (this rank's own included): only the routed rows move, at any capacity. It
@@ -85,8 +85,7 @@ from . import protocol as P
 from moe_ops.kernels.landing import CLOCK_TICKS_PER_S
 from moe_ops.pipeline import Landing
 
-from .kernels import (bump_epoch_kernel, push_rows_kernel, put_flag_kernel, release_back_kernel,
-                      wait_flags_kernel)
+from .kernels import push_rows_kernel, put_flag_kernel, release_back_kernel, wait_flags_kernel
 from .streams import StreamOrder
 from .plan import plan_dispatch
 from .transport import PartialSums, Received, Transport
@@ -226,17 +225,15 @@ class NVLinkTransport(Transport):
     def _state(self, call):
         return call.state if call is not None else self.workspace.scratch_state
 
-    def begin(self, call=None) -> None:
-        """Bump the workspace's epoch and the layer's call count (on the device)."""
-        ws = self.workspace
-        bump_epoch_kernel[(1,)](ws.epoch, ws.failed, self._state(call))
-
     def plan(self, x, topk_weights, topk_ids, experts_per_rank, call=None):
-        """The plan, each block's rows reserved in its destination's receive buffer (no
-        send buffers: the dispatch stores rows of x straight into the ranks' memory)."""
+        """The forward's start (the workspace's epoch and the layer's call count bumped on
+        the device) and its plan, each block's rows reserved in its destination's receive
+        buffer (no send buffers: the dispatch stores rows of x straight into the ranks'
+        memory). One launch."""
+        ws = self.workspace
         return plan_dispatch(x, topk_weights, topk_ids, experts_per_rank, self.world_size,
                              self.capacity, reserve=self.slot.address("fill"),
-                             state=self._state(call))
+                             state=self._state(call), bump=(ws.epoch, ws.failed))
 
     def wire_rows(self, routed):
         """Each routed row once there (``dispatch``) and once back (the combine's pull)."""
@@ -299,7 +296,7 @@ class NVLinkTransport(Transport):
         if early:
             self._wait(_IDS, "ids_wait", call, own=True)
             landing = Landing(local["recv_source"], local["flags"][_ROWS], ws.epoch, ws.late,
-                              self.timeout_ticks, self.hip)
+                              ws.failed, self.timeout_ticks, self.hip)
         else:
             torch.cuda.current_stream().wait_stream(ws.side)
             self._wait(_ROWS, "dispatch_wait", call)

@@ -7,8 +7,8 @@ weights. Per destination the tokens keep their order; each block ends with
 ``header_rows`` rows for the transport's header (ids -1: no token); block d starts at
 row ``d * (capacity + header_rows)`` with fixed buffers, right after block d-1's tokens
 and header otherwise.
-Planning is one launch (``kernels.plan_pack_kernel``), packing the rows of x one more
-(``kernels.gather_rows_kernel``); no host sync.
+Planning is one launch (``kernels.plan_pack_kernel``; over nvlink it also starts the
+forward), packing the rows of x one more (``kernels.gather_rows_kernel``); no host sync.
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ class DispatchPlan(NamedTuple):
 def plan_dispatch(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                   experts_per_rank: int, world_size: int, capacity: int | None,
                   header_rows: int = 0, send: tuple | None = None,
-                  reserve: torch.Tensor | None = None, state: torch.Tensor | None = None
-                  ) -> DispatchPlan:
+                  reserve: torch.Tensor | None = None, state: torch.Tensor | None = None,
+                  bump: tuple | None = None) -> DispatchPlan:
     """Plan the dispatch of x [T, H] and, given ``send`` = (send_x [R, H], send_ids and
     send_weights [R, K]) with R = W * (capacity + header_rows) (W * (T + header_rows)
     without a capacity), pack the send blocks there: rows past a block's tokens get ids
@@ -42,7 +42,9 @@ def plan_dispatch(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.T
     that moves the rows of x itself); with ``reserve`` (int64 [W]: the address of each
     rank's int32 fill counter, in its memory) each block's rows are reserved in its
     destination's receive buffer of W * capacity rows instead, and ``rows`` name them
-    there (a block without room is not sent, and the layer ``state`` records it)."""
+    there (a block without room is not sent, and the layer ``state`` records it). With
+    ``bump`` = (epoch, failed) (the nvlink workspace's int64 words) the same launch first
+    starts the forward: epoch and the ``state``'s call count bumped on the device."""
     num_tokens, top_k = topk_ids.shape
     device = x.device
     counts = torch.empty(world_size, dtype=torch.int32, device=device)
@@ -56,9 +58,10 @@ def plan_dispatch(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.T
         num_tokens, (capacity or 0) + header_rows, experts_per_rank, total_rows,
         reserve if reserve is not None else counts,  # these two unread without RESERVE
         world_size * (capacity or 0), state if state is not None else counts,
+        *(bump if bump is not None else (counts, counts)),  # unread without BUMP
         WORLD=world_size, W_PAD=triton.next_power_of_2(world_size), TOP_K=top_k,
         K_PAD=triton.next_power_of_2(top_k), FIXED=capacity is not None,
-        HEADER_ROWS=header_rows, PACK=pack, RESERVE=reserve is not None,
+        HEADER_ROWS=header_rows, PACK=pack, RESERVE=reserve is not None, BUMP=bump is not None,
         BLOCK_T=BLOCKS.plan_block_t,
         num_warps=4,
     )

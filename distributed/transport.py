@@ -4,7 +4,6 @@
 ``nvlink.NVLinkTransport`` (symmetric memory, one node) implement it; the layer calls
 only these steps, in this order per forward (``call`` is the forward's ``protocol.Call``)::
 
-    begin(call)
     plan(x, topk_weights, topk_ids, experts_per_rank, call=) -> plan.DispatchPlan
     exchange_counts(call, counts) -> (send_rows, recv_rows)   without fixed buffers only
     dispatch(x, topk_weights, topk_ids, plan, send_rows, recv_rows, call=) -> pending
@@ -64,13 +63,10 @@ class Transport(ABC):
     order: StreamOrder
 
     @abstractmethod
-    def begin(self, call) -> None:
-        """Once per forward, before anything moves."""
-
-    @abstractmethod
     def plan(self, x, topk_weights, topk_ids, experts_per_rank: int, call=None):
-        """Who goes where (``plan.plan_dispatch``), packed into send blocks where this
-        transport sends packed blocks."""
+        """Once per forward, before anything moves: who goes where
+        (``plan.plan_dispatch``), packed into send blocks where this transport sends
+        packed blocks."""
 
     @abstractmethod
     def wire_rows(self, routed: list[int]) -> tuple[list[int], list[int]]:

@@ -33,12 +33,13 @@ from .tiles import TileConfig, get_tile_config
 class Landing(NamedTuple):
     """x's rows are still landing from other GPUs: gate_up's tiles wait for the flag of
     each source of their rows first (``kernels.landing``: row_source int32 [rows of x],
-    flags int64 [sources], epoch and late int64 [1], all on the device; the bound in
-    ticks of the device clock, and whether that clock is AMD's)."""
+    flags int64 [sources], epoch, late and stop int64 [1], all on the device; the bound
+    in ticks of the device clock, and whether that clock is AMD's)."""
     row_source: torch.Tensor
     flags: torch.Tensor
     epoch: torch.Tensor
     late: torch.Tensor
+    stop: torch.Tensor
     timeout_ticks: int
     hip: bool
 
@@ -156,7 +157,7 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
             a.stride(0), 0 if a_scale is None else a_scale.stride(0), w.stride(0), w.stride(1),
             0 if w_scale is None else w_scale.stride(0), 0 if w_scale is None else w_scale.stride(1),
             out.stride(0), 0 if out_scale is None else out_scale.stride(0),
-            *(landing[:4] if landing else (sorted_slots, num_blocks, num_blocks, num_blocks)),
+            *(landing[:5] if landing else (sorted_slots,) + (num_blocks,) * 4),
             landing.timeout_ticks if landing else 0,  # unread without WAIT_ROWS
             GATE_UP=gate_up, OUT_FP8=out_scale is not None,
             H_DTYPE=None if h_dtype is None else TRITON[h_dtype],

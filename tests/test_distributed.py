@@ -479,11 +479,14 @@ def test_push_stores_each_routed_row_in_its_owners_memory(failed, device):
             assert peers.bufs[d]["headers"][1, rank].tolist() == header
 
 
-def test_release_turns_a_tile_that_gave_up_into_a_timeout(device):
+@pytest.mark.parametrize("recorded", [False, True])
+def test_release_turns_a_tile_that_gave_up_into_a_timeout(recorded, device):
     """A gate_up tile gave up waiting for landing rows in this exchange (late == epoch):
     the release records a sticky time-out in the layer state, fails the workspace and
     copies the state into its record, and tells every peer TIMED_OUT in its second
-    header before they read a partial sum; this rank's own slot is not signalled."""
+    header before they read a partial sum; this rank's own slot is not signalled. When a
+    sticky failure was already recorded (a peer's failed flag at the ids wait), that one
+    stands and the peers are told BROKEN."""
     import triton
 
     from moe_ops.distributed import kernels as K
@@ -494,6 +497,8 @@ def test_release_turns_a_tile_that_gave_up_into_a_timeout(device):
     a, own = peers.addresses, peers.bufs[rank]
     state = P.new_state(device)
     state[P.COUNT] = 17
+    if recorded:
+        P.record_local(state, P.PEER_STATUS, 17, P.DISPATCH)
     epoch = torch.tensor([300], dtype=torch.int64, device=device)
     failed, late = torch.zeros_like(epoch), epoch.clone()
     record = torch.zeros(P.RECORD_WORDS, dtype=torch.int64, device=device)
@@ -503,14 +508,17 @@ def test_release_turns_a_tile_that_gave_up_into_a_timeout(device):
         a["flag_combine"], arrivals, epoch, failed, state, layer_id, P.OK, rank, late, record,
         WORLD=W, TOP_K=Kk, LANDING=True, BLOCK=8)
     values = state.tolist()
+    code = P.PEER_STATUS if recorded else P.TIMEOUT
     assert (values[P.CODE], values[P.PEER], values[P.CALL], values[P.PHASE], values[P.STICKY],
-            values[P.POISON]) == (P.TIMEOUT, -1, 17, P.DISPATCH, 1, 1)
+            values[P.POISON]) == (code, -1, 17, P.DISPATCH, 1, 1)
     assert int(failed) == 1 and record.tolist() == values + [layer_id]
-    assert "timed out waiting for a peer in the dispatch" in P.describe(values, layer_id, rank)
+    if not recorded:
+        assert "timed out waiting for a peer in the dispatch" in P.describe(values, layer_id,
+                                                                            rank)
     for d in range(W):
         if d != rank:
-            assert peers.bufs[d]["headers"][1, rank].tolist() == [P.MAGIC, layer_id, 17,
-                                                                  P.TIMED_OUT]
+            assert peers.bufs[d]["headers"][1, rank].tolist() == [
+                P.MAGIC, layer_id, 17, P.BROKEN if recorded else P.TIMED_OUT]
             assert int(peers.bufs[d]["flags"][1, rank]) in (300, P.FLAG_FAILED)
     assert (own["flags"] == 0).all() and int(own["fill"]) == 0
 
@@ -588,9 +596,9 @@ for fixed in (True, False):
           counts_ptr="*i32", rows_ptr="*i32", send_ids_ptr="*i32",
           send_weights_ptr="*fp32", src_token_ptr="*i32", num_tokens="i32",
           block_rows="i32", experts_per_rank="i32", total_rows="i32",
-          fill_addrs="*i64", rows_limit="i32", state_ptr="*i64"),
-          WORLD=2, W_PAD=2, TOP_K=8, K_PAD=8, FIXED=fixed,
-          HEADER_ROWS=int(fixed), PACK=not fixed, RESERVE=fixed, BLOCK_T=256)
+          fill_addrs="*i64", rows_limit="i32", state_ptr="*i64", epoch_ptr="*i64",
+          failed_ptr="*i64"), WORLD=2, W_PAD=2, TOP_K=8, K_PAD=8, FIXED=fixed,
+          HEADER_ROWS=int(fixed), PACK=not fixed, RESERVE=fixed, BUMP=fixed, BLOCK_T=256)
     build(K.combine_partials_kernel, dict(back_ptr="*bf16", bases_ptr="*i64", rows_ptr="*i32",
           shared_ptr="*bf16", state_ptr="*i64", out_ptr="*bf16",
           num_tokens="i32", hidden="i32"), WORLD=2, HAS_SHARED=fixed,
@@ -610,7 +618,6 @@ for landing in (False, True):
     build(K.release_back_kernel, dict(recv_ids_ptr="*i32", fill_ptr="*i32", num_words="i32",
           **signal, rank="i32", late_ptr="*i64", record_ptr="*i64"), WORLD=2, TOP_K=8,
           LANDING=landing, BLOCK=1024)
-build(K.bump_epoch_kernel, dict(flags, state_ptr="*i64"))
 build(K.put_flag_kernel, dict(flags, state_ptr="*i64", peer_header_ptr="*i64",
       peer_flag_ptr="*i64", layer_id="i32", status="i32"))
 build(K.wait_flags_kernel, dict(flags, flags_ptr="*i64", headers_ptr="*i64",

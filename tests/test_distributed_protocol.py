@@ -572,18 +572,27 @@ def test_both_transports_implement_the_declared_interface():
 
 def test_a_failed_nvlink_workspace_poisons_its_other_layers_and_says_why(device):
     """The layers of one shape share an NVLink workspace: once it failed, the next forward
-    of a layer that had not failed records SHARED (sticky, poisoned) at its epoch bump,
-    and its check() message quotes the workspace's first failure."""
+    of a layer that had not failed records SHARED (sticky, poisoned) at its epoch bump (the
+    plan's launch, before it reserves rows), and its check() message quotes the
+    workspace's first failure."""
     from moe_ops.distributed import protocol as P
-    from moe_ops.distributed.kernels import bump_epoch_kernel
+    from moe_ops.distributed.plan import plan_dispatch
 
+    T, K, H, W, E_l, C = 3, 2, 8, 2, 2, 4
     for failed in (0, 1):
         epoch = torch.tensor([5], device=device)
         state = P.new_state(device)
         state[P.COUNT] = 7
-        bump_epoch_kernel[(1,)](epoch, torch.tensor([failed], device=device), state)
+        fills = torch.zeros(W, 1, dtype=torch.int32, device=device)
+        addresses = torch.tensor([fills[d].data_ptr() for d in range(W)], dtype=torch.int64,
+                                 device=device)
+        ids = torch.stack([torch.randperm(W * E_l)[:K] for _ in range(T)]).int().to(device)
+        plan_dispatch(torch.randn(T, H, device=device), torch.rand(T, K, device=device), ids,
+                      E_l, W, C, reserve=addresses, state=state,
+                      bump=(epoch, torch.tensor([failed], device=device)))
         values = state.tolist()
         assert int(epoch) == 6 and values[P.COUNT] == 8
+        assert int(fills.sum()) == int(sum(((ids // E_l) == d).any(1).sum() for d in range(W)))
         expected = (P.SHARED, 8, 1, 1) if failed else (P.NONE, 0, 0, 0)
         assert (values[P.CODE], values[P.CALL], values[P.STICKY], values[P.POISON]) == expected
     record = [0] * P.RECORD_WORDS

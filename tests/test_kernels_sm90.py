@@ -32,7 +32,7 @@ def gemm(a, w, out, **flags):
                      stride_a="i32", stride_as="i32", stride_we="i32", stride_wn="i32",
                      stride_se="i32", stride_sn="i32", stride_out="i32", stride_os="i32",
                      row_source_ptr="*i32", source_flags_ptr="*i64", epoch_ptr="*i64",
-                     late_ptr="*i64", timeout_ticks="i64")
+                     late_ptr="*i64", stop_ptr="*i64", timeout_ticks="i64")
     constexprs = dict(a_desc=None, w_desc=None, GATE_UP=True, OUT_FP8=False, H_DTYPE=None,
                       BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, EVEN_K=True,
                       H_BLOCK_ORDER=False, B_DESC=False, W_SCALE=0, A_FP8=False, FAST_ACC=False,

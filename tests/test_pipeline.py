@@ -208,23 +208,26 @@ def _landing_case(device, sources: int):
                       flags=torch.zeros(sources, dtype=torch.int64, device=device),
                       epoch=torch.tensor([5], dtype=torch.int64, device=device),
                       late=torch.tensor([4], dtype=torch.int64, device=device),
+                      stop=torch.zeros(1, dtype=torch.int64, device=device),
                       timeout_ticks=10**10, hip=torch.version.hip is not None)
     expected = fused_experts_reference(x, weights, ids, w_gate_up, w_down)
     return x, weights, ids, w_gate_up, w_down, landing, expected
 
 
-@pytest.mark.parametrize("flag", ["landed", "failed", "later"])
+@pytest.mark.parametrize("flag", ["landed", "failed", "later", "stopped"])
 def test_gate_up_on_landed_rows(flag, device):
     """gate_up over rows that land from three sources (``Landing``): once every flag holds
     the epoch the result is the reference's and no tile gives up (``late`` untouched); a
-    source's flag that failed (negative) or is from a later exchange makes the tiles
-    that need it give up at once, which ``late`` records (the epoch), never a hang."""
+    source's flag that failed (negative) or is from a later exchange, or a flag not raised
+    yet in an exchange already failed (``stop``), makes the tiles that need it give up at
+    once, which ``late`` records (the epoch), never a hang."""
     from moe_ops.pipeline import fused_experts_impl
 
     x, weights, ids, w_gate_up, w_down, landing, expected = _landing_case(device, 3)
     landing.flags.fill_(5)
     if flag != "landed":
-        landing.flags[1] = -1 if flag == "failed" else 6
+        landing.flags[1] = {"failed": -1, "later": 6, "stopped": 0}[flag]
+        landing.stop.fill_(int(flag == "stopped"))
     out = fused_experts_impl(x, weights, ids, w_gate_up, w_down, landing=landing)
     if flag == "landed":
         assert_close_l2(out, expected, 1e-2 if ON_GPU else 1e-5)

@@ -44,7 +44,8 @@ launch of its own.
 
 WAIT_ROWS (gate_up): x's rows are still landing from other GPUs (``kernels.landing``):
 each tile first waits for the flags of the sources of its rows (row_source, flags,
-epoch, late, timeout_ticks as ``landing.wait_landed`` reads them; NUM_SOURCES flags).
+epoch, late, stop, timeout_ticks as ``landing.wait_landed`` reads them; NUM_SOURCES, a
+power of two, at least the number of flags).
 
 In INTERPRETER mode (the Triton CPU interpreter) loads are upcast to float32 and bf16
 stores rounded to nearest, because the interpreter gets 16-bit floats wrong. float32
@@ -179,7 +180,7 @@ def _block(pid_m, pid_n, a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr,
            out_scale_ptr, topk_weights_ptr, sorted_slots_ptr, block_expert_ptr,
            N, K, num_slots, a_rows_per_slot_div,
            stride_a, stride_as, stride_we, stride_wn, stride_se, stride_sn, stride_out, stride_os,
-           row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr, timeout_ticks,
+           row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr, stop_ptr, timeout_ticks,
            GATE_UP: tl.constexpr, OUT_FP8: tl.constexpr, H_DTYPE: tl.constexpr,
            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
            EVEN_K: tl.constexpr, H_BLOCK_ORDER: tl.constexpr, B_DESC: tl.constexpr,
@@ -197,7 +198,7 @@ def _block(pid_m, pid_n, a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr,
     a_rows = (slots // a_rows_per_slot_div).to(tl.int64)
     if GATE_UP and WAIT_ROWS:
         wait_landed(a_rows, row_mask, row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr,
-                    timeout_ticks, NUM_SOURCES, HIP)
+                    stop_ptr, timeout_ticks, NUM_SOURCES, HIP)
     a_ptrs = a_ptr + a_rows[:, None] * stride_a + tl.arange(0, BLOCK_K)[None, :]
     a_scale_ptrs = None
     if A_FP8:  # A's scales, by the rows A is read at (block order through a_desc)
@@ -243,7 +244,7 @@ def grouped_gemm_kernel(
     topk_weights_ptr, sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
     N, K, num_slots, a_rows_per_slot_div, grid_blocks,
     stride_a, stride_as, stride_we, stride_wn, stride_se, stride_sn, stride_out, stride_os,
-    row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr, timeout_ticks,
+    row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr, stop_ptr, timeout_ticks,
     GATE_UP: tl.constexpr, OUT_FP8: tl.constexpr, H_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, H_BLOCK_ORDER: tl.constexpr,
@@ -267,7 +268,7 @@ def grouped_gemm_kernel(
                    out_scale_ptr, topk_weights_ptr, sorted_slots_ptr, block_expert_ptr,
                    N, K, num_slots, a_rows_per_slot_div, stride_a, stride_as, stride_we,
                    stride_wn, stride_se, stride_sn, stride_out, stride_os, row_source_ptr,
-                   source_flags_ptr, epoch_ptr, late_ptr, timeout_ticks, GATE_UP, OUT_FP8,
+                   source_flags_ptr, epoch_ptr, late_ptr, stop_ptr, timeout_ticks, GATE_UP, OUT_FP8,
                    H_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, H_BLOCK_ORDER, B_DESC, W_SCALE,
                    A_FP8, FAST_ACC, WAIT_ROWS, NUM_SOURCES, HIP, INTERPRETER)
     elif pid_m < num_blocks:
@@ -275,6 +276,6 @@ def grouped_gemm_kernel(
                out_scale_ptr, topk_weights_ptr, sorted_slots_ptr, block_expert_ptr,
                N, K, num_slots, a_rows_per_slot_div, stride_a, stride_as, stride_we,
                stride_wn, stride_se, stride_sn, stride_out, stride_os, row_source_ptr,
-               source_flags_ptr, epoch_ptr, late_ptr, timeout_ticks, GATE_UP, OUT_FP8,
+               source_flags_ptr, epoch_ptr, late_ptr, stop_ptr, timeout_ticks, GATE_UP, OUT_FP8,
                H_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, H_BLOCK_ORDER, B_DESC, W_SCALE,
                A_FP8, FAST_ACC, WAIT_ROWS, NUM_SOURCES, HIP, INTERPRETER)

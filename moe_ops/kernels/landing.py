@@ -15,6 +15,7 @@ GEMM can start before the last row has arrived.
                            other tiles then stop at once, and whoever reads ``late``
                            afterwards (the transport) fails the exchange before a
                            result leaves the GPU
+    stop [1] int64         nonzero: the exchange has already failed; no tile waits
 
 ``device_clock`` is the constant-rate clock those bounds are measured in.
 """
@@ -39,8 +40,8 @@ def device_clock(HIP: tl.constexpr):
 
 
 @triton.jit
-def wait_landed(rows, row_mask, row_source_ptr, flags_ptr, epoch_ptr, late_ptr, timeout_ticks,
-                NUM_SOURCES: tl.constexpr, HIP: tl.constexpr):
+def wait_landed(rows, row_mask, row_source_ptr, flags_ptr, epoch_ptr, late_ptr, stop_ptr,
+                timeout_ticks, NUM_SOURCES: tl.constexpr, HIP: tl.constexpr):
     """Return once every source of the tile's rows (int64 [BLOCK_M], masked by row_mask)
     has raised its flag for this epoch (acquire, system scope: its stores are visible
     after), or once waiting has been given up (``late``); see the module docstring.
@@ -57,21 +58,27 @@ def wait_landed(rows, row_mask, row_source_ptr, flags_ptr, epoch_ptr, late_ptr, 
     if tl.max(missing.to(tl.int32), axis=0) > 0:
         for source in tl.static_range(NUM_SOURCES):
             if tl.max((missing & (offs_s == source)).to(tl.int32), axis=0) > 0:
-                _wait_flag(flags_ptr + source, epoch, late_ptr, timeout_ticks, HIP)
+                _wait_flag(flags_ptr + source, epoch, late_ptr, stop_ptr, timeout_ticks, HIP)
 
 
 @triton.jit
-def _wait_flag(flag_ptr, epoch, late_ptr, timeout_ticks, HIP: tl.constexpr):
+def _go_on(late_ptr, stop_ptr, epoch):
+    """Whether waiting is still wanted: no tile gave up, the exchange has not failed."""
+    return ((tl.load(late_ptr, volatile=True) != epoch)
+            & (tl.load(stop_ptr, volatile=True) == 0))
+
+
+@triton.jit
+def _wait_flag(flag_ptr, epoch, late_ptr, stop_ptr, timeout_ticks, HIP: tl.constexpr):
     """Spin until the flag holds epoch; if it fails, runs ahead, or the bound passes
-    (or another tile gave up), set late to epoch instead."""
+    (or another tile gave up, or the exchange failed), set late to epoch instead."""
     seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
-    if (seen >= 0) & (seen < epoch) & (tl.load(late_ptr, volatile=True) != epoch):
+    if (seen >= 0) & (seen < epoch) & _go_on(late_ptr, stop_ptr, epoch):
         start = device_clock(HIP)
         waiting = seen < epoch
         while waiting:
             seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
-            waiting = ((seen >= 0) & (seen < epoch)
-                       & (tl.load(late_ptr, volatile=True) != epoch)
+            waiting = ((seen >= 0) & (seen < epoch) & _go_on(late_ptr, stop_ptr, epoch)
                        & (device_clock(HIP) - start < timeout_ticks))
     if seen != epoch:
         tl.store(late_ptr, epoch)
