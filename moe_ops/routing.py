@@ -31,7 +31,7 @@ import triton
 from .dtypes import TRITON
 from .fp8 import SCHEME_CODES, empty_activations
 from .interpreter import BLOCKS, interpreter_active
-from .kernels.align import align_kernel, rank_kernel
+from .kernels.align import align_kernel, rank_align_kernel, rank_kernel
 from .kernels.decode_route import router_partials_kernel, select_align_kernel
 from .kernels.route import route_kernel
 from .profiling import stage_range
@@ -138,9 +138,12 @@ def align_ids(topk_ids, num_experts: int, block_m: int,
     hold routed slots, when far fewer than T (a sparse expert-parallel receive buffer):
     the ranking step's token blocks are sized for that many. ``num_rows`` (int32 [1] on
     the device): the rows at or past it are treated as holding no routed id (above the
-    decode sizes they are not even read)."""
+    decode sizes they are not even read); with at most ``DECODE_MAX_T`` expected, one
+    launch ranks and aligns them (``rank_align_kernel``)."""
     if _is_decode(topk_ids.shape[0]):
         return _select_align(topk_ids, num_experts, block_m)
+    if num_rows is not None and expected_tokens is not None and _is_decode(expected_tokens):
+        return _rank_align(topk_ids, num_experts, block_m, expected_tokens, num_rows)
     return _align(topk_ids, _rank(topk_ids, num_experts, expected_tokens, num_rows),
                   num_experts, block_m, num_rows)
 
@@ -242,6 +245,24 @@ def _align(topk_ids, ranks: _TokenBlockRanks, num_experts, block_m, num_rows=Non
             E_PAD=e_pad, BLOCK_M=block_m, TB_CHUNK=max(1, 4096 // e_pad),
             BLOCK_CHUNK=max(16, 4096 // e_pad), CHUNK=4096, HAS_ROWS=num_rows is not None,
             num_warps=8,
+        )
+    return alignment
+
+
+def _rank_align(topk_ids, num_experts, block_m, sizing_tokens, num_rows) -> Alignment:
+    """``rank_align_kernel``: both steps in one launch over the filled rows."""
+    num_tokens, top_k = topk_ids.shape
+    ranks = _empty_ranks(num_tokens, num_experts, top_k, topk_ids.device, sizing_tokens)
+    alignment = _empty_alignment(topk_ids.numel(), num_experts, block_m, topk_ids.device)
+    e_pad = _pow2_at_least(num_experts, 16)
+    with stage_range("align"):
+        rank_align_kernel[(1,)](
+            topk_ids, ranks.block_counts, ranks.ranks, alignment.sorted_slots,
+            alignment.block_expert, alignment.num_blocks, num_tokens,
+            ranks.block_counts.shape[0], alignment.max_blocks, num_rows,
+            NUM_EXPERTS=num_experts, TOP_K=top_k, E_PAD=e_pad, K_PAD=_pow2_at_least(top_k),
+            RANK_BLOCK_T=ranks.block_t, BLOCK_M=block_m, TB_CHUNK=max(1, 4096 // e_pad),
+            BLOCK_CHUNK=max(16, 4096 // e_pad), CHUNK=4096, num_warps=8,
         )
     return alignment
 

@@ -158,11 +158,13 @@ def test_sparse_receive_buffer(routed_tokens, device):
 
 @pytest.mark.usefixtures("poison_allocations")
 @pytest.mark.parametrize("filled", [0, 1, 37])
-def test_receive_buffer_read_up_to_its_filled_rows(filled, device):
+@pytest.mark.parametrize("expected", [1, 24])  # one launch aligns; rank, then align
+def test_receive_buffer_read_up_to_its_filled_rows(filled, expected, device):
     """``num_rows`` (on the device): the rows a receive buffer has filled. Only those are
     read: the rows after them hold routed ids here, yet stay unwritten (poisoned), and
-    the filled rows equal the reference on them alone, with grids sized for one token
-    (programs stride over the rest)."""
+    the filled rows equal the reference on them alone, with grids sized for ``expected``
+    tokens (programs stride over the rest; up to DECODE_MAX_T expected, one program
+    ranks and aligns every filled row, however many)."""
     from moe_ops.pipeline import fused_experts_impl
     from moe_ops.reference import fused_experts_reference
 
@@ -174,7 +176,7 @@ def test_receive_buffer_read_up_to_its_filled_rows(filled, device):
     x = torch.randn(rows, H, device=device, dtype=dtype)
     weights = torch.rand(rows, K, device=device)
     ids = torch.stack([torch.randperm(E, device=device)[:K] for _ in range(rows)]).int()
-    out = fused_experts_impl(x, weights, ids, w_gate_up, w_down, tile_tokens=1,
+    out = fused_experts_impl(x, weights, ids, w_gate_up, w_down, tile_tokens=expected,
                              skip_unrouted=True,
                              num_rows=torch.tensor([filled], dtype=torch.int32, device=device))
     if filled:

@@ -20,6 +20,13 @@
 #                                 EAGER_ARGS)                                      (~3 min)
 #   tools/gpu_session.sh ep       (2+ GPUs) the expert-parallel tests, then
 #                                 torchrun -m benchmarks.bench_ep (EP_ARGS)        (~8 min)
+#   tools/gpu_session.sh ep_ce    (2+ GPUs) the nvlink dispatch two ways, in one call: SM
+#                                 stores (this tree) against the copy-engine design of
+#                                 commit 98a6ebd (bench_ep from a copy of it in
+#                                 $EP_CE_TREE, default .ep_ce_tree, made beforehand with
+#                                 `mkdir -p .ep_ce_tree && git archive 98a6ebd | tar -x
+#                                 -C .ep_ce_tree` and carried to the GPU machine; EP_ARGS
+#                                 for both); results under $OUT/copy_engine, $OUT/sm_stores
 #   tools/gpu_session.sh ep1      (one GPU) the nvlink tests with both ranks time-sliced
 #                                 on it (TRITONMOE_TEST_SHARED_GPU=1: correctness, not
 #                                 speed), launches per forward (benchmarks.ep_launches,
@@ -87,6 +94,18 @@ for step in "$@"; do
       tail -30 "$OUT/test_ep.log"
       timeout "${EP_BENCH_TIMEOUT_S:-420}" torchrun --nproc_per_node="$ngpu" -m benchmarks.bench_ep \
         --out "$OUT" ${EP_ARGS:-} 2>&1 | grep -v "^W1\|OMP_NUM\|\*\*\*\*" | tee "$OUT/bench_ep.log" | tail -40 ;;
+    ep_ce)
+      ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
+      export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
+      tree="${EP_CE_TREE:-.ep_ce_tree}"
+      [ -d "$tree/distributed" ] || { echo "no copy of commit 98a6ebd in $tree (see the header)" >&2; exit 2; }
+      [ -e "$tree/moe_ops/distributed" ] || ln -s ../distributed "$tree/moe_ops/distributed"  # a copy may drop links
+      for side in copy_engine sm_stores; do
+        dir="$PWD"; [ "$side" = copy_engine ] && dir="$(realpath "$tree")"
+        (cd "$dir" && PYTHONPATH="$dir" timeout "${EP_BENCH_TIMEOUT_S:-280}" torchrun \
+          --nproc_per_node="$ngpu" -m benchmarks.bench_ep --out "$OUT/$side" ${EP_ARGS:-} 2>&1 \
+          | grep -v "^W1\|OMP_NUM\|\*\*\*\*" | tee "$OUT/bench_ep_$side.log" | tail -12)
+      done ;;
     ep1)
       export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
       TRITONMOE_TEST_SHARED_GPU=1 timeout "${EP_TEST_TIMEOUT_S:-300}" python -m pytest -q \
@@ -100,6 +119,6 @@ for step in "$@"; do
       [ "$out_given" = yes ] || { echo "pack empties \$OUT: set OUT to a scratch folder" >&2; exit 2; }
       tar czf /tmp/session.tar.gz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/session.tar.gz "$OUT/" ;;
     *)
-      echo "unknown step '$step' (test, probe, tune, heuristic, bench, fp8, eager, ep, ep1, pack)" >&2; exit 2 ;;
+      echo "unknown step '$step' (test, probe, tune, heuristic, bench, fp8, eager, ep, ep_ce, ep1, pack)" >&2; exit 2 ;;
   esac
 done

@@ -16,6 +16,9 @@ Two steps, so that the single-program step does O(T*K + token_blocks*E) work:
        num_blocks [1] int32: the blocks in use,
    placing slot s at row_start[e] + (slots of e in earlier token blocks) + rank[s].
 
+``rank_align_kernel`` runs both steps in one program over a receive buffer's filled rows
+when only a few are expected (a decoding expert-parallel rank): one launch, not two.
+
 max_blocks is the worst case over all routings, computed from shapes alone. Ids outside
 [0, E) are dropped (never gathered), so a bad id can not make a later kernel read or
 write out of bounds.
@@ -152,3 +155,26 @@ def align_kernel(
         first_row = tl.load(block_counts_ptr + token_block * NUM_EXPERTS + ids, mask=valid, other=0)
         rank = tl.load(ranks_ptr + slots, mask=valid, other=0)
         tl.store(sorted_slots_ptr + first_row + rank, slots, mask=valid)
+
+
+@triton.jit
+def rank_align_kernel(
+    topk_ids_ptr, block_counts_ptr, ranks_ptr, sorted_slots_ptr, block_expert_ptr,
+    num_blocks_ptr, num_tokens, num_token_blocks, max_blocks, rows_ptr,
+    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    RANK_BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, TB_CHUNK: tl.constexpr,
+    BLOCK_CHUNK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Steps 1 and 2 in one program (grid = (1,)) over the rows of topk_ids [T, K] below
+    rows_ptr[0] (the filled rows of a receive buffer): step 1 on their token blocks one
+    after the other, then step 2 as ``align_kernel`` with HAS_ROWS. For a few filled
+    rows; with many, step 1 on one SM is slower than ``rank_kernel``'s grid."""
+    limit = tl.minimum(tl.load(rows_ptr), num_tokens)
+    for tb in range(0, tl.cdiv(limit, RANK_BLOCK_T)):
+        _rank_block(topk_ids_ptr, block_counts_ptr, ranks_ptr, tb, limit, NUM_EXPERTS,
+                    TOP_K, E_PAD, K_PAD, RANK_BLOCK_T)
+    tl.debug_barrier()  # the counts and ranks above are read back below
+    align_kernel(topk_ids_ptr, block_counts_ptr, ranks_ptr, sorted_slots_ptr, block_expert_ptr,
+                 num_blocks_ptr, num_tokens * TOP_K, num_token_blocks, max_blocks, rows_ptr,
+                 NUM_EXPERTS, TOP_K, RANK_BLOCK_T, E_PAD, BLOCK_M, TB_CHUNK, BLOCK_CHUNK, CHUNK,
+                 True)
