@@ -79,12 +79,11 @@ import torch.distributed as dist
 import triton
 
 from moe_ops.interpreter import BLOCKS
+from moe_ops.kernels.landing import CLOCK_TICKS_PER_S
+from moe_ops.pipeline import Landing
 from moe_ops.profiling import stage_range
 
 from . import protocol as P
-from moe_ops.kernels.landing import CLOCK_TICKS_PER_S
-from moe_ops.pipeline import Landing
-
 from .kernels import push_rows_kernel, put_flag_kernel, release_back_kernel, wait_flags_kernel
 from .streams import StreamOrder
 from .plan import plan_dispatch
