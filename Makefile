@@ -17,9 +17,10 @@ install:
 	$(PIP) -e ".[$(EXTRAS)]"
 
 # Two workers: the interpreter is single-threaded Python, so a 2-core CI machine runs the
-# suite in about half the time.
+# suite in about half the time. By group: tests sharing one multi-process run (the
+# protocol suite) stay on one worker, which runs it once.
 test: install
-	$(PYTHON) -m pytest -q -n 2
+	$(PYTHON) -m pytest -q -n 2 --dist loadgroup
 
 bench: install
 	$(PYTHON) -m benchmarks.bench_moe

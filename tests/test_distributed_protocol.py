@@ -351,8 +351,11 @@ def _assert_peer_told_then_all_right(ranks, step, told):
 
 
 def _cases(world, name):
+    """The cases of one kind, in one xdist group: ``_suite`` runs every case at once, and
+    a second worker would run it all again (``make test`` distributes by group)."""
     return [pytest.param(case, id="-".join(
-        ["max_tokens" if case[0] else "sized_per_call"] + [str(a) for a in case[2:]]))
+        ["max_tokens" if case[0] else "sized_per_call"] + [str(a) for a in case[2:]]),
+        marks=pytest.mark.xdist_group(f"contract_suite_{world}"))
         for case in CASES[world] if case[1] == name]
 
 
@@ -498,7 +501,7 @@ def test_three_ranks_every_rank_raises():
 
 # -- a sleepy rank: random stalls between and inside layers, many forwards -------------
 
-STRESS_FORWARDS = 120
+STRESS_FORWARDS = 100
 STRESS_TIMEOUT_S = 1.5
 
 
