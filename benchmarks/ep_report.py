@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SYSTEMS = ["ep_nvlink", "ep_nvlink_all_rows", "ep_nvlink_serving",
-           "ep_all_to_all", "ep_all_to_all_serving", "ep_all_to_all_sync", "compute_only", "shared_only",
+SYSTEMS = ["ep_nvlink", "ep_nvlink_all_rows", "ep_nvlink_serving", "ep_all_to_all",
+           "ep_all_to_all_serving", "ep_all_to_all_sync", "compute_only", "shared_only",
            "comm_only", "baseline"]
 
 

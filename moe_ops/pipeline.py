@@ -166,7 +166,8 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
             B_DESC=use_desc, W_SCALE=SCHEME_CODES[scheme_of(w_scale)], A_FP8=tile.A_FP8,
             FAST_ACC=fast_accumulation(), LOOP_M=grid_blocks < max_blocks,
             WAIT_ROWS=landing is not None,
-            NUM_SOURCES=triton.next_power_of_2(landing.flags.numel()) if landing else 1, HIP=bool(landing and landing.hip),
+            NUM_SOURCES=triton.next_power_of_2(landing.flags.numel()) if landing else 1,
+            HIP=bool(landing and landing.hip),
             INTERPRETER=interpreter_active(),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )

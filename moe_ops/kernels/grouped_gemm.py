@@ -268,14 +268,14 @@ def grouped_gemm_kernel(
                    out_scale_ptr, topk_weights_ptr, sorted_slots_ptr, block_expert_ptr,
                    N, K, num_slots, a_rows_per_slot_div, stride_a, stride_as, stride_we,
                    stride_wn, stride_se, stride_sn, stride_out, stride_os, row_source_ptr,
-                   source_flags_ptr, epoch_ptr, late_ptr, stop_ptr, timeout_ticks, GATE_UP, OUT_FP8,
-                   H_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, H_BLOCK_ORDER, B_DESC, W_SCALE,
-                   A_FP8, FAST_ACC, WAIT_ROWS, NUM_SOURCES, HIP, INTERPRETER)
+                   source_flags_ptr, epoch_ptr, late_ptr, stop_ptr, timeout_ticks, GATE_UP,
+                   OUT_FP8, H_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, H_BLOCK_ORDER, B_DESC,
+                   W_SCALE, A_FP8, FAST_ACC, WAIT_ROWS, NUM_SOURCES, HIP, INTERPRETER)
     elif pid_m < num_blocks:
         _block(pid_m, pid_n, a_ptr, a_desc, a_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr,
                out_scale_ptr, topk_weights_ptr, sorted_slots_ptr, block_expert_ptr,
                N, K, num_slots, a_rows_per_slot_div, stride_a, stride_as, stride_we,
                stride_wn, stride_se, stride_sn, stride_out, stride_os, row_source_ptr,
-               source_flags_ptr, epoch_ptr, late_ptr, stop_ptr, timeout_ticks, GATE_UP, OUT_FP8,
-               H_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, H_BLOCK_ORDER, B_DESC, W_SCALE,
-               A_FP8, FAST_ACC, WAIT_ROWS, NUM_SOURCES, HIP, INTERPRETER)
+               source_flags_ptr, epoch_ptr, late_ptr, stop_ptr, timeout_ticks, GATE_UP,
+               OUT_FP8, H_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, H_BLOCK_ORDER, B_DESC,
+               W_SCALE, A_FP8, FAST_ACC, WAIT_ROWS, NUM_SOURCES, HIP, INTERPRETER)
