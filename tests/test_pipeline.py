@@ -248,6 +248,7 @@ def test_gate_up_waits_for_rows_landing_later(device):
     x, weights, ids, w_gate_up, w_down, landing, expected = _landing_case(device, 2)
     buffer = torch.full_like(x, float("nan"))
     other = torch.cuda.Stream(priority=-1)
+    other.wait_stream(torch.cuda.current_stream())  # the buffers above exist before it writes
     with torch.cuda.stream(other):
         torch.cuda._sleep(40_000_000)
         buffer.copy_(x)
