@@ -156,6 +156,18 @@ def test_sparse_receive_buffer(routed_tokens, device):
     assert bool(out[:, routed_tokens:].isnan().all())
 
 
+def _routed_rows(config, rows: int, device):
+    """(x, weights, ids, w_gate_up, w_down): ``rows`` rows each routed to K distinct
+    experts of a random layer (bf16 on the GPU, float32 under the interpreter)."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    _, w_gate_up, w_down, _ = make_layer(config, dtype, device)
+    E, K, H = config.num_experts, config.top_k, config.hidden_size
+    x = torch.randn(rows, H, device=device, dtype=dtype)
+    weights = torch.rand(rows, K, device=device)
+    ids = torch.stack([torch.randperm(E, device=device)[:K] for _ in range(rows)]).int()
+    return x, weights, ids, w_gate_up, w_down
+
+
 @pytest.mark.usefixtures("poison_allocations")
 @pytest.mark.parametrize("filled", [0, 1, 37])
 @pytest.mark.parametrize("expected", [1, 24])  # one launch aligns; rank, then align
@@ -168,14 +180,8 @@ def test_receive_buffer_read_up_to_its_filled_rows(filled, expected, device):
     from moe_ops.pipeline import fused_experts_impl
     from moe_ops.reference import fused_experts_reference
 
-    config = config_for_device()
-    rows = 256 if ON_GPU else 64
-    dtype = torch.bfloat16 if ON_GPU else torch.float32
-    _, w_gate_up, w_down, _ = make_layer(config, dtype, device)
-    E, K, H = config.num_experts, config.top_k, config.hidden_size
-    x = torch.randn(rows, H, device=device, dtype=dtype)
-    weights = torch.rand(rows, K, device=device)
-    ids = torch.stack([torch.randperm(E, device=device)[:K] for _ in range(rows)]).int()
+    x, weights, ids, w_gate_up, w_down = _routed_rows(config_for_device(),
+                                                      256 if ON_GPU else 64, device)
     out = fused_experts_impl(x, weights, ids, w_gate_up, w_down, tile_tokens=expected,
                              skip_unrouted=True,
                              num_rows=torch.tensor([filled], dtype=torch.int32, device=device))
@@ -197,14 +203,9 @@ def _landing_case(device, sources: int):
 
     # Small on the GPU too: every gate_up program must be resident at once, so that the
     # stream landing the rows finds an SM while they wait.
-    config = dataclasses.replace(shrink("qwen3-30b-a3b"), num_experts=16, top_k=4)
     rows = 32
-    dtype = torch.bfloat16 if ON_GPU else torch.float32
-    _, w_gate_up, w_down, _ = make_layer(config, dtype, device)
-    E, K, H = config.num_experts, config.top_k, config.hidden_size
-    x = torch.randn(rows, H, device=device, dtype=dtype)
-    weights = torch.rand(rows, K, device=device)
-    ids = torch.stack([torch.randperm(E, device=device)[:K] for _ in range(rows)]).int()
+    x, weights, ids, w_gate_up, w_down = _routed_rows(
+        dataclasses.replace(shrink("qwen3-30b-a3b"), num_experts=16, top_k=4), rows, device)
     landing = Landing(row_source=torch.randint(0, sources, (rows,), dtype=torch.int32,
                                                device=device),
                       flags=torch.zeros(sources, dtype=torch.int64, device=device),
