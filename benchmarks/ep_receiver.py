@@ -19,6 +19,11 @@ rows agree:
              here: what the check costs, not what the overlap hides)
     tight    the W*T real rows alone: what the capacity should cost at most
 
+With ``--peer-tokens P`` the rank also receives the rows of peers with P tokens each
+while it has T itself (ranks with different batches, as under data-parallel attention):
+its layer call (tiles and grids for T, as the layer sizes them, and with
+``--tile-tokens`` for other counts) against the tight call of the W*P rows received.
+
 ``landing / layer`` is then measured again as the median of ``--ab`` alternating pairs of
 graph replays (one variant's timing right after the other's, so that clock and thermal
 drift cancel): the cost of the early start, the number the layer's choice rests on.
@@ -30,6 +35,7 @@ One GPU is enough; run from the checkout root::
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
@@ -57,6 +63,33 @@ def received_rows(num_tokens, capacity, world, top_k, local_experts, hidden, dty
     return x, weights, ids
 
 
+def crowded(name, t, peers, args, w_gate_up, w_down, gen, timer) -> None:
+    """The layer's call expecting t tokens on a buffer filled by peers of ``peers`` tokens
+    each, against the tight call of those rows."""
+    experts, hidden = w_gate_up.shape[0], w_gate_up.shape[2]
+    top_k = layer_config(name, True).top_k
+    x, w, ids = received_rows(peers, args.capacity, args.world, top_k, experts, hidden,
+                              torch.bfloat16, gen)
+    filled = args.world * peers
+    counted = torch.tensor([filled], dtype=torch.int32, device="cuda")
+    tight = [a[:filled].contiguous() for a in (x, w, ids)]
+    calls = {f"layer tiles for {n}": functools.partial(
+        fused_experts_impl, x, w, ids, w_gate_up, w_down, tile_tokens=n, skip_unrouted=True,
+        num_rows=counted) for n in [t] + [n for n in args.tile_tokens if n != t]}
+    calls["tight"] = functools.partial(fused_experts_impl, *tight, w_gate_up, w_down)
+    times = {}
+    for label, call in calls.items():
+        error = rel_l2(call()[:filled], calls["tight"]())
+        if not error <= 1e-2:
+            raise SystemExit(f"{name} T={t} peers={peers}: {label} rows differ by {error}")
+        times[label] = timer.replayed(call)
+        print(f"[{name} T={t} receiving {filled} rows {label}] {times[label]:.4f} ms")
+        for kernel, us in profile_kernels(call, runs=5):
+            print(f"    {kernel[:48]:48s} {us:9.1f} us")
+    print(f"[{name} T={t} receiving {filled} rows] " + ", ".join(
+        f"{label} / tight = {times[label] / times['tight']:.2f}x" for label in times))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["deepseek-v3", "qwen3-30b-a3b", "mixtral-8x7b"])
@@ -64,6 +97,10 @@ def main(argv=None) -> None:
     p.add_argument("--capacity", type=int, default=4096)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--ab", type=int, default=7, help="alternating landing/layer pairs")
+    p.add_argument("--peer-tokens", nargs="*", type=int, default=[],
+                   help="also: receive W*P rows while expecting T (P >= T)")
+    p.add_argument("--tile-tokens", nargs="*", type=int, default=[],
+                   help="with --peer-tokens: also time the layer's call with tiles for these")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.ep_receiver times GPU kernels: it needs CUDA")
@@ -121,6 +158,8 @@ def main(argv=None) -> None:
                            for _ in range(args.ab))
             print(f"[{name} T={t}] landing / layer, median of {args.ab} alternating pairs: "
                   f"{pairs[len(pairs) // 2]:.3f}x (range {pairs[0]:.3f}-{pairs[-1]:.3f})")
+            for peers in (p for p in args.peer_tokens if t <= p <= args.capacity):
+                crowded(name, t, peers, args, w_gate_up, w_down, gen, timer)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Each launcher's non-GEMM block sizes for both cases live in ``LaunchBlocks`` bel
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ class LaunchBlocks:
     combine_h: int  # hidden columns per combine program
     route_block_h: int | None  # router K step (None: sized from shared memory on a GPU)
     rank_block_t: int | None  # tokens per rank program (None: sized from E and top-k)
+    one_hot_rows: int  # most filled rows the one-launch alignment ranks by one-hot sums
     router_partials_h: int  # K step of the decode router's split GEMM
     plan_block_t: int  # tokens per expert-parallel plan program
     gather_rows: int  # rows per expert-parallel packing program
@@ -37,9 +39,23 @@ class LaunchBlocks:
 
 
 INTERPRETER_BLOCKS = LaunchBlocks(combine_t=16, combine_h=256, route_block_h=64, rank_block_t=64,
-                                  router_partials_h=64, plan_block_t=64, gather_rows=16, gather_h=64,
-                                  quantize_rows=64, quantize_tile=8192, quantize_programs=1)
+                                  one_hot_rows=16, router_partials_h=64, plan_block_t=64,
+                                  gather_rows=16, gather_h=64, quantize_rows=64,
+                                  quantize_tile=8192, quantize_programs=1)
 COMPILED_BLOCKS = LaunchBlocks(combine_t=4, combine_h=512, route_block_h=None, rank_block_t=None,
-                               router_partials_h=128, plan_block_t=256, gather_rows=8, gather_h=512,
-                               quantize_rows=16, quantize_tile=2048, quantize_programs=512)
+                               one_hot_rows=64, router_partials_h=128, plan_block_t=256,
+                               gather_rows=8, gather_h=512, quantize_rows=16,
+                               quantize_tile=2048, quantize_programs=512)
 BLOCKS: LaunchBlocks = INTERPRETER_BLOCKS if ACTIVE else COMPILED_BLOCKS
+
+
+@functools.lru_cache(maxsize=None)
+def busy_programs(device) -> int:
+    """The fewest programs a grid striding over rows known only on the device gets (a
+    receive buffer filled by peers with more tokens than expected): four per SM (CU) of
+    ``device``, so that every SM has work; 1 under the interpreter, which runs programs
+    one after the other."""
+    if ACTIVE:
+        return 1
+    import torch
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count

@@ -21,7 +21,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .dtypes import TRITON
 from .fp8 import SCHEME_CODES, empty_activations, fast_accumulation, scheme_of
-from .interpreter import BLOCKS, interpreter_active
+from .interpreter import BLOCKS, busy_programs, interpreter_active
 from .kernels.combine import combine_kernel
 from .kernels.grouped_gemm import grouped_gemm_kernel
 from .kernels.quantize import quantize_kernel
@@ -141,11 +141,15 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
     None for float weights, else fp8 ``w``'s scales (``moe_ops.fp8``); ``a_scale`` those of
     an e4m3 ``a`` (tiles with A_FP8), else None. ``out_scale``: gate_up writes e4m3 h
     and its block scales there, from h as ``h_dtype`` would hold it. ``grid_blocks``:
-    blocks the grid covers (each program strides over the rest), default all; ``landing``
+    blocks the grid covers (each program strides over the rest; at least enough for
+    ``busy_programs``), default all; ``landing``
     (gate_up): the rows of ``a`` still landing."""
     sorted_slots, block_expert, num_blocks, max_blocks = alignment
+    column_tiles = triton.cdiv(n, tile.BLOCK_N)
+    if grid_blocks and grid_blocks < max_blocks:  # at least enough programs to busy the GPU
+        grid_blocks = max(grid_blocks, triton.cdiv(busy_programs(a.device), column_tiles))
     grid_blocks = min(grid_blocks or max_blocks, max_blocks)
-    grid = (grid_blocks * triton.cdiv(n, tile.BLOCK_N),)
+    grid = (grid_blocks * column_tiles,)
     use_desc = tile.B_DESC and descriptor_ok(w)
     w_desc = _weight_descriptor(gate_up, w, tile) if use_desc else None
     a_desc = (TensorDescriptor(a, list(a.shape), list(a.stride()), [tile.BLOCK_M, tile.BLOCK_K])
@@ -185,8 +189,8 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     ``grid_blocks``: blocks the GEMM grids cover (``_grouped_gemm``); ``out``: a given
     [T, H] output buffer (contiguous) instead of a fresh one; ``num_rows`` (int32 [1] on
     the device, with ``skip_unrouted``): rows at or past it hold no routed id, and the
-    combine does not read them, its programs sized for ``grid_rows`` rows (default all)
-    and striding over the rest; ``landing``: the rows of hidden_states are still landing
+    combine does not read them, its programs sized for ``grid_rows`` rows (default all;
+    at least ``busy_programs``) and striding over the rest; ``landing``: the rows of hidden_states are still landing
     (``Landing``; gate_up must read them in place, not quantised)."""
     num_tokens, hidden = hidden_states.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
@@ -221,8 +225,11 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     out = torch.empty_like(hidden_states) if out is None else out
     column_programs = (1 if skip_unrouted and num_rows is None
                        else triton.cdiv(hidden, BLOCKS.combine_h))
-    rows = num_tokens if num_rows is None else min(grid_rows or num_tokens, num_tokens)
-    row_programs = triton.cdiv(rows, BLOCKS.combine_t)
+    row_programs = triton.cdiv(num_tokens, BLOCKS.combine_t)
+    if num_rows is not None:  # for the rows expected, at least enough to busy the GPU
+        row_programs = min(row_programs, max(
+            triton.cdiv(grid_rows or num_tokens, BLOCKS.combine_t),
+            triton.cdiv(busy_programs(device), column_programs)))
     with stage_range("combine"):
         combine_kernel[(row_programs, column_programs)](
             y, topk_ids, out, num_tokens, hidden,

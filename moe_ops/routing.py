@@ -30,7 +30,7 @@ import triton
 
 from .dtypes import TRITON
 from .fp8 import SCHEME_CODES, empty_activations
-from .interpreter import BLOCKS, interpreter_active
+from .interpreter import BLOCKS, busy_programs, interpreter_active
 from .kernels.align import align_kernel, rank_align_kernel, rank_kernel
 from .kernels.decode_route import router_partials_kernel, select_align_kernel
 from .kernels.route import route_kernel
@@ -211,11 +211,14 @@ def _route_blocks(hidden_states, router_weight, routing: Routing, score_bias, wi
 def _rank(topk_ids, num_experts, sizing_tokens=None, num_rows=None) -> _TokenBlockRanks:
     num_tokens, top_k = topk_ids.shape
     ranks = _empty_ranks(num_tokens, num_experts, top_k, topk_ids.device, sizing_tokens)
-    # With the filled rows known on the device, programs for the rows expected (they
-    # stride over any more); else one per token block.
-    rows = num_tokens if num_rows is None else min(sizing_tokens or num_tokens, num_tokens)
+    # With the filled rows known on the device, programs for the rows expected, at least
+    # enough to busy the GPU (they stride over any more); else one per token block.
+    programs = triton.cdiv(num_tokens, ranks.block_t)
+    if num_rows is not None:
+        programs = min(programs, max(triton.cdiv(sizing_tokens or num_tokens, ranks.block_t),
+                                     busy_programs(topk_ids.device)))
     with stage_range("rank"):
-        rank_kernel[(triton.cdiv(rows, ranks.block_t),)](
+        rank_kernel[(programs,)](
             topk_ids, ranks.block_counts, ranks.ranks, num_tokens,
             num_rows if num_rows is not None else topk_ids,  # unread without HAS_ROWS
             NUM_EXPERTS=num_experts, TOP_K=top_k, E_PAD=_pow2_at_least(num_experts, 16),
@@ -261,8 +264,10 @@ def _rank_align(topk_ids, num_experts, block_m, sizing_tokens, num_rows) -> Alig
             alignment.block_expert, alignment.num_blocks, num_tokens,
             ranks.block_counts.shape[0], alignment.max_blocks, num_rows,
             NUM_EXPERTS=num_experts, TOP_K=top_k, E_PAD=e_pad, K_PAD=_pow2_at_least(top_k),
-            RANK_BLOCK_T=ranks.block_t, BLOCK_M=block_m, TB_CHUNK=max(1, 4096 // e_pad),
-            BLOCK_CHUNK=max(16, 4096 // e_pad), CHUNK=4096, num_warps=8,
+            RANK_BLOCK_T=ranks.block_t, ONE_HOT_ROWS=BLOCKS.one_hot_rows,
+            ALL_ROWS=_pow2_at_least(num_tokens), BLOCK_M=block_m,
+            TB_CHUNK=max(1, 4096 // e_pad), BLOCK_CHUNK=max(16, 4096 // e_pad), CHUNK=4096,
+            num_warps=8,
         )
     return alignment
 

@@ -78,8 +78,9 @@ build(rank_align_kernel, dict(topk_ids_ptr="*i32", block_counts_ptr="*i32", rank
                               sorted_slots_ptr="*i32", block_expert_ptr="*i32",
                               num_blocks_ptr="*i32", num_tokens="i32", num_token_blocks="i32",
                               max_blocks="i32", rows_ptr="*i32"),
-      dict(NUM_EXPERTS=128, TOP_K=8, E_PAD=128, K_PAD=8, RANK_BLOCK_T=32, BLOCK_M=16,
-           TB_CHUNK=32, BLOCK_CHUNK=32, CHUNK=4096), ["topk_ids_ptr"], num_warps=8)
+      dict(NUM_EXPERTS=128, TOP_K=8, E_PAD=128, K_PAD=8, RANK_BLOCK_T=32, ONE_HOT_ROWS=64,
+           ALL_ROWS=8192, BLOCK_M=16, TB_CHUNK=32, BLOCK_CHUNK=32, CHUNK=4096),
+      ["topk_ids_ptr"], num_warps=8)
 build(combine_kernel, dict(y_ptr="*bf16", topk_ids_ptr="*i32", out_ptr="*bf16",
                            num_tokens="i32", hidden="i32", rows_ptr="*i32"),
       dict(NUM_EXPERTS=128, TOP_K=8, SKIP_UNROUTED=True, HAS_ROWS=True, K_PAD=8, BLOCK_T=4,

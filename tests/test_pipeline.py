@@ -169,19 +169,24 @@ def _routed_rows(config, rows: int, device):
 
 
 @pytest.mark.usefixtures("poison_allocations")
-@pytest.mark.parametrize("filled", [0, 1, 37])
+@pytest.mark.parametrize("filled", [0, 1, 37, "most"])
 @pytest.mark.parametrize("expected", [1, 24])  # one launch aligns; rank, then align
 def test_receive_buffer_read_up_to_its_filled_rows(filled, expected, device):
     """``num_rows`` (on the device): the rows a receive buffer has filled. Only those are
     read: the rows after them hold routed ids here, yet stay unwritten (poisoned), and
     the filled rows equal the reference on them alone, with grids sized for ``expected``
     tokens (programs stride over the rest; up to DECODE_MAX_T expected, one program
-    ranks and aligns every filled row, however many)."""
+    ranks and aligns every filled row, however many: "most", past the rows it ranks by
+    one-hot sums, it ranks by counting)."""
+    from moe_ops.interpreter import BLOCKS
     from moe_ops.pipeline import fused_experts_impl
     from moe_ops.reference import fused_experts_reference
 
-    x, weights, ids, w_gate_up, w_down = _routed_rows(config_for_device(),
-                                                      256 if ON_GPU else 64, device)
+    rows = 256 if ON_GPU else 64
+    if filled == "most":
+        filled = rows - 3
+        assert filled > BLOCKS.one_hot_rows
+    x, weights, ids, w_gate_up, w_down = _routed_rows(config_for_device(), rows, device)
     out = fused_experts_impl(x, weights, ids, w_gate_up, w_down, tile_tokens=expected,
                              skip_unrouted=True,
                              num_rows=torch.tensor([filled], dtype=torch.int32, device=device))

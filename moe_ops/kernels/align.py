@@ -17,7 +17,8 @@ Two steps, so that the single-program step does O(T*K + token_blocks*E) work:
    placing slot s at row_start[e] + (slots of e in earlier token blocks) + rank[s].
 
 ``rank_align_kernel`` runs both steps in one program over a receive buffer's filled rows
-when only a few are expected (a decoding expert-parallel rank): one launch, not two.
+when only a few are expected (a decoding expert-parallel rank): one launch, not two; if
+many arrive after all, it ranks them by counting with atomics.
 
 max_blocks is the worst case over all routings, computed from shapes alone. Ids outside
 [0, E) are dropped (never gathered), so a bad id can not make a later kernel read or
@@ -158,23 +159,55 @@ def align_kernel(
 
 
 @triton.jit
+def _count_ranks(topk_ids_ptr, counts_ptr, ranks_ptr, used_slots, NUM_EXPERTS: tl.constexpr,
+                 E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """Step 1 for all used slots as one token block, by counting: counts_ptr's E counts
+    zeroed, then each valid slot's rank taken from an atomic add on its expert's count
+    (ranks unique per expert, their order the atomics'; every row's result is computed
+    alone, so the output does not depend on it)."""
+    offs_e = tl.arange(0, E_PAD)
+    tl.store(counts_ptr + offs_e, tl.zeros([E_PAD], tl.int32), mask=offs_e < NUM_EXPERTS)
+    tl.debug_barrier()
+    for s0 in range(0, used_slots, CHUNK):
+        slots = s0 + tl.arange(0, CHUNK)
+        ids = tl.load(topk_ids_ptr + slots, mask=slots < used_slots, other=-1)
+        valid = (slots < used_slots) & (ids >= 0) & (ids < NUM_EXPERTS)
+        rank = tl.atomic_add(counts_ptr + ids, tl.full([CHUNK], 1, tl.int32), mask=valid,
+                             sem="relaxed")
+        tl.store(ranks_ptr + slots, rank, mask=valid)
+
+
+@triton.jit
 def rank_align_kernel(
     topk_ids_ptr, block_counts_ptr, ranks_ptr, sorted_slots_ptr, block_expert_ptr,
     num_blocks_ptr, num_tokens, num_token_blocks, max_blocks, rows_ptr,
     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    RANK_BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, TB_CHUNK: tl.constexpr,
-    BLOCK_CHUNK: tl.constexpr, CHUNK: tl.constexpr,
+    RANK_BLOCK_T: tl.constexpr, ONE_HOT_ROWS: tl.constexpr, ALL_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, TB_CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     """Steps 1 and 2 in one program (grid = (1,)) over the rows of topk_ids [T, K] below
-    rows_ptr[0] (the filled rows of a receive buffer): step 1 on their token blocks one
-    after the other, then step 2 as ``align_kernel`` with HAS_ROWS. For a few filled
-    rows; with many, step 1 on one SM is slower than ``rank_kernel``'s grid."""
+    rows_ptr[0] (the filled rows of a receive buffer), for a rank expecting few. Up to
+    ONE_HOT_ROWS filled rows (the common case): step 1 on their token blocks one after the
+    other, then step 2 as ``align_kernel`` with HAS_ROWS. More (peers with larger batches
+    than this rank's): step 1 as one token block of ALL_ROWS (a power of two >= T) by
+    counting (``_count_ranks``), whose cost grows with the slots alone, not slots times
+    experts as the one-hot's does."""
     limit = tl.minimum(tl.load(rows_ptr), num_tokens)
-    for tb in range(0, tl.cdiv(limit, RANK_BLOCK_T)):
-        _rank_block(topk_ids_ptr, block_counts_ptr, ranks_ptr, tb, limit, NUM_EXPERTS,
-                    TOP_K, E_PAD, K_PAD, RANK_BLOCK_T)
-    tl.debug_barrier()  # the counts and ranks above are read back below
-    align_kernel(topk_ids_ptr, block_counts_ptr, ranks_ptr, sorted_slots_ptr, block_expert_ptr,
-                 num_blocks_ptr, num_tokens * TOP_K, num_token_blocks, max_blocks, rows_ptr,
-                 NUM_EXPERTS, TOP_K, RANK_BLOCK_T, E_PAD, BLOCK_M, TB_CHUNK, BLOCK_CHUNK, CHUNK,
-                 True)
+    if limit <= ONE_HOT_ROWS:
+        for tb in range(0, tl.cdiv(limit, RANK_BLOCK_T)):
+            _rank_block(topk_ids_ptr, block_counts_ptr, ranks_ptr, tb, limit, NUM_EXPERTS,
+                        TOP_K, E_PAD, K_PAD, RANK_BLOCK_T)
+        tl.debug_barrier()  # the counts and ranks above are read back below
+        align_kernel(topk_ids_ptr, block_counts_ptr, ranks_ptr, sorted_slots_ptr,
+                     block_expert_ptr, num_blocks_ptr, num_tokens * TOP_K, num_token_blocks,
+                     max_blocks, rows_ptr, NUM_EXPERTS, TOP_K, RANK_BLOCK_T, E_PAD, BLOCK_M,
+                     TB_CHUNK, BLOCK_CHUNK, CHUNK, True)
+    else:
+        _count_ranks(topk_ids_ptr, block_counts_ptr, ranks_ptr, limit * TOP_K, NUM_EXPERTS,
+                     E_PAD, CHUNK)
+        tl.debug_barrier()
+        align_kernel(topk_ids_ptr, block_counts_ptr, ranks_ptr, sorted_slots_ptr,
+                     block_expert_ptr, num_blocks_ptr, num_tokens * TOP_K, 1, max_blocks,
+                     rows_ptr, NUM_EXPERTS, TOP_K, ALL_ROWS, E_PAD, BLOCK_M, TB_CHUNK,
+                     BLOCK_CHUNK, CHUNK, True)
