@@ -131,6 +131,12 @@ class ExpertParallelMoE(nn.Module):
     written in ``protocol``; ``reset()`` makes a failed layer usable again. Over ``nvlink``
     gate+up starts on the received rows as they land (module docstring); setting
     ``early_gate_up = False`` makes it wait for all of them (the benchmark compares both).
+    With ``max_tokens_per_rank`` a rank's expert tiles follow its own token count, and
+    peers may send it far more (ranks with uneven batches, as under data-parallel
+    attention): ``uneven_batches`` (default True) launches a second tile set for a fill
+    far past its own count, chosen on the device (``moe_ops.pipeline``: two more launches,
+    a few us; without them such a fill runs 4-10x slower); set it False where every rank
+    always runs about as many tokens as the others.
     """
 
     def __init__(self, moe: FusedMoE, group=None, transport: str = "auto",
@@ -179,6 +185,7 @@ class ExpertParallelMoE(nn.Module):
             self.register_parameter(name, keep(None if tensor is None else tensor.contiguous()))
 
         self.early_gate_up = True  # see _gate_up_on_landing (benchmarks turn it off)
+        self.uneven_batches = True  # see the class docstring
         self.timeout = timeout
         # Call count and failure record (protocol.STATE_WORDS int64): an op argument that
         # the op mutates, so that compilers keep and order every call.
@@ -392,14 +399,16 @@ class ExpertParallelMoE(nn.Module):
 
         received = transport.receive(pending, call=call, early=self._gate_up_on_landing())
         # Rows without a token are unrouted: tiles for the tokens this rank expects (about
-        # its own T), those rows' partials never written, the rows past ``received.rows``
-        # (where the transport knows them) not even read.
+        # its own T; with counts exchanged, the rows received), those rows' partials never
+        # written, the rows past ``received.rows`` (where the transport knows them) not
+        # even read.
         rows = received.x.shape[0]
         partials = fused_experts_impl(
             received.x, received.weights, received.ids, self.w_gate_up, self.w_down, **scales,
-            tile_tokens=max(T, 1), skip_unrouted=True, num_rows=received.rows,
+            tile_tokens=max(T, 1) if C is not None else rows, skip_unrouted=True,
+            num_rows=received.rows,
             out=transport.partials_out(rows, c.hidden_size, x.dtype, x.device),
-            landing=received.landing)
+            landing=received.landing, second_tiles=self.uneven_batches)
         back = transport.receive_back(
             transport.send_back(partials, send_rows, recv_rows, call=call), call=call)
 

@@ -29,6 +29,7 @@ class LaunchBlocks:
     route_block_h: int | None  # router K step (None: sized from shared memory on a GPU)
     rank_block_t: int | None  # tokens per rank program (None: sized from E and top-k)
     one_hot_rows: int  # most filled rows the one-launch alignment ranks by one-hot sums
+    crowded_rows: int  # fewest filled rows a receive buffer's second tile set may take
     router_partials_h: int  # K step of the decode router's split GEMM
     plan_block_t: int  # tokens per expert-parallel plan program
     gather_rows: int  # rows per expert-parallel packing program
@@ -39,13 +40,13 @@ class LaunchBlocks:
 
 
 INTERPRETER_BLOCKS = LaunchBlocks(combine_t=16, combine_h=256, route_block_h=64, rank_block_t=64,
-                                  one_hot_rows=16, router_partials_h=64, plan_block_t=64,
-                                  gather_rows=16, gather_h=64, quantize_rows=64,
-                                  quantize_tile=8192, quantize_programs=1)
+                                  one_hot_rows=16, crowded_rows=16, router_partials_h=64,
+                                  plan_block_t=64, gather_rows=16, gather_h=64,
+                                  quantize_rows=64, quantize_tile=8192, quantize_programs=1)
 COMPILED_BLOCKS = LaunchBlocks(combine_t=4, combine_h=512, route_block_h=None, rank_block_t=None,
-                               one_hot_rows=64, router_partials_h=128, plan_block_t=256,
-                               gather_rows=8, gather_h=512, quantize_rows=16,
-                               quantize_tile=2048, quantize_programs=512)
+                               one_hot_rows=64, crowded_rows=64, router_partials_h=128,
+                               plan_block_t=256, gather_rows=8, gather_h=512,
+                               quantize_rows=16, quantize_tile=2048, quantize_programs=512)
 BLOCKS: LaunchBlocks = INTERPRETER_BLOCKS if ACTIVE else COMPILED_BLOCKS
 
 

@@ -26,7 +26,8 @@ from .kernels.combine import combine_kernel
 from .kernels.grouped_gemm import grouped_gemm_kernel
 from .kernels.quantize import quantize_kernel
 from .profiling import stage_range
-from .routing import Alignment, Routing, align_ids, max_blocks_for, route_and_quantize
+from .routing import (Alignment, BlockSwitch, Routing, align_ids, align_ids_switched,
+                      max_blocks_for, route_and_quantize)
 from .tiles import TileConfig, get_tile_config
 
 
@@ -177,10 +178,20 @@ def _grouped_gemm(gate_up: bool, a, a_scale, w, w_scale, out, topk_weights, alig
         )
 
 
+class Crowded(NamedTuple):
+    """A second tile set for a receive buffer filled past the rows its tiles were chosen
+    for (``align_ids_switched``): its tiles, its view of the alignment, and the blocks its
+    GEMM grids cover (programs stride over the rest)."""
+    tiles: ExpertTiles
+    alignment: Alignment
+    grid_blocks: int
+
+
 def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: ExpertTiles,
             alignment: Alignment, w_gate_up_scale=None, w_down_scale=None, x_quantized=None,
             skip_unrouted: bool = False, grid_blocks: int | None = None, out=None,
-            num_rows=None, grid_rows: int | None = None, landing: Landing | None = None):
+            num_rows=None, grid_rows: int | None = None, landing: Landing | None = None,
+            crowded: Crowded | None = None):
     """gate_up -> down -> combine over an alignment: out [T, H]. A stage whose tile has
     A_FP8 reads its input quantised by one launch before it (``quantize_input``), except
     down's when gate_up writes h in e4m3 itself (``ExpertTiles.h_fp8``) and gate_up's when
@@ -190,15 +201,21 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     [T, H] output buffer (contiguous) instead of a fresh one; ``num_rows`` (int32 [1] on
     the device, with ``skip_unrouted``): rows at or past it hold no routed id, and the
     combine does not read them, its programs sized for ``grid_rows`` rows (default all;
-    at least ``busy_programs``) and striding over the rest; ``landing``: the rows of hidden_states are still landing
-    (``Landing``; gate_up must read them in place, not quantised)."""
+    at least ``busy_programs``) and striding over the rest; ``landing``: the rows of
+    hidden_states are still landing (``Landing``; gate_up must read them in place, not
+    quantised); ``crowded``: a second tile set and alignment (float weights only), whose
+    GEMMs are launched after each stage's first and compute where the alignment chose
+    their block size, the first ones then finding no block."""
     num_tokens, hidden = hidden_states.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     num_slots = topk_ids.numel()
     top_k = topk_ids.shape[1]
     dtype, device = hidden_states.dtype, hidden_states.device
-    h_rows = alignment.max_blocks * tiles.block_m if tiles.h_block_order else num_slots
+    sets = [(tiles, alignment, grid_blocks)] + ([tuple(crowded)] if crowded else [])
+    h_rows = max(a.max_blocks * t.block_m if t.h_block_order else num_slots for t, a, _ in sets)
     scheme = scheme_of(w_gate_up_scale)
+    if crowded and (scheme is not None or crowded.tiles.gate_up.A_FP8):
+        raise ValueError("a crowded tile set needs float expert weights")
     x, x_scale = hidden_states, None
     if tiles.gate_up.A_FP8:
         if landing is not None:
@@ -209,10 +226,11 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
         h, h_scale = empty_activations(h_rows, inter, scheme, device)
     else:
         h, h_scale = torch.empty(h_rows, inter, dtype=dtype, device=device), None
-    _grouped_gemm(True, x, x_scale, w_gate_up, w_gate_up_scale, h, topk_weights, alignment,
-                  num_slots, top_k, inter, hidden, tiles.gate_up, tiles.h_block_order,
-                  h_scale if tiles.h_fp8 else None, dtype if tiles.h_fp8 else None, grid_blocks,
-                  landing)
+    for stage_tiles, stage_alignment, blocks in sets:
+        _grouped_gemm(True, x, x_scale, w_gate_up, w_gate_up_scale, h, topk_weights,
+                      stage_alignment, num_slots, top_k, inter, hidden, stage_tiles.gate_up,
+                      stage_tiles.h_block_order, h_scale if stage_tiles.h_fp8 else None,
+                      dtype if stage_tiles.h_fp8 else None, blocks, landing)
     if tiles.down.A_FP8 and not tiles.h_fp8:  # with num_rows: the rows in use only
         if tiles.h_block_order:
             used = alignment.num_blocks if num_rows is not None else None
@@ -220,8 +238,10 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
         else:
             h, h_scale = quantize_input(h, scheme, num_rows, top_k)
     y = torch.empty(num_slots, hidden, dtype=dtype, device=device)
-    _grouped_gemm(False, h, h_scale, w_down, w_down_scale, y, topk_weights, alignment, num_slots,
-                  1, hidden, inter, tiles.down, tiles.h_block_order, grid_blocks=grid_blocks)
+    for stage_tiles, stage_alignment, blocks in sets:
+        _grouped_gemm(False, h, h_scale, w_down, w_down_scale, y, topk_weights, stage_alignment,
+                      num_slots, 1, hidden, inter, stage_tiles.down, stage_tiles.h_block_order,
+                      grid_blocks=blocks)
     out = torch.empty_like(hidden_states) if out is None else out
     column_programs = (1 if skip_unrouted and num_rows is None
                        else triton.cdiv(hidden, BLOCKS.combine_h))
@@ -247,7 +267,7 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
                        down_tile: TileConfig | None = None,
                        w_gate_up_scale=None, w_down_scale=None, tile_tokens: int | None = None,
                        skip_unrouted: bool = False, out=None, num_rows=None,
-                       landing: Landing | None = None):
+                       landing: Landing | None = None, second_tiles: bool = True):
     """align -> gate_up -> down -> combine of given routing (four or five launches).
 
     Contiguous hidden_states [T, H], fp32 topk_weights and int32 topk_ids [T, K]; fp8
@@ -257,7 +277,10 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
     expects (``tile_tokens``: tiles and GEMM grids sized for that many, any more still
     computed), ``skip_unrouted``, ``out`` and, where its filled rows are known on the
     device, ``num_rows`` (see ``experts``; the alignment then reads only those rows), and
-    ``landing`` where its rows are still arriving (``Landing``)."""
+    ``landing`` where its rows are still arriving (``Landing``). With ``num_rows`` and
+    ``second_tiles`` a buffer that may fill far past the tokens expected (peers with
+    larger batches) also gets a second tile set, chosen on the device by the fill
+    (``_crowded_tiles``: two more GEMM launches, which find no block unless chosen)."""
     num_tokens, hidden = hidden_states.shape
     if num_tokens == 0:
         return torch.empty_like(hidden_states)
@@ -268,12 +291,42 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
                          hidden_states.device, gate_up_tile, down_tile, scheme_of(w_gate_up_scale))
     if num_rows is not None and not skip_unrouted:
         raise ValueError("num_rows leaves rows unwritten: it needs skip_unrouted=True")
-    alignment = align_ids(topk_ids, num_experts, tiles.block_m,
-                          expected if expected < num_tokens else None, num_rows)
+    grid_blocks = max_blocks_for(expected * top_k, num_experts, tiles.block_m)
+    crowded_tiles = second_tiles and _crowded_tiles(
+        tiles, expected, num_tokens, num_rows, w_gate_up_scale, num_experts, hidden, inter,
+        top_k, hidden_states)
+    crowded = None
+    if not crowded_tiles:
+        alignment = align_ids(topk_ids, num_experts, tiles.block_m,
+                              expected if expected < num_tokens else None, num_rows)
+    else:
+        switch = BlockSwitch(crowded_tiles.block_m, max(BLOCKS.crowded_rows, 4 * expected))
+        alignment, crowded_alignment = align_ids_switched(
+            topk_ids, num_experts, tiles.block_m, expected, num_rows, switch)
+        crowded = Crowded(crowded_tiles, crowded_alignment, 1)  # grid: busy_programs
     return experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles, alignment,
                    w_gate_up_scale, w_down_scale, skip_unrouted=skip_unrouted, out=out,
-                   grid_blocks=max_blocks_for(expected * top_k, num_experts, tiles.block_m),
-                   num_rows=num_rows, grid_rows=expected, landing=landing)
+                   grid_blocks=grid_blocks, num_rows=num_rows, grid_rows=expected,
+                   landing=landing, crowded=crowded)
+
+
+CROWDED_TILE_TOKENS = 1024  # the second tile set of a receive buffer is chosen for this many
+
+
+def _crowded_tiles(tiles: ExpertTiles, expected: int, num_tokens: int, num_rows, w_scale,
+                   num_experts, hidden, inter, top_k, x) -> ExpertTiles | None:
+    """A receive buffer's second tile set, for when it fills far past the tokens its rank
+    expects (peers with larger batches than its own, known on the device only): the
+    tiles for CROWDED_TILE_TOKENS tokens, where those align with another block size
+    than ``tiles`` and the buffer can hold more rows than the switch point (float
+    weights; rows counted on the device). None where one set serves."""
+    if num_rows is None or w_scale is not None or expected * 4 >= CROWDED_TILE_TOKENS:
+        return None
+    if num_tokens <= max(BLOCKS.crowded_rows, 4 * expected):
+        return None
+    crowded = expert_tiles(min(num_tokens, CROWDED_TILE_TOKENS), num_experts, hidden, inter,
+                           top_k, x.dtype, x.device)
+    return crowded if crowded.block_m != tiles.block_m else None
 
 
 def fused_moe_impl(hidden_states, router_weight, w_gate_up, w_down, routing: Routing,

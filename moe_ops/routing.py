@@ -148,6 +148,28 @@ def align_ids(topk_ids, num_experts: int, block_m: int,
                   num_experts, block_m, num_rows)
 
 
+class BlockSwitch(NamedTuple):
+    """Align with ``block_m`` instead where more than ``rows`` rows are filled."""
+    block_m: int
+    rows: int
+
+
+def align_ids_switched(topk_ids, num_experts: int, block_m: int, expected_tokens: int,
+                       num_rows, switch: BlockSwitch) -> tuple[Alignment, Alignment]:
+    """``align_ids`` of a receive buffer (T above the decode sizes, ``num_rows`` given)
+    whose block size is chosen on the device by its fill (``BlockSwitch``): one alignment,
+    seen as two that share its arrays, each with its own blocks-in-use word, 0 in the one
+    not chosen, so that GEMMs launched for each find blocks in one only."""
+    if _is_decode(expected_tokens):
+        both = _rank_align(topk_ids, num_experts, block_m, expected_tokens, num_rows, switch)
+    else:
+        both = _align(topk_ids, _rank(topk_ids, num_experts, expected_tokens, num_rows),
+                      num_experts, block_m, num_rows, switch)
+    return tuple(Alignment(both.sorted_slots, both.block_expert, both.num_blocks[i:i + 1],
+                           max_blocks_for(topk_ids.numel(), num_experts, size))
+                 for i, size in enumerate((block_m, switch.block_m)))
+
+
 # ------------------------------------------------------------------ T > DECODE_MAX_T
 
 def _rank_block_t(num_tokens: int, num_experts: int, top_k: int) -> int:
@@ -228,44 +250,58 @@ def _rank(topk_ids, num_experts, sizing_tokens=None, num_rows=None) -> _TokenBlo
     return ranks
 
 
-def _empty_alignment(num_slots, num_experts, block_m, device) -> Alignment:
-    max_blocks = max_blocks_for(num_slots, num_experts, block_m)
-    return Alignment(torch.empty(max_blocks * block_m, dtype=torch.int32, device=device),
-                     torch.empty(max_blocks, dtype=torch.int32, device=device),
-                     torch.empty(1, dtype=torch.int32, device=device), max_blocks)
+def _empty_alignment(num_slots, num_experts, block_m, device,
+                     switch: BlockSwitch | None = None) -> Alignment:
+    """Arrays for the alignment; with ``switch`` large enough for either block size (and
+    two blocks-in-use words), max_blocks the larger."""
+    sizes = (block_m,) if switch is None else (block_m, switch.block_m)
+    blocks = [max_blocks_for(num_slots, num_experts, size) for size in sizes]
+    rows = max(b * size for b, size in zip(blocks, sizes))
+    return Alignment(torch.empty(rows, dtype=torch.int32, device=device),
+                     torch.empty(max(blocks), dtype=torch.int32, device=device),
+                     torch.empty(len(sizes), dtype=torch.int32, device=device), max(blocks))
 
 
-def _align(topk_ids, ranks: _TokenBlockRanks, num_experts, block_m, num_rows=None) -> Alignment:
-    alignment = _empty_alignment(topk_ids.numel(), num_experts, block_m, topk_ids.device)
+def _switch_args(switch: BlockSwitch | None) -> tuple[int, int]:
+    """(switch_rows, BIG_BLOCK_M) of the align kernels; (0, 0): no switch."""
+    return (0, 0) if switch is None else (switch.rows, switch.block_m)
+
+
+def _align(topk_ids, ranks: _TokenBlockRanks, num_experts, block_m, num_rows=None,
+           switch: BlockSwitch | None = None) -> Alignment:
+    alignment = _empty_alignment(topk_ids.numel(), num_experts, block_m, topk_ids.device, switch)
     e_pad = _pow2_at_least(num_experts, 16)
+    switch_rows, big_block_m = _switch_args(switch)
     with stage_range("align"):
         align_kernel[(1,)](
             topk_ids, ranks.block_counts, ranks.ranks, alignment.sorted_slots,
             alignment.block_expert, alignment.num_blocks,
             topk_ids.numel(), ranks.block_counts.shape[0], alignment.max_blocks,
             num_rows if num_rows is not None else topk_ids,  # unread without HAS_ROWS
-            NUM_EXPERTS=num_experts, TOP_K=topk_ids.shape[1], RANK_BLOCK_T=ranks.block_t,
-            E_PAD=e_pad, BLOCK_M=block_m, TB_CHUNK=max(1, 4096 // e_pad),
-            BLOCK_CHUNK=max(16, 4096 // e_pad), CHUNK=4096, HAS_ROWS=num_rows is not None,
-            num_warps=8,
+            switch_rows, NUM_EXPERTS=num_experts, TOP_K=topk_ids.shape[1],
+            RANK_BLOCK_T=ranks.block_t, E_PAD=e_pad, BLOCK_M=block_m, BIG_BLOCK_M=big_block_m,
+            TB_CHUNK=max(1, 4096 // e_pad), BLOCK_CHUNK=max(16, 4096 // e_pad), CHUNK=4096,
+            HAS_ROWS=num_rows is not None, num_warps=8,
         )
     return alignment
 
 
-def _rank_align(topk_ids, num_experts, block_m, sizing_tokens, num_rows) -> Alignment:
+def _rank_align(topk_ids, num_experts, block_m, sizing_tokens, num_rows,
+                switch: BlockSwitch | None = None) -> Alignment:
     """``rank_align_kernel``: both steps in one launch over the filled rows."""
     num_tokens, top_k = topk_ids.shape
     ranks = _empty_ranks(num_tokens, num_experts, top_k, topk_ids.device, sizing_tokens)
-    alignment = _empty_alignment(topk_ids.numel(), num_experts, block_m, topk_ids.device)
+    alignment = _empty_alignment(topk_ids.numel(), num_experts, block_m, topk_ids.device, switch)
     e_pad = _pow2_at_least(num_experts, 16)
+    switch_rows, big_block_m = _switch_args(switch)
     with stage_range("align"):
         rank_align_kernel[(1,)](
             topk_ids, ranks.block_counts, ranks.ranks, alignment.sorted_slots,
             alignment.block_expert, alignment.num_blocks, num_tokens,
-            ranks.block_counts.shape[0], alignment.max_blocks, num_rows,
+            ranks.block_counts.shape[0], alignment.max_blocks, num_rows, switch_rows,
             NUM_EXPERTS=num_experts, TOP_K=top_k, E_PAD=e_pad, K_PAD=_pow2_at_least(top_k),
             RANK_BLOCK_T=ranks.block_t, ONE_HOT_ROWS=BLOCKS.one_hot_rows,
-            ALL_ROWS=_pow2_at_least(num_tokens), BLOCK_M=block_m,
+            ALL_ROWS=_pow2_at_least(num_tokens), BLOCK_M=block_m, BIG_BLOCK_M=big_block_m,
             TB_CHUNK=max(1, 4096 // e_pad), BLOCK_CHUNK=max(16, 4096 // e_pad), CHUNK=4096,
             num_warps=8,
         )

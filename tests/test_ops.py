@@ -247,7 +247,7 @@ def test_many_token_blocks(name, device):
     # Enough tokens for several programs of the router/rank step on every device.
     config = shrink(name, hidden_size=32, intermediate_size=16)
     layer = make_layer(config, torch.float32, device)
-    x = torch.randn(700, config.hidden_size, device=device)
+    x = torch.randn(300, config.hidden_size, device=device)
     ref = moe_reference(x, *layer[:3], score_bias=layer[3], **config.routing_kwargs())
     assert_close_l2(run_fused_moe(x, *layer, config), ref, 1e-4)
     weights, ids = route_reference(x, layer[0], score_bias=layer[3], **config.routing_kwargs())
@@ -281,7 +281,7 @@ NON_FINITE = [pytest.param(float("nan"), id="nan"), pytest.param(float("inf"), i
 
 @ALLOW_NON_FINITE
 @pytest.mark.parametrize("bad", NON_FINITE)
-@pytest.mark.parametrize("num_tokens", [5, 40])  # the decode path and the token-block path
+@pytest.mark.parametrize("num_tokens", [5, 24])  # the decode path and the token-block path
 @pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v3"])  # softmax; sigmoid, grouped
 def test_non_finite_token_poisons_only_its_own_output(name, num_tokens, bad, device):
     """As moe_reference: in-range ids (NaN ranks above every number, as in torch.topk),

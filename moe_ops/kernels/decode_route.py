@@ -81,6 +81,6 @@ def select_align_kernel(
                 NUM_EXPERTS, E_PAD, BLOCK_T * K_PAD)
     tl.debug_barrier()  # the ids, counts and ranks above are read back below
     align_kernel(topk_ids_ptr, block_counts_ptr, ranks_ptr, sorted_slots_ptr, block_expert_ptr,
-                 num_blocks_ptr, num_tokens * TOP_K, 1, max_blocks, topk_ids_ptr, NUM_EXPERTS,
-                 TOP_K, BLOCK_T, E_PAD, BLOCK_M, 2, BLOCK_CHUNK, CHUNK,
+                 num_blocks_ptr, num_tokens * TOP_K, 1, max_blocks, topk_ids_ptr, 0,
+                 NUM_EXPERTS, TOP_K, BLOCK_T, E_PAD, BLOCK_M, 0, 2, BLOCK_CHUNK, CHUNK,
                  False)  # TB_CHUNK 2: no size-1 tiles; every row may hold ids
