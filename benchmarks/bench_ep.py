@@ -11,6 +11,8 @@ per-call CUDA-event timings:
                          (``early_gate_up = False``)
     ep_all_to_all        all_to_all transport with max_tokens_per_rank=T (fixed splits)
     ep_nvlink_serving    nvlink with a serving capacity max_tokens_per_rank=max(T, --capacity)
+    ep_nvlink_serving_one_set  the same without the receiver's second tile set for
+                         uneven batches (``uneven_batches = False``)
     ep_all_to_all_serving  all_to_all with that capacity (what a server sized once pays)
     ep_all_to_all_sync   all_to_all without it (one count exchange, host-synced), eager
     compute_only         this rank's fused_experts on exactly the rows it receives
@@ -207,8 +209,11 @@ def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
             layer.early_gate_up = True
             timed("comm_only", lambda: comm_round_trip(layer, x), True)
             layer.set_transport("nvlink", capacity)
-            outputs["ep_nvlink_serving"] = timed("ep_nvlink_serving", lambda: layer.forward_impl(x),
-                                                 True).clone()
+            for system, uneven in (("ep_nvlink_serving", True),
+                                   ("ep_nvlink_serving_one_set", False)):
+                layer.uneven_batches = uneven
+                outputs[system] = timed(system, lambda: layer.forward_impl(x), True).clone()
+            layer.uneven_batches = True
         layer.set_transport("all_to_all", T)
         outputs["ep_all_to_all"] = timed("ep_all_to_all", lambda: layer.forward_impl(x), True).clone()
         layer.set_transport("all_to_all", capacity)

@@ -13,7 +13,9 @@ rows agree:
     sparse   the same buffer with tiles and GEMM grids for T tokens, unrouted rows left
              unwritten (``skip_unrouted``), every row's ids still read
     layer    as ``ExpertParallelMoE`` computes it: sparse, and read up to the filled
-             rows only (``num_rows``, on the device)
+             rows only (``num_rows``, on the device), with the second tile set for a
+             buffer filled far past T (``second_tiles``, launched, idle here)
+    one_set  the layer's call without that second tile set
     landing  the layer's call when gate_up starts on rows still landing (``Landing``):
              each gate_up tile first checks the flags of its rows' sources (all raised
              here: what the check costs, not what the overlap hides)
@@ -24,9 +26,10 @@ while it has T itself (ranks with different batches, as under data-parallel atte
 its layer call (tiles and grids for T, as the layer sizes them, and with
 ``--tile-tokens`` for other counts) against the tight call of the W*P rows received.
 
-``landing / layer`` is then measured again as the median of ``--ab`` alternating pairs of
-graph replays (one variant's timing right after the other's, so that clock and thermal
-drift cancel): the cost of the early start, the number the layer's choice rests on.
+``landing / layer`` and ``layer / one_set`` are then measured again as the median of
+``--ab`` alternating pairs of graph replays (one variant's timing right after the
+other's, so that clock and thermal drift cancel): the costs of the early start and of
+the idle second tile set, the numbers the layer's defaults rest on.
 
 One GPU is enough; run from the checkout root::
 
@@ -96,7 +99,7 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 128])
     p.add_argument("--capacity", type=int, default=4096)
     p.add_argument("--world", type=int, default=2)
-    p.add_argument("--ab", type=int, default=7, help="alternating landing/layer pairs")
+    p.add_argument("--ab", type=int, default=7, help="alternating pairs per comparison")
     p.add_argument("--peer-tokens", nargs="*", type=int, default=[],
                    help="also: receive W*P rows while expecting T (P >= T)")
     p.add_argument("--tile-tokens", nargs="*", type=int, default=[],
@@ -133,6 +136,7 @@ def main(argv=None) -> None:
             variants = (("padded", (x, w, ids), {}),
                         ("sparse", (x, w, ids), sparse),
                         ("layer", (x, w, ids), layer),
+                        ("one_set", (x, w, ids), dict(layer, second_tiles=False)),
                         ("landing", (x, w, ids), dict(layer, landing=landed)),
                         ("tight", tight, {}))
             forwards = {}
@@ -146,18 +150,19 @@ def main(argv=None) -> None:
                       f"{xs.shape[0]} rows] {times[label]:.4f} ms")
                 for kernel, us in profile_kernels(forward, runs=5):
                     print(f"    {kernel[:48]:48s} {us:9.1f} us")
-            for label in ("padded", "sparse", "layer", "landing"):  # the same rows, the same sums
+            for label in ("padded", "sparse", "layer", "one_set", "landing"):  # the same sums
                 error = rel_l2(outs[label][:filled], outs["tight"])
                 if not error <= 1e-2:
                     raise SystemExit(f"{name} T={t}: {label} rows differ from tight by {error}")
             print(f"[{name} T={t}] " + ", ".join(
                 f"{label} / tight = {times[label] / times['tight']:.2f}x"
-                for label in ("padded", "sparse", "layer", "landing"))
+                for label in ("padded", "sparse", "layer", "one_set", "landing"))
                 + f", landing / layer = {times['landing'] / times['layer']:.3f}x")
-            pairs = sorted(timer.replayed(forwards["landing"]) / timer.replayed(forwards["layer"])
-                           for _ in range(args.ab))
-            print(f"[{name} T={t}] landing / layer, median of {args.ab} alternating pairs: "
-                  f"{pairs[len(pairs) // 2]:.3f}x (range {pairs[0]:.3f}-{pairs[-1]:.3f})")
+            for a, b in (("landing", "layer"), ("layer", "one_set")):
+                pairs = sorted(timer.replayed(forwards[a]) / timer.replayed(forwards[b])
+                               for _ in range(args.ab))
+                print(f"[{name} T={t}] {a} / {b}, median of {args.ab} alternating pairs: "
+                      f"{pairs[len(pairs) // 2]:.3f}x (range {pairs[0]:.3f}-{pairs[-1]:.3f})")
             for peers in (p for p in args.peer_tokens if t <= p <= args.capacity):
                 crowded(name, t, peers, args, w_gate_up, w_down, gen, timer)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SYSTEMS = ["ep_nvlink", "ep_nvlink_all_rows", "ep_nvlink_serving", "ep_all_to_all",
-           "ep_all_to_all_serving", "ep_all_to_all_sync", "compute_only", "shared_only",
-           "comm_only", "baseline"]
+SYSTEMS = ["ep_nvlink", "ep_nvlink_all_rows", "ep_nvlink_serving", "ep_nvlink_serving_one_set",
+           "ep_all_to_all", "ep_all_to_all_serving", "ep_all_to_all_sync", "compute_only",
+           "shared_only", "comm_only", "baseline"]
 
 
 def write_outputs(rows, stamp, out_dir: Path, stem: str) -> None:
