@@ -4,7 +4,7 @@ forward over a capacity-sized receive buffer against the same rows packed tight.
 An expert-parallel rank with ``max_tokens_per_rank=C`` has a receive buffer of W*C rows;
 over ``nvlink`` the senders fill its first rows (each reserves its block there) and the
 rank knows on the device how many. Per (model, T, C), W ranks sending T tokens each, this
-times the expert pipeline on the rank's E/W experts four ways (CUDA-graph replay, median)
+times the expert pipeline on the rank's E/W experts six ways (CUDA-graph replay, median)
 and lists each launch's time (torch.profiler, L2 flushed), after checking that the real
 rows agree:
 
