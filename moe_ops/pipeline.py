@@ -214,7 +214,7 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     sets = [(tiles, alignment, grid_blocks)] + ([tuple(crowded)] if crowded else [])
     h_rows = max(a.max_blocks * t.block_m if t.h_block_order else num_slots for t, a, _ in sets)
     scheme = scheme_of(w_gate_up_scale)
-    if crowded and (scheme is not None or crowded.tiles.gate_up.A_FP8):
+    if crowded and scheme is not None:
         raise ValueError("a crowded tile set needs float expert weights")
     x, x_scale = hidden_states, None
     if tiles.gate_up.A_FP8:
@@ -292,15 +292,15 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
     if num_rows is not None and not skip_unrouted:
         raise ValueError("num_rows leaves rows unwritten: it needs skip_unrouted=True")
     grid_blocks = max_blocks_for(expected * top_k, num_experts, tiles.block_m)
-    crowded_tiles = second_tiles and _crowded_tiles(
+    crowded_tiles = _crowded_tiles(
         tiles, expected, num_tokens, num_rows, w_gate_up_scale, num_experts, hidden, inter,
-        top_k, hidden_states)
+        top_k, hidden_states) if second_tiles else None
     crowded = None
-    if not crowded_tiles:
+    if crowded_tiles is None:
         alignment = align_ids(topk_ids, num_experts, tiles.block_m,
                               expected if expected < num_tokens else None, num_rows)
     else:
-        switch = BlockSwitch(crowded_tiles.block_m, max(BLOCKS.crowded_rows, 4 * expected))
+        switch = BlockSwitch(crowded_tiles.block_m, _switch_rows(expected))
         alignment, crowded_alignment = align_ids_switched(
             topk_ids, num_experts, tiles.block_m, expected, num_rows, switch)
         crowded = Crowded(crowded_tiles, crowded_alignment, 1)  # grid: busy_programs
@@ -322,11 +322,16 @@ def _crowded_tiles(tiles: ExpertTiles, expected: int, num_tokens: int, num_rows,
     weights; rows counted on the device). None where one set serves."""
     if num_rows is None or w_scale is not None or expected * 4 >= CROWDED_TILE_TOKENS:
         return None
-    if num_tokens <= max(BLOCKS.crowded_rows, 4 * expected):
+    if num_tokens <= _switch_rows(expected):
         return None
     crowded = expert_tiles(min(num_tokens, CROWDED_TILE_TOKENS), num_experts, hidden, inter,
                            top_k, x.dtype, x.device)
     return crowded if crowded.block_m != tiles.block_m else None
+
+
+def _switch_rows(expected: int) -> int:
+    """Filled rows past which a receive buffer takes its second tile set."""
+    return max(BLOCKS.crowded_rows, 4 * expected)
 
 
 def fused_moe_impl(hidden_states, router_weight, w_gate_up, w_down, routing: Routing,
