@@ -133,10 +133,11 @@ class ExpertParallelMoE(nn.Module):
     ``early_gate_up = False`` makes it wait for all of them (the benchmark compares both).
     With ``max_tokens_per_rank`` a rank's expert tiles follow its own token count, and
     peers may send it far more (ranks with uneven batches, as under data-parallel
-    attention): ``uneven_batches`` (default True) launches a second tile set for a fill
-    far past its own count, chosen on the device (``moe_ops.pipeline``: two more launches,
-    a few us; without them such a fill runs 4-10x slower); set it False where every rank
-    always runs about as many tokens as the others.
+    attention): ``uneven_batches`` (default True) launches a second tile set, taken on
+    the device where the slots routed here run far past its own count's
+    (``moe_ops.pipeline``: two more launches, a few us; without them such a forward's
+    expert compute runs 4-10x slower); set it False where every rank always runs about
+    as many tokens as the others.
     """
 
     def __init__(self, moe: FusedMoE, group=None, transport: str = "auto",

@@ -277,10 +277,10 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
     expects (``tile_tokens``: tiles and GEMM grids sized for that many, any more still
     computed), ``skip_unrouted``, ``out`` and, where its filled rows are known on the
     device, ``num_rows`` (see ``experts``; the alignment then reads only those rows), and
-    ``landing`` where its rows are still arriving (``Landing``). With ``num_rows`` and
-    ``second_tiles`` a buffer that may fill far past the tokens expected (peers with
-    larger batches) also gets a second tile set, chosen on the device by the fill
-    (``_crowded_tiles``: two more GEMM launches, which find no block unless chosen)."""
+    ``landing`` where its rows are still arriving (``Landing``). With ``second_tiles`` a
+    buffer that may fill far past the tokens expected (peers with larger batches) also
+    gets a second tile set, chosen on the device by the slots routed (``_crowded_tiles``:
+    two more GEMM launches, which find no block unless chosen)."""
     num_tokens, hidden = hidden_states.shape
     if num_tokens == 0:
         return torch.empty_like(hidden_states)
@@ -300,7 +300,7 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
         alignment = align_ids(topk_ids, num_experts, tiles.block_m,
                               expected if expected < num_tokens else None, num_rows)
     else:
-        switch = BlockSwitch(crowded_tiles.block_m, _switch_rows(expected))
+        switch = BlockSwitch(crowded_tiles.block_m, _switch_slots(expected, top_k))
         alignment, crowded_alignment = align_ids_switched(
             topk_ids, num_experts, tiles.block_m, expected, num_rows, switch)
         crowded = Crowded(crowded_tiles, crowded_alignment, 1)  # grid: busy_programs
@@ -318,20 +318,21 @@ def _crowded_tiles(tiles: ExpertTiles, expected: int, num_tokens: int, num_rows,
     """A receive buffer's second tile set, for when it fills far past the tokens its rank
     expects (peers with larger batches than its own, known on the device only): the
     tiles for CROWDED_TILE_TOKENS tokens, where those align with another block size
-    than ``tiles`` and the buffer can hold more rows than the switch point (float
-    weights; rows counted on the device). None where one set serves."""
-    if num_rows is None or w_scale is not None or expected * 4 >= CROWDED_TILE_TOKENS:
+    than ``tiles`` and the buffer can hold more slots than the switch point (float
+    weights). None where one set serves."""
+    if w_scale is not None or expected * 4 >= CROWDED_TILE_TOKENS:
         return None
-    if num_tokens <= _switch_rows(expected):
+    if num_tokens * top_k <= _switch_slots(expected, top_k):
         return None
     crowded = expert_tiles(min(num_tokens, CROWDED_TILE_TOKENS), num_experts, hidden, inter,
                            top_k, x.dtype, x.device)
     return crowded if crowded.block_m != tiles.block_m else None
 
 
-def _switch_rows(expected: int) -> int:
-    """Filled rows past which a receive buffer takes its second tile set."""
-    return max(BLOCKS.crowded_rows, 4 * expected)
+def _switch_slots(expected: int, top_k: int) -> int:
+    """Routed slots past which a receive buffer takes its second tile set: those of 4x
+    the tokens expected, at least of ``crowded_rows`` tokens."""
+    return max(BLOCKS.crowded_rows, 4 * expected) * top_k
 
 
 def fused_moe_impl(hidden_states, router_weight, w_gate_up, w_down, routing: Routing,

@@ -149,18 +149,18 @@ def align_ids(topk_ids, num_experts: int, block_m: int,
 
 
 class BlockSwitch(NamedTuple):
-    """Align with ``block_m`` instead where more than ``rows`` rows are filled."""
+    """Align with ``block_m`` instead where more than ``slots`` slots are routed."""
     block_m: int
-    rows: int
+    slots: int
 
 
 def align_ids_switched(topk_ids, num_experts: int, block_m: int, expected_tokens: int,
                        num_rows, switch: BlockSwitch) -> tuple[Alignment, Alignment]:
-    """``align_ids`` of a receive buffer (T above the decode sizes, ``num_rows`` given)
-    whose block size is chosen on the device by its fill (``BlockSwitch``): one alignment,
-    seen as two that share its arrays, each with its own blocks-in-use word, 0 in the one
-    not chosen, so that GEMMs launched for each find blocks in one only."""
-    if _is_decode(expected_tokens):
+    """``align_ids`` of a receive buffer (T above the decode sizes) whose block size is
+    chosen on the device by the slots routed (``BlockSwitch``): one alignment, seen as
+    two that share its arrays, each with its own blocks-in-use word, 0 in the one not
+    chosen, so that GEMMs launched for each find blocks in one only."""
+    if num_rows is not None and _is_decode(expected_tokens):
         both = _rank_align(topk_ids, num_experts, block_m, expected_tokens, num_rows, switch)
     else:
         both = _align(topk_ids, _rank(topk_ids, num_experts, expected_tokens, num_rows),
@@ -263,22 +263,22 @@ def _empty_alignment(num_slots, num_experts, block_m, device,
 
 
 def _switch_args(switch: BlockSwitch | None) -> tuple[int, int]:
-    """(switch_rows, BIG_BLOCK_M) of the align kernels; (0, 0): no switch."""
-    return (0, 0) if switch is None else (switch.rows, switch.block_m)
+    """(switch_slots, BIG_BLOCK_M) of the align kernels; (0, 0): no switch."""
+    return (0, 0) if switch is None else (switch.slots, switch.block_m)
 
 
 def _align(topk_ids, ranks: _TokenBlockRanks, num_experts, block_m, num_rows=None,
            switch: BlockSwitch | None = None) -> Alignment:
     alignment = _empty_alignment(topk_ids.numel(), num_experts, block_m, topk_ids.device, switch)
     e_pad = _pow2_at_least(num_experts, 16)
-    switch_rows, big_block_m = _switch_args(switch)
+    switch_slots, big_block_m = _switch_args(switch)
     with stage_range("align"):
         align_kernel[(1,)](
             topk_ids, ranks.block_counts, ranks.ranks, alignment.sorted_slots,
             alignment.block_expert, alignment.num_blocks,
             topk_ids.numel(), ranks.block_counts.shape[0], alignment.max_blocks,
             num_rows if num_rows is not None else topk_ids,  # unread without HAS_ROWS
-            switch_rows, NUM_EXPERTS=num_experts, TOP_K=topk_ids.shape[1],
+            switch_slots, NUM_EXPERTS=num_experts, TOP_K=topk_ids.shape[1],
             RANK_BLOCK_T=ranks.block_t, E_PAD=e_pad, BLOCK_M=block_m, BIG_BLOCK_M=big_block_m,
             TB_CHUNK=max(1, 4096 // e_pad), BLOCK_CHUNK=max(16, 4096 // e_pad), CHUNK=4096,
             HAS_ROWS=num_rows is not None, num_warps=8,
@@ -293,12 +293,12 @@ def _rank_align(topk_ids, num_experts, block_m, sizing_tokens, num_rows,
     ranks = _empty_ranks(num_tokens, num_experts, top_k, topk_ids.device, sizing_tokens)
     alignment = _empty_alignment(topk_ids.numel(), num_experts, block_m, topk_ids.device, switch)
     e_pad = _pow2_at_least(num_experts, 16)
-    switch_rows, big_block_m = _switch_args(switch)
+    switch_slots, big_block_m = _switch_args(switch)
     with stage_range("align"):
         rank_align_kernel[(1,)](
             topk_ids, ranks.block_counts, ranks.ranks, alignment.sorted_slots,
             alignment.block_expert, alignment.num_blocks, num_tokens,
-            ranks.block_counts.shape[0], alignment.max_blocks, num_rows, switch_rows,
+            ranks.block_counts.shape[0], alignment.max_blocks, num_rows, switch_slots,
             NUM_EXPERTS=num_experts, TOP_K=top_k, E_PAD=e_pad, K_PAD=_pow2_at_least(top_k),
             RANK_BLOCK_T=ranks.block_t, ONE_HOT_ROWS=BLOCKS.one_hot_rows,
             ALL_ROWS=_pow2_at_least(num_tokens), BLOCK_M=block_m, BIG_BLOCK_M=big_block_m,

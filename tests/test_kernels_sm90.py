@@ -71,14 +71,14 @@ build(rank_kernel, dict(topk_ids_ptr="*i32", block_counts_ptr="*i32", ranks_ptr=
 build(align_kernel, dict(topk_ids_ptr="*i32", block_counts_ptr="*i32", ranks_ptr="*i32",
                          sorted_slots_ptr="*i32", block_expert_ptr="*i32",
                          num_blocks_ptr="*i32", num_slots="i32", num_token_blocks="i32",
-                         max_blocks="i32", rows_ptr="*i32", switch_rows="i32"),
+                         max_blocks="i32", rows_ptr="*i32", switch_slots="i32"),
       dict(NUM_EXPERTS=128, TOP_K=8, RANK_BLOCK_T=64, E_PAD=128, BLOCK_M=16, BIG_BLOCK_M=64,
            TB_CHUNK=32, BLOCK_CHUNK=32, CHUNK=4096, HAS_ROWS=True), ["topk_ids_ptr"],
       num_warps=8)
 build(rank_align_kernel, dict(topk_ids_ptr="*i32", block_counts_ptr="*i32", ranks_ptr="*i32",
                               sorted_slots_ptr="*i32", block_expert_ptr="*i32",
                               num_blocks_ptr="*i32", num_tokens="i32", num_token_blocks="i32",
-                              max_blocks="i32", rows_ptr="*i32", switch_rows="i32"),
+                              max_blocks="i32", rows_ptr="*i32", switch_slots="i32"),
       dict(NUM_EXPERTS=128, TOP_K=8, E_PAD=128, K_PAD=8, RANK_BLOCK_T=32, ONE_HOT_ROWS=64,
            ALL_ROWS=8192, BLOCK_M=16, BIG_BLOCK_M=0, TB_CHUNK=32, BLOCK_CHUNK=32, CHUNK=4096),
       ["topk_ids_ptr"], num_warps=8)

@@ -58,24 +58,27 @@ def test_decode_alignment_of_given_ids_drops_the_out_of_range_ones(num_experts, 
     check_alignment(ids, align_ids(ids, num_experts, block_m), block_m, num_experts)
 
 
+@pytest.mark.parametrize("counted", [True, False])  # the filled rows known on the device
 @pytest.mark.parametrize("expected", [1, 24])  # one launch ranks and aligns; rank, then align
 @pytest.mark.parametrize("fill", [3, 150])
-def test_switched_alignment_picks_its_block_size_by_the_fill(fill, expected, device):
+def test_switched_alignment_picks_its_block_size_by_the_slots_routed(fill, expected, counted,
+                                                                     device):
     """A receive buffer aligned two ways (``align_ids_switched``): up to the switch point
-    its filled rows are aligned in blocks of 16 and the big blocks' word says 0, past it
-    in blocks of 64 and the small blocks' word says 0; rows past the fill hold ids that
-    must not be read."""
+    (slots routed in its filled rows) in blocks of 16 and the big blocks' word says 0,
+    past it in blocks of 64 and the small blocks' word says 0. Counted: rows past the
+    fill hold ids that must not be read; else they hold none."""
     from moe_ops.routing import BlockSwitch, align_ids_switched
 
-    num_experts, top_k, rows, switch_rows = 16, 4, 200, 100
+    num_experts, top_k, rows, switch_slots = 16, 4, 200, 100
     ids = torch.stack([torch.randperm(num_experts, device=device)[:top_k]
                        for _ in range(rows)]).int()
     ids[::5, 1] = -1
-    num_rows = torch.tensor([fill], dtype=torch.int32, device=device)
-    small, big = align_ids_switched(ids, num_experts, 16, expected, num_rows,
-                                    BlockSwitch(64, switch_rows))
     visible = ids.clone()
     visible[fill:] = -1
-    chosen, idle, block_m = (big, small, 64) if fill > switch_rows else (small, big, 16)
+    num_rows = torch.tensor([fill], dtype=torch.int32, device=device) if counted else None
+    small, big = align_ids_switched(ids if counted else visible, num_experts, 16, expected,
+                                    num_rows, BlockSwitch(64, switch_slots))
+    routed = int((visible >= 0).sum())
+    chosen, idle, block_m = (big, small, 64) if routed > switch_slots else (small, big, 16)
     assert int(idle.num_blocks.item()) == 0
     check_alignment(visible, chosen, block_m, num_experts)

@@ -88,7 +88,7 @@ def _rank_block(topk_ids_ptr, block_counts_ptr, ranks_ptr, tb, num_tokens,
 def align_kernel(
     topk_ids_ptr, block_counts_ptr, ranks_ptr,
     sorted_slots_ptr, block_expert_ptr, num_blocks_ptr,
-    num_slots, num_token_blocks, max_blocks, rows_ptr, switch_rows,
+    num_slots, num_token_blocks, max_blocks, rows_ptr, switch_slots,
     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, RANK_BLOCK_T: tl.constexpr,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BIG_BLOCK_M: tl.constexpr,
     TB_CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr, CHUNK: tl.constexpr,
@@ -97,8 +97,8 @@ def align_kernel(
     """Step 2; grid = (1,). Rewrites block_counts in place into each block's first row.
     ``select_align_kernel`` calls it as its second half.
 
-    With BIG_BLOCK_M (and HAS_ROWS) the block size is chosen here: BIG_BLOCK_M where more
-    than switch_rows rows are filled, else BLOCK_M, and num_blocks_ptr holds two words,
+    With BIG_BLOCK_M the block size is chosen here: BIG_BLOCK_M where more than
+    switch_slots slots are routed, else BLOCK_M, and num_blocks_ptr holds two words,
     the blocks in use at [0] where BLOCK_M was chosen, at [1] where BIG_BLOCK_M was, the
     other one 0 (of two GEMM launches, one per choice, only one finds blocks to compute)."""
     offs_e = tl.arange(0, E_PAD)
@@ -112,9 +112,6 @@ def align_kernel(
         rows_used = tl.minimum(tl.load(rows_ptr), num_slots // TOP_K)
         num_token_blocks = tl.minimum(tl.cdiv(rows_used, RANK_BLOCK_T), num_token_blocks)
         used_slots = rows_used * TOP_K
-        if BIG_BLOCK_M > 0:
-            big = (rows_used > switch_rows).to(tl.int32)
-            block_m = tl.where(big != 0, BIG_BLOCK_M, BLOCK_M)
     counts = tl.zeros([E_PAD], dtype=tl.int32)
     for tb0 in range(0, num_token_blocks, TB_CHUNK):
         rows = tb0 + offs_tb
@@ -122,6 +119,9 @@ def align_kernel(
         mask = (rows[:, None] < num_token_blocks) & expert_mask[None, :]
         counts += tl.sum(tl.load(ptrs, mask=mask, other=0), axis=0)
 
+    if BIG_BLOCK_M > 0:
+        big = (tl.sum(counts, axis=0) > switch_slots).to(tl.int32)
+        block_m = tl.where(big != 0, BIG_BLOCK_M, BLOCK_M)
     padded = tl.cdiv(counts, block_m) * block_m
     row_start = tl.cumsum(padded, axis=0) - padded
     block_start = row_start // block_m
@@ -194,7 +194,7 @@ def _count_ranks(topk_ids_ptr, counts_ptr, ranks_ptr, used_slots, NUM_EXPERTS: t
 @triton.jit
 def rank_align_kernel(
     topk_ids_ptr, block_counts_ptr, ranks_ptr, sorted_slots_ptr, block_expert_ptr,
-    num_blocks_ptr, num_tokens, num_token_blocks, max_blocks, rows_ptr, switch_rows,
+    num_blocks_ptr, num_tokens, num_token_blocks, max_blocks, rows_ptr, switch_slots,
     NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
     RANK_BLOCK_T: tl.constexpr, ONE_HOT_ROWS: tl.constexpr, ALL_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BIG_BLOCK_M: tl.constexpr, TB_CHUNK: tl.constexpr,
@@ -206,7 +206,7 @@ def rank_align_kernel(
     other, then step 2 as ``align_kernel`` with HAS_ROWS. More (peers with larger batches
     than this rank's): step 1 as one token block of ALL_ROWS (a power of two >= T) by
     counting (``_count_ranks``), whose cost grows with the slots alone, not slots times
-    experts as the one-hot's does. BIG_BLOCK_M, switch_rows: as ``align_kernel``'s."""
+    experts as the one-hot's does. BIG_BLOCK_M, switch_slots: as ``align_kernel``'s."""
     limit = tl.minimum(tl.load(rows_ptr), num_tokens)
     if limit <= ONE_HOT_ROWS:
         for tb in range(0, tl.cdiv(limit, RANK_BLOCK_T)):
@@ -215,7 +215,7 @@ def rank_align_kernel(
         tl.debug_barrier()  # the counts and ranks above are read back below
         align_kernel(topk_ids_ptr, block_counts_ptr, ranks_ptr, sorted_slots_ptr,
                      block_expert_ptr, num_blocks_ptr, num_tokens * TOP_K, num_token_blocks,
-                     max_blocks, rows_ptr, switch_rows, NUM_EXPERTS, TOP_K, RANK_BLOCK_T,
+                     max_blocks, rows_ptr, switch_slots, NUM_EXPERTS, TOP_K, RANK_BLOCK_T,
                      E_PAD, BLOCK_M, BIG_BLOCK_M, TB_CHUNK, BLOCK_CHUNK, CHUNK, True)
     else:
         _count_ranks(topk_ids_ptr, block_counts_ptr, ranks_ptr, limit * TOP_K, NUM_EXPERTS,
@@ -223,5 +223,5 @@ def rank_align_kernel(
         tl.debug_barrier()
         align_kernel(topk_ids_ptr, block_counts_ptr, ranks_ptr, sorted_slots_ptr,
                      block_expert_ptr, num_blocks_ptr, num_tokens * TOP_K, 1, max_blocks,
-                     rows_ptr, switch_rows, NUM_EXPERTS, TOP_K, ALL_ROWS, E_PAD, BLOCK_M,
+                     rows_ptr, switch_slots, NUM_EXPERTS, TOP_K, ALL_ROWS, E_PAD, BLOCK_M,
                      BIG_BLOCK_M, TB_CHUNK, BLOCK_CHUNK, CHUNK, True)
