@@ -13,7 +13,8 @@ Two steps, so that the single-program step does O(T*K + token_blocks*E) work:
            of BLOCK_M with the sentinel T*K, then expert 1's, ... (rows past the blocks
            in use unwritten)
        block_expert [max_blocks] int32: each block's expert, -1 past the last;
-       num_blocks [1] int32: the blocks in use,
+       num_blocks [1] int32: the blocks in use (two words where the kernel chooses
+           between two block sizes: ``align_kernel``),
    placing slot s at row_start[e] + (slots of e in earlier token blocks) + rank[s].
 
 ``rank_align_kernel`` runs both steps in one program over a receive buffer's filled rows
