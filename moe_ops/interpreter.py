@@ -29,7 +29,7 @@ class LaunchBlocks:
     route_block_h: int | None  # router K step (None: sized from shared memory on a GPU)
     rank_block_t: int | None  # tokens per rank program (None: sized from E and top-k)
     one_hot_rows: int  # most filled rows the one-launch alignment ranks by one-hot sums
-    crowded_rows: int  # fewest tokens' slots a receive buffer's second tile set may take
+    crowded_rows: int  # least tokens whose slots a receive buffer's second tile set needs
     router_partials_h: int  # K step of the decode router's split GEMM
     plan_block_t: int  # tokens per expert-parallel plan program
     gather_rows: int  # rows per expert-parallel packing program
