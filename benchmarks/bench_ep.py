@@ -22,6 +22,10 @@ per-call CUDA-event timings:
     baseline             what users write today: per-pair all_to_all_single with host-synced
                          splits, torch._grouped_mm experts, un-sort, weighted sum (eager)
 
+With ``--rank0-tokens N`` rank 0 brings N tokens and the others T (uneven batches, as
+under data-parallel attention; outputs ``ep_<gpu>x<W>_rank0-N``): rank 0's receiver then
+holds far more rows than its own N, the case ``uneven_batches`` is for.
+
 Every ep_* row also records ``wire_bytes``, the bytes its forward moves between ranks
 (``Transport.wire_rows``: over nvlink the routed rows there and back, over all_to_all
 capacity-sized blocks with fixed buffers and the routed rows without, headers included),
@@ -113,15 +117,25 @@ def route(layer, x):
                                      c.n_group, c.topk_group, bias, c.routed_scaling_factor)
 
 
+def gather_rows(t, world: int):
+    """Every rank's t [rows, ...] stacked in rank order; the ranks' row counts may differ
+    (host-synced; outside any timing)."""
+    count = torch.tensor([t.shape[0]], device=t.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c.item()) for c in counts]
+    padded = t.new_zeros(max(counts), *t.shape[1:])
+    padded[:t.shape[0]] = t
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, counts)])
+
+
 def received_rows(layer, x):
     """(rows x, weights, local ids, pairs): the tokens of every rank that need this
     rank's experts, as this rank receives them (host-synced; outside any timing)."""
     weights, ids = route(layer, x)
-    gathered = [torch.empty_like(t) for t in (x, weights, ids) for _ in range(layer.world_size)]
-    W = layer.world_size
-    for i, t in enumerate((x, weights, ids)):
-        dist.all_gather(gathered[i * W:(i + 1) * W], t)
-    all_x, all_w, all_ids = (torch.cat(gathered[i * W:(i + 1) * W]) for i in range(3))
+    all_x, all_w, all_ids = (gather_rows(t, layer.world_size) for t in (x, weights, ids))
     first = layer.expert_range.start
     local = all_ids - first
     owned = (local >= 0) & (local < len(layer.expert_range))
@@ -155,8 +169,11 @@ def bench_cell(layer, model, routing, T, args, ceilings, rows, stamp):
     c, W = layer.config, layer.world_size
     device = layer.router_weight.device
     torch.manual_seed(1000 + dist.get_rank() + T)
-    x = tokens_with_bias_input(T, c.hidden_size, layer.router_weight.dtype, device)
-    cell = dict(stamp, model=model, tokens_per_rank=T, routing=routing)
+    uneven = args.rank0_tokens is not None
+    own = args.rank0_tokens if uneven and dist.get_rank() == 0 else T
+    x = tokens_with_bias_input(own, c.hidden_size, layer.router_weight.dtype, device)
+    cell = dict(stamp, model=model, tokens_per_rank=T, routing=routing,
+                **(dict(rank0_tokens=args.rank0_tokens) if uneven else {}))
     results, outputs = {}, {}
 
     def record(system, ms, graph, note="", **extra):
@@ -268,6 +285,9 @@ def main(argv=None) -> None:
     parser.add_argument("--capacity", type=int, default=None,
                         help="serving max_tokens_per_rank of the *_serving rows (default 4096; "
                              "CPU 16)")
+    parser.add_argument("--rank0-tokens", type=int, default=None,
+                        help="uneven batches: rank 0 brings this many tokens (at most each "
+                             "--tokens value), the others T")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -290,7 +310,8 @@ def main(argv=None) -> None:
     stamp.update(bandwidth_tbs=ceilings.bandwidth / 1e12, matmul_tflops=ceilings.matmul_rate / 1e12)
     log(f"{gpu_name} x{W}: copy {ceilings.bandwidth / 1e12:.2f} TB/s, matmul "
         f"{ceilings.matmul_rate / 1e12:.0f} TFLOP/s")
-    stem = f"ep_{slug(gpu_name)}x{W}"
+    stem = f"ep_{slug(gpu_name)}x{W}" + (f"_rank0-{args.rank0_tokens}"
+                                         if args.rank0_tokens is not None else "")
     rows: list[dict] = []
     for model in args.models:
         layer = ExpertParallelMoE.from_config(layer_config(model, gpu),
@@ -298,7 +319,7 @@ def main(argv=None) -> None:
                                               device=device, transport="all_to_all", seed=0)
         for routing in args.routing:
             apply_routing(layer, routing, args.zipf_s)
-            for T in tokens:
+            for T in (t for t in tokens if (args.rank0_tokens or 0) <= t):
                 bench_cell(layer, model, routing, T, args, ceilings, rows, stamp)
             if dist.get_rank() == 0:
                 write_outputs(rows, stamp, out_dir, stem)

@@ -32,3 +32,22 @@ def test_bench_ep_records_serving_rows_and_bytes(tmp_path):
     # routed rows (at most 3 tokens to the other rank) are the least of the three.
     assert serving["wire_bytes"] > fixed["wire_bytes"] >= fixed["routed_bytes"] > 0
     assert "| MB moved |" in next(tmp_path.glob("ep_*.md")).read_text()
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU (gloo) run; GPUs run tools/gpu_session.sh ep")
+def test_bench_ep_uneven_batches(tmp_path):
+    """``--rank0-tokens``: rank 0 brings 1 token, rank 1 brings 40; every system agrees
+    (with capacity-sized buffers rank 0's receiver, expecting 1 token, takes its second
+    tile set: more slots arrive than those of the interpreter's 16-token switch point)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "benchmarks.bench_ep", "--models", "qwen3-30b-a3b", "--tokens", "40",
+         "--rank0-tokens", "1", "--routing", "uniform", "--iters", "1", "--capacity", "40",
+         "--out", str(tmp_path)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    rows = json.loads(next(tmp_path.glob("ep_*_rank0-1.json")).read_text())["rows"]
+    assert rows and all(row["rank0_tokens"] == 1 for row in rows)
+    assert max(row["max_rel_err"] for row in rows) <= 1e-4

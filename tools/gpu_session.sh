@@ -20,6 +20,9 @@
 #                                 EAGER_ARGS)                                      (~3 min)
 #   tools/gpu_session.sh ep       (2+ GPUs) the expert-parallel tests, then
 #                                 torchrun -m benchmarks.bench_ep (EP_ARGS)        (~8 min)
+#   tools/gpu_session.sh ep_uneven  (2+ GPUs) bench_ep with uneven batches: rank 0 brings 1
+#                                 token, the others T (--rank0-tokens 1; EP_UNEVEN_ARGS,
+#                                 default --tokens 128 4096 --routing uniform)      (~3 min)
 #   tools/gpu_session.sh ep_ce    (2+ GPUs) the nvlink dispatch two ways, in one call: SM
 #                                 stores (this tree) against the copy-engine design of
 #                                 commit 98a6ebd (bench_ep from a copy of it in
@@ -94,6 +97,12 @@ for step in "$@"; do
       tail -30 "$OUT/test_ep.log"
       timeout "${EP_BENCH_TIMEOUT_S:-420}" torchrun --nproc_per_node="$ngpu" -m benchmarks.bench_ep \
         --out "$OUT" ${EP_ARGS:-} 2>&1 | grep -v "^W1\|OMP_NUM\|\*\*\*\*" | tee "$OUT/bench_ep.log" | tail -40 ;;
+    ep_uneven)
+      ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
+      export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
+      timeout "${EP_BENCH_TIMEOUT_S:-420}" torchrun --nproc_per_node="$ngpu" -m benchmarks.bench_ep \
+        --out "$OUT" --rank0-tokens 1 ${EP_UNEVEN_ARGS:---tokens 128 4096 --routing uniform} 2>&1 \
+        | grep -v "^W1\|OMP_NUM\|\*\*\*\*" | tee "$OUT/bench_ep_uneven.log" | tail -20 ;;
     ep_ce)
       ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
       export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
@@ -119,6 +128,6 @@ for step in "$@"; do
       [ "$out_given" = yes ] || { echo "pack empties \$OUT: set OUT to a scratch folder" >&2; exit 2; }
       tar czf /tmp/session.tar.gz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/session.tar.gz "$OUT/" ;;
     *)
-      echo "unknown step '$step' (test, probe, tune, heuristic, bench, fp8, eager, ep, ep_ce, ep1, pack)" >&2; exit 2 ;;
+      echo "unknown step '$step' (test, probe, tune, heuristic, bench, fp8, eager, ep, ep_uneven, ep_ce, ep1, pack)" >&2; exit 2 ;;
   esac
 done
