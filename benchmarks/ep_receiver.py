@@ -66,11 +66,10 @@ def received_rows(num_tokens, capacity, world, top_k, local_experts, hidden, dty
     return x, weights, ids
 
 
-def crowded(name, t, peers, args, w_gate_up, w_down, gen, timer) -> None:
+def crowded(name, t, peers, top_k, args, w_gate_up, w_down, gen, timer) -> None:
     """The layer's call expecting t tokens on a buffer filled by peers of ``peers`` tokens
-    each, against the tight call of those rows."""
+    each (top_k ids per row), against the tight call of those rows."""
     experts, hidden = w_gate_up.shape[0], w_gate_up.shape[2]
-    top_k = layer_config(name, True).top_k
     x, w, ids = received_rows(peers, args.capacity, args.world, top_k, experts, hidden,
                               torch.bfloat16, gen)
     filled = args.world * peers
@@ -164,7 +163,7 @@ def main(argv=None) -> None:
                 print(f"[{name} T={t}] {a} / {b}, median of {args.ab} alternating pairs: "
                       f"{pairs[len(pairs) // 2]:.3f}x (range {pairs[0]:.3f}-{pairs[-1]:.3f})")
             for peers in (p for p in args.peer_tokens if t <= p <= args.capacity):
-                crowded(name, t, peers, args, w_gate_up, w_down, gen, timer)
+                crowded(name, t, peers, K, args, w_gate_up, w_down, gen, timer)
 
 
 if __name__ == "__main__":

@@ -293,8 +293,8 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
         raise ValueError("num_rows leaves rows unwritten: it needs skip_unrouted=True")
     grid_blocks = max_blocks_for(expected * top_k, num_experts, tiles.block_m)
     crowded_tiles = _crowded_tiles(
-        tiles, expected, num_tokens, num_rows, w_gate_up_scale, num_experts, hidden, inter,
-        top_k, hidden_states) if second_tiles else None
+        tiles, expected, num_tokens, w_gate_up_scale, num_experts, hidden, inter, top_k,
+        hidden_states) if second_tiles else None
     crowded = None
     if crowded_tiles is None:
         alignment = align_ids(topk_ids, num_experts, tiles.block_m,
@@ -313,8 +313,8 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
 CROWDED_TILE_TOKENS = 1024  # the second tile set of a receive buffer is chosen for this many
 
 
-def _crowded_tiles(tiles: ExpertTiles, expected: int, num_tokens: int, num_rows, w_scale,
-                   num_experts, hidden, inter, top_k, x) -> ExpertTiles | None:
+def _crowded_tiles(tiles: ExpertTiles, expected: int, num_tokens: int, w_scale, num_experts,
+                   hidden, inter, top_k, x) -> ExpertTiles | None:
     """A receive buffer's second tile set, for when it fills far past the tokens its rank
     expects (peers with larger batches than its own, known on the device only): the
     tiles for CROWDED_TILE_TOKENS tokens, where those align with another block size

@@ -108,7 +108,6 @@ def align_kernel(
     expert_mask = offs_e < NUM_EXPERTS
 
     used_slots = num_slots
-    block_m = BLOCK_M
     if HAS_ROWS:  # token blocks and slots past the filled rows hold no slot: not read
         rows_used = tl.minimum(tl.load(rows_ptr), num_slots // TOP_K)
         num_token_blocks = tl.minimum(tl.cdiv(rows_used, RANK_BLOCK_T), num_token_blocks)
@@ -120,6 +119,7 @@ def align_kernel(
         mask = (rows[:, None] < num_token_blocks) & expert_mask[None, :]
         counts += tl.sum(tl.load(ptrs, mask=mask, other=0), axis=0)
 
+    block_m = BLOCK_M
     if BIG_BLOCK_M > 0:
         big = (tl.sum(counts, axis=0) > switch_slots).to(tl.int32)
         block_m = tl.where(big != 0, BIG_BLOCK_M, BLOCK_M)
