@@ -24,12 +24,18 @@ rows agree:
 With ``--peer-tokens P`` the rank also receives the rows of peers with P tokens each
 while it has T itself (ranks with different batches, as under data-parallel attention):
 its layer call (tiles and grids for T, as the layer sizes them, and with
-``--tile-tokens`` for other counts) against the tight call of the W*P rows received.
+``--tile-tokens`` for other counts), that call without its second tile set, and the
+tight call of the W*P rows received.
 
 ``landing / layer`` and ``layer / one_set`` are then measured again as the median of
 ``--ab`` alternating pairs of graph replays (one variant's timing right after the
 other's, so that clock and thermal drift cancel): the costs of the early start and of
 the idle second tile set, the numbers the layer's defaults rest on.
+
+With ``--fp8 block`` (or ``channel``) the experts are fp8, quantised from the same bf16
+weights (no ``landing`` variant: the layer quantises fp8 experts' rows after all have
+landed), and variants compared within 5e-2 (tiles of other sizes may quantise the
+activations differently).
 
 One GPU is enough; run from the checkout root::
 
@@ -43,6 +49,7 @@ import functools
 import torch
 
 import moe_ops
+from moe_ops.fp8 import quantize_weight
 from moe_ops.pipeline import Landing, fused_experts_impl
 from moe_ops.reference import rel_l2
 from tools.profiler import profile_kernels
@@ -66,23 +73,25 @@ def received_rows(num_tokens, capacity, world, top_k, local_experts, hidden, dty
     return x, weights, ids
 
 
-def crowded(name, t, peers, top_k, args, w_gate_up, w_down, gen, timer) -> None:
+def crowded(name, t, peers, top_k, args, run, experts, hidden, gen, timer) -> None:
     """The layer's call expecting t tokens on a buffer filled by peers of ``peers`` tokens
-    each (top_k ids per row), against the tight call of those rows."""
-    experts, hidden = w_gate_up.shape[0], w_gate_up.shape[2]
+    each (top_k ids per row), against the tight call of those rows (``run``: the rank's
+    experts' ``fused_experts_impl``)."""
     x, w, ids = received_rows(peers, args.capacity, args.world, top_k, experts, hidden,
                               torch.bfloat16, gen)
     filled = args.world * peers
     counted = torch.tensor([filled], dtype=torch.int32, device="cuda")
     tight = [a[:filled].contiguous() for a in (x, w, ids)]
     calls = {f"layer tiles for {n}": functools.partial(
-        fused_experts_impl, x, w, ids, w_gate_up, w_down, tile_tokens=n, skip_unrouted=True,
+        run, x, w, ids, tile_tokens=n, skip_unrouted=True,
         num_rows=counted) for n in [t] + [n for n in args.tile_tokens if n != t]}
-    calls["tight"] = functools.partial(fused_experts_impl, *tight, w_gate_up, w_down)
+    calls["one set, tiles for t"] = functools.partial(
+        run, x, w, ids, tile_tokens=t, skip_unrouted=True, num_rows=counted, second_tiles=False)
+    calls["tight"] = functools.partial(run, *tight)
     times = {}
     for label, call in calls.items():
         error = rel_l2(call()[:filled], calls["tight"]())
-        if not error <= 1e-2:
+        if not error <= args.tolerance:
             raise SystemExit(f"{name} T={t} peers={peers}: {label} rows differ by {error}")
         times[label] = timer.replayed(call)
         print(f"[{name} T={t} receiving {filled} rows {label}] {times[label]:.4f} ms")
@@ -103,7 +112,11 @@ def main(argv=None) -> None:
                    help="also: receive W*P rows while expecting T (P >= T)")
     p.add_argument("--tile-tokens", nargs="*", type=int, default=[],
                    help="with --peer-tokens: also time the layer's call with tiles for these")
+    p.add_argument("--fp8", choices=["block", "channel"],
+                   help="the experts quantised to fp8 with this scheme's scales")
     args = p.parse_args(argv)
+    # fp8 tiles of different sizes may quantise the activations differently
+    args.tolerance = 5e-2 if args.fp8 else 1e-2
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.ep_receiver times GPU kernels: it needs CUDA")
     moe_ops.set_topk_ids_check(False)
@@ -117,6 +130,12 @@ def main(argv=None) -> None:
                                 generator=gen) * H ** -0.5
         w_down = torch.randn(experts, H, I, device="cuda", dtype=torch.bfloat16,
                              generator=gen) * I ** -0.5
+        run = functools.partial(fused_experts_impl, w_gate_up=w_gate_up, w_down=w_down)
+        if args.fp8:
+            (gate_up8, gate_up_scale), (down8, down_scale) = (
+                quantize_weight(w, args.fp8) for w in (w_gate_up, w_down))
+            run = functools.partial(fused_experts_impl, w_gate_up=gate_up8, w_down=down8,
+                                    w_gate_up_scale=gate_up_scale, w_down_scale=down_scale)
         for t in args.tokens:
             x, w, ids = received_rows(t, args.capacity, args.world, K, experts, H,
                                       torch.bfloat16, gen)
@@ -138,10 +157,13 @@ def main(argv=None) -> None:
                         ("one_set", (x, w, ids), dict(layer, second_tiles=False)),
                         ("landing", (x, w, ids), dict(layer, landing=landed)),
                         ("tight", tight, {}))
+            if args.fp8:  # the layer quantises fp8 experts' rows once all have landed
+                variants = tuple(v for v in variants if v[0] != "landing")
+            labels = [v[0] for v in variants if v[0] != "tight"]
             forwards = {}
             for label, (xs, ws, ids_), how in variants:
                 def forward(xs=xs, ws=ws, ids_=ids_, how=how):
-                    return fused_experts_impl(xs, ws, ids_, w_gate_up, w_down, **how)
+                    return run(xs, ws, ids_, **how)
                 forwards[label] = forward
                 outs[label] = forward()
                 times[label] = timer.replayed(forward)
@@ -149,21 +171,22 @@ def main(argv=None) -> None:
                       f"{xs.shape[0]} rows] {times[label]:.4f} ms")
                 for kernel, us in profile_kernels(forward, runs=5):
                     print(f"    {kernel[:48]:48s} {us:9.1f} us")
-            for label in ("padded", "sparse", "layer", "one_set", "landing"):  # the same sums
+            for label in labels:  # the same sums
                 error = rel_l2(outs[label][:filled], outs["tight"])
-                if not error <= 1e-2:
+                if not error <= args.tolerance:
                     raise SystemExit(f"{name} T={t}: {label} rows differ from tight by {error}")
             print(f"[{name} T={t}] " + ", ".join(
                 f"{label} / tight = {times[label] / times['tight']:.2f}x"
-                for label in ("padded", "sparse", "layer", "one_set", "landing"))
-                + f", landing / layer = {times['landing'] / times['layer']:.3f}x")
+                for label in labels))
             for a, b in (("landing", "layer"), ("layer", "one_set")):
+                if a not in forwards:
+                    continue
                 pairs = sorted(timer.replayed(forwards[a]) / timer.replayed(forwards[b])
                                for _ in range(args.ab))
                 print(f"[{name} T={t}] {a} / {b}, median of {args.ab} alternating pairs: "
                       f"{pairs[len(pairs) // 2]:.3f}x (range {pairs[0]:.3f}-{pairs[-1]:.3f})")
             for peers in (p for p in args.peer_tokens if t <= p <= args.capacity):
-                crowded(name, t, peers, K, args, w_gate_up, w_down, gen, timer)
+                crowded(name, t, peers, K, args, run, experts, H, gen, timer)
 
 
 if __name__ == "__main__":

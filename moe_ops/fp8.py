@@ -77,10 +77,16 @@ def wants_fp8(weight_dtype: torch.dtype | None, dtype: torch.dtype) -> bool:
 def empty_activations(rows: int, cols: int, scheme: str,
                       device) -> tuple[torch.Tensor, torch.Tensor]:
     """Uninitialised (a8 e4m3 [rows, cols], float32 scale) for activations quantised for
-    ``scheme``'s weights: one scale per row ("channel") or per row per 128 columns ("block")."""
-    shape = (rows,) if scheme == "channel" else (rows, -(-cols // BLOCK))
+    ``scheme``'s weights (the scales as ``empty_scales``)."""
     return (torch.empty(rows, cols, dtype=FP8_DTYPE, device=device),
-            torch.empty(shape, dtype=torch.float32, device=device))
+            empty_scales(rows, cols, scheme, device))
+
+
+def empty_scales(rows: int, cols: int, scheme: str, device) -> torch.Tensor:
+    """Uninitialised float32 scales of [rows, cols] activations quantised for ``scheme``'s
+    weights: one per row ("channel") or per row per 128 columns ("block")."""
+    shape = (rows,) if scheme == "channel" else (rows, -(-cols // BLOCK))
+    return torch.empty(shape, dtype=torch.float32, device=device)
 
 
 def tile_key(dtype: torch.dtype, scheme: str | None) -> str:

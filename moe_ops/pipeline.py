@@ -20,7 +20,8 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .dtypes import TRITON
-from .fp8 import SCHEME_CODES, empty_activations, fast_accumulation, scheme_of
+from .fp8 import (FP8_DTYPE, SCHEME_CODES, empty_activations, empty_scales, fast_accumulation,
+                  scheme_of)
 from .interpreter import BLOCKS, busy_programs, interpreter_active
 from .kernels.combine import combine_kernel
 from .kernels.grouped_gemm import grouped_gemm_kernel
@@ -116,22 +117,30 @@ def _weight_descriptor(gate_up: bool, w, tile: TileConfig):
     return TensorDescriptor(w, list(w.shape), list(w.stride()), [1, tile.BLOCK_N, tile.BLOCK_K])
 
 
-def quantize_input(a: torch.Tensor, scheme: str, count=None, rows_per_count: int = 0
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_input(a: torch.Tensor, scheme: str, count=None, rows_per_count: int = 0,
+                   grid_rows: int | None = None, gate=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(a8 e4m3 [R, K], scale): one scale per row for "channel" weights, one per row per
     128 columns for "block" ones (``kernels.quantize``, one launch). With ``count`` (int32
-    [1] on the device) only the first count * rows_per_count rows are quantised."""
+    [1] on the device) only the first count * rows_per_count rows are quantised, by
+    programs sized for ``grid_rows`` of them (default all; at least ``busy_programs``)
+    that stride over the rest; with ``gate`` (int32 [1] on the device) none where it
+    holds 0."""
     rows, k = a.shape
     a8, scale = empty_activations(rows, k, scheme, a.device)
+    expected = rows if grid_rows is None else max(1, min(grid_rows, rows))
     # Fewer rows per program where rows are few, wider column steps to make up.
-    spread = rows // BLOCKS.quantize_programs
+    spread = expected // BLOCKS.quantize_programs
     block_r = min(BLOCKS.quantize_rows, 1 << max(0, spread.bit_length() - 1))
     block_c = max(128, BLOCKS.quantize_tile // block_r)
+    programs = triton.cdiv(rows, block_r)
+    if expected < rows:  # for the rows expected, at least enough to busy the GPU
+        programs = min(programs, max(triton.cdiv(expected, block_r), busy_programs(a.device)))
     with stage_range("quantize"):
-        quantize_kernel[(triton.cdiv(rows, block_r),)](
+        quantize_kernel[(programs,)](
             a, a8, scale, rows, k, a.stride(0), count if count is not None else scale,
+            gate if gate is not None else scale,  # unread without GATED
             BLOCK_R=block_r, BLOCK_C=block_c, PER_ROW=scheme == "channel",
-            ROWS_PER_COUNT=rows_per_count if count is not None else 0)
+            ROWS_PER_COUNT=rows_per_count if count is not None else 0, GATED=gate is not None)
     return a8, scale
 
 
@@ -203,45 +212,56 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     combine does not read them, its programs sized for ``grid_rows`` rows (default all;
     at least ``busy_programs``) and striding over the rest; ``landing``: the rows of
     hidden_states are still landing (``Landing``; gate_up must read them in place, not
-    quantised); ``crowded``: a second tile set and alignment (float weights only), whose
-    GEMMs are launched after each stage's first and compute where the alignment chose
-    their block size, the first ones then finding no block."""
+    quantised); ``crowded``: a second tile set and alignment, of which the alignment
+    lets one compute: each set has its own chain of launches (x's quantisation where its
+    gate_up tile reads e4m3, gate_up, h's quantisation where its down tile does, down),
+    and the chain of the set not chosen finds no block and no row to quantise."""
     num_tokens, hidden = hidden_states.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
     num_slots = topk_ids.numel()
     top_k = topk_ids.shape[1]
     dtype, device = hidden_states.dtype, hidden_states.device
-    sets = [(tiles, alignment, grid_blocks)] + ([tuple(crowded)] if crowded else [])
-    h_rows = max(a.max_blocks * t.block_m if t.h_block_order else num_slots for t, a, _ in sets)
     scheme = scheme_of(w_gate_up_scale)
-    if crowded and scheme is not None:
-        raise ValueError("a crowded tile set needs float expert weights")
-    x, x_scale = hidden_states, None
-    if tiles.gate_up.A_FP8:
-        if landing is not None:
-            raise ValueError("landing rows need a gate_up that reads x in place: this fp8 "
-                             "tile quantises x first")
-        x, x_scale = x_quantized or quantize_input(hidden_states, scheme, num_rows, 1)
-    if tiles.h_fp8:
-        h, h_scale = empty_activations(h_rows, inter, scheme, device)
-    else:
-        h, h_scale = torch.empty(h_rows, inter, dtype=dtype, device=device), None
-    for stage_tiles, stage_alignment, blocks in sets:
+    # (tiles, alignment, GEMM grid blocks, rows of x its grids expect: None for all)
+    sets = [(tiles, alignment, grid_blocks, grid_rows)]
+    if crowded:
+        sets.append((crowded.tiles, crowded.alignment, crowded.grid_blocks, None))
+    if landing is not None and any(t.gate_up.A_FP8 for t, *_ in sets):
+        raise ValueError("landing rows need a gate_up that reads x in place: this fp8 "
+                         "tile quantises x first")
+    y = torch.empty(num_slots, hidden, dtype=dtype, device=device)
+
+    def chain(stage_tiles: ExpertTiles, stage_alignment: Alignment, blocks, expected_rows,
+              h, h_scale):
+        # A set the alignment did not choose finds no block, and its quantisations no row.
+        gate = stage_alignment.num_blocks if crowded else None
+        # Quantisation grids sized for the rows expected where the rows in use are known
+        # on the device (else all may be).
+        x_rows = expected_rows if num_rows is not None else None
+        x, x_scale = hidden_states, None
+        if stage_tiles.gate_up.A_FP8:
+            x, x_scale = x_quantized or quantize_input(hidden_states, scheme, num_rows, 1,
+                                                       x_rows, gate)
         _grouped_gemm(True, x, x_scale, w_gate_up, w_gate_up_scale, h, topk_weights,
                       stage_alignment, num_slots, top_k, inter, hidden, stage_tiles.gate_up,
-                      stage_tiles.h_block_order, h_scale if stage_tiles.h_fp8 else None,
-                      dtype if stage_tiles.h_fp8 else None, blocks, landing)
-    if tiles.down.A_FP8 and not tiles.h_fp8:  # with num_rows: the rows in use only
-        if tiles.h_block_order:
-            used = alignment.num_blocks if num_rows is not None else None
-            h, h_scale = quantize_input(h, scheme, used, tiles.block_m)
-        else:
-            h, h_scale = quantize_input(h, scheme, num_rows, top_k)
-    y = torch.empty(num_slots, hidden, dtype=dtype, device=device)
-    for stage_tiles, stage_alignment, blocks in sets:
+                      stage_tiles.h_block_order, h_scale, dtype if stage_tiles.h_fp8 else None,
+                      blocks, landing)
+        if stage_tiles.down.A_FP8 and not stage_tiles.h_fp8:  # h's rows in use only
+            if stage_tiles.h_block_order:  # those of the blocks in use
+                block_m = stage_tiles.block_m
+                h, h_scale = quantize_input(
+                    h, scheme, stage_alignment.num_blocks, block_m,
+                    blocks * block_m if expected_rows and blocks else None)
+            else:
+                h, h_scale = quantize_input(h, scheme, num_rows, top_k,
+                                            x_rows and x_rows * top_k, gate)
         _grouped_gemm(False, h, h_scale, w_down, w_down_scale, y, topk_weights, stage_alignment,
                       num_slots, 1, hidden, inter, stage_tiles.down, stage_tiles.h_block_order,
                       grid_blocks=blocks)
+
+    h_buffers = _h_buffers(sets, num_slots, inter, scheme, dtype, device)
+    for stage_set, (h, h_scale) in zip(sets, h_buffers):
+        chain(*stage_set, h, h_scale)
     out = torch.empty_like(hidden_states) if out is None else out
     column_programs = (1 if skip_unrouted and num_rows is None
                        else triton.cdiv(hidden, BLOCKS.combine_h))
@@ -262,6 +282,21 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     return out
 
 
+def _h_buffers(sets, num_slots: int, inter: int, scheme: str | None, dtype, device
+               ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Each tile set's h [rows, I] and its block scales (None unless the set's gate_up
+    writes h in e4m3, ``ExpertTiles.h_fp8``): rows max_blocks * BLOCK_M in block order,
+    else one per slot. The sets' h share one allocation: only the set the alignment
+    chose writes and reads its h."""
+    layouts = [(a.max_blocks * t.block_m if t.h_block_order else num_slots,
+                FP8_DTYPE if t.h_fp8 else dtype) for t, a, *_ in sets]
+    storage = torch.empty(max(rows * inter * d.itemsize for rows, d in layouts),
+                          dtype=torch.uint8, device=device)
+    return [(storage[:rows * inter * d.itemsize].view(d).view(rows, inter),
+             empty_scales(rows, inter, scheme, device) if d == FP8_DTYPE else None)
+            for rows, d in layouts]
+
+
 def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
                        gate_up_tile: TileConfig | None = None,
                        down_tile: TileConfig | None = None,
@@ -280,7 +315,7 @@ def fused_experts_impl(hidden_states, topk_weights, topk_ids, w_gate_up, w_down,
     ``landing`` where its rows are still arriving (``Landing``). With ``second_tiles`` a
     buffer that may fill far past the tokens expected (peers with larger batches) also
     gets a second tile set, chosen on the device by the slots routed (``_crowded_tiles``:
-    two more GEMM launches, which find no block unless chosen)."""
+    a second chain of launches beside the first, which finds no block unless chosen)."""
     num_tokens, hidden = hidden_states.shape
     if num_tokens == 0:
         return torch.empty_like(hidden_states)
@@ -317,15 +352,15 @@ def _crowded_tiles(tiles: ExpertTiles, expected: int, num_tokens: int, w_scale, 
                    hidden, inter, top_k, x) -> ExpertTiles | None:
     """A receive buffer's second tile set, for when it fills far past the tokens its rank
     expects (peers with larger batches than its own, known on the device only): the
-    tiles for CROWDED_TILE_TOKENS tokens, where those align with another block size
-    than ``tiles`` and the buffer can hold more slots than the switch point (float
-    weights). None where one set serves."""
-    if w_scale is not None or expected * 4 >= CROWDED_TILE_TOKENS:
+    tiles for CROWDED_TILE_TOKENS tokens (of the same weight format), where those align
+    with another block size than ``tiles`` and the buffer can hold more slots than the
+    switch point. None where one set serves."""
+    if expected * 4 >= CROWDED_TILE_TOKENS:
         return None
     if num_tokens * top_k <= _switch_slots(expected, top_k):
         return None
     crowded = expert_tiles(min(num_tokens, CROWDED_TILE_TOKENS), num_experts, hidden, inter,
-                           top_k, x.dtype, x.device)
+                           top_k, x.dtype, x.device, fp8=scheme_of(w_scale))
     return crowded if crowded.block_m != tiles.block_m else None
 
 

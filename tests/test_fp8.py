@@ -87,6 +87,26 @@ def test_activation_quantisation_is_torchs(scheme, device):
 
 @pytest.mark.usefixtures("poison_allocations")
 @pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("gate", [None, 0, 5])
+def test_activation_quantisation_of_the_rows_in_use(scheme, gate, device):
+    """``quantize_input`` with the rows in use counted on the device (count * 3 rows), its
+    programs sized for 2 rows (each striding over many row blocks): those rows equal the
+    full quantisation's, the rest stay unwritten; with a gate holding 0 (a tile set not
+    chosen) no row is written."""
+    rows = 3000 if ON_GPU else 40
+    a = torch.randn(rows, 300, device=device).bfloat16()
+    count = torch.tensor([rows // 4], dtype=torch.int32, device=device)
+    used = 0 if gate == 0 else rows // 4 * 3
+    a8, scale = quantize_input(a, scheme, count, 3, grid_rows=2, gate=None if gate is None else
+                               torch.tensor([gate], dtype=torch.int32, device=device))
+    full8, full_scale = quantize_input(a, scheme)
+    assert torch.equal(a8[:used].view(torch.uint8), full8[:used].view(torch.uint8))
+    assert torch.equal(scale[:used], full_scale[:used])
+    assert bool(a8[used:].float().isnan().all()) and bool(scale[used:].isnan().all())
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("a_fp8,b_desc", [((False, False), False), ((True, True), True),
                                           ((False, True), True), ((True, False), False)])
 def test_kernel_variants_match_emulation(scheme, a_fp8, b_desc, device):
@@ -171,6 +191,36 @@ def test_receive_buffer_quantised_up_to_its_filled_rows(scheme, a_desc, device):
                              num_rows=torch.tensor([filled], dtype=torch.int32, device=device))
     check_against_references(out[:filled], x[:filled], topk_weights[:filled],
                              topk_ids[:filled], fp8_weights, (True, True))
+    assert bool(out[filled:].isnan().all())
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("crowded", [False, True])
+def test_receive_buffer_crowded_past_its_expected_tokens(scheme, crowded, device):
+    """A rank expecting one token whose fp8 experts' receive buffer gets a few rows, or
+    nearly all of them from peers with larger batches: the second tile set (tiles for
+    many tokens, fp8 activations where those tiles want them, its own launches beside the
+    first set's) computes where the slots routed pass the switch point, and the first
+    set where they do not; either way the filled rows equal the references quantised as
+    the chosen set's tiles quantise, the others stay unwritten."""
+    x, topk_weights, topk_ids, fp8_weights = fp8_inputs(scheme, device, **SHAPES)
+    rows, hidden, inter = x.shape[0], SHAPES["hidden"], SHAPES["inter"]
+    num_experts, top_k = SHAPES["num_experts"], SHAPES["top_k"]
+    filled = rows - 3 if crowded else 2
+    tiles = pipeline.expert_tiles(1, num_experts, hidden, inter, top_k, x.dtype, x.device,
+                                  fp8=scheme)
+    second = pipeline._crowded_tiles(tiles, 1, rows, fp8_weights[2], num_experts, hidden,
+                                     inter, top_k, x)
+    assert second is not None and (filled * top_k > pipeline._switch_slots(1, top_k)) == crowded
+    chosen = second if crowded else tiles
+    out = fused_experts_impl(x, topk_weights, topk_ids, fp8_weights[0], fp8_weights[1],
+                             w_gate_up_scale=fp8_weights[2], w_down_scale=fp8_weights[3],
+                             tile_tokens=1, skip_unrouted=True,
+                             num_rows=torch.tensor([filled], dtype=torch.int32, device=device))
+    check_against_references(out[:filled], x[:filled], topk_weights[:filled],
+                             topk_ids[:filled], fp8_weights,
+                             (chosen.gate_up.A_FP8, chosen.down.A_FP8))
     assert bool(out[filled:].isnan().all())
 
 

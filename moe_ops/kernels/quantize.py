@@ -10,10 +10,11 @@ with ``s = max(amax, 1e-10) / 448`` over the row or the group (``moe_ops.fp8`` d
 same in torch). The float32 -> e4m3 rounding is done on the bits (``round_e4m3``): the
 Triton interpreter's own cast rounds wrongly, while its cast of an exact e4m3 value is
 right. ``quantize_groups`` also serves the grouped GEMM's gate_up epilogue when it
-writes h in e4m3 itself (block scales). Grid: cdiv(rows, BLOCK_R) programs of BLOCK_R
-rows; each walks K in BLOCK_C-column steps (a multiple of 128; twice per row with
+writes h in e4m3 itself (block scales). Grid: up to cdiv(rows, BLOCK_R) programs of
+BLOCK_R rows; each walks K in BLOCK_C-column steps (a multiple of 128; twice per row with
 PER_ROW: the amax, then the values). The launcher trades rows for columns, so that a few
-wide rows (h of a large-I model) still spread over many programs. Layouts: src [rows, K]
+wide rows (h of a large-I model, or the few filled rows of a receive buffer) still
+spread over many programs. Layouts: src [rows, K]
 with row stride ``stride_src``, dst [rows, K] contiguous, scale [rows] or
 [rows, cdiv(K, 128)].
 """
@@ -98,17 +99,19 @@ def quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, row_mask, K, stride_src,
 
 
 @triton.jit
-def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src, count_ptr,
+def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src, count_ptr, gate_ptr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PER_ROW: tl.constexpr,
-                    ROWS_PER_COUNT: tl.constexpr):
+                    ROWS_PER_COUNT: tl.constexpr, GATED: tl.constexpr):
     """With ROWS_PER_COUNT > 0 only the first count_ptr[0] * ROWS_PER_COUNT rows (those in
-    use, known on the device) are quantised; the rest are left alone."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    use, known on the device) are quantised; with GATED none where gate_ptr[0] is 0 (a
+    tile set the alignment did not choose). The rest are left alone. The grid may cover
+    fewer row blocks than are in use: each program strides over the rest."""
+    limit = num_rows
     if ROWS_PER_COUNT > 0:
-        limit = tl.minimum(tl.load(count_ptr) * ROWS_PER_COUNT, num_rows)
-        if tl.program_id(0) * BLOCK_R < limit:
-            quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, rows < limit, K, stride_src,
-                          BLOCK_C, PER_ROW)
-    else:
-        quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, rows < num_rows, K, stride_src,
+        limit = tl.minimum(tl.load(count_ptr) * ROWS_PER_COUNT, limit)
+    if GATED:
+        limit = tl.where(tl.load(gate_ptr) != 0, limit, 0)
+    for block in range(tl.program_id(0), tl.cdiv(limit, BLOCK_R), tl.num_programs(0)):
+        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+        quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, rows < limit, K, stride_src,
                       BLOCK_C, PER_ROW)
