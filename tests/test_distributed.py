@@ -16,6 +16,7 @@ import torch
 from distributed_harness import assert_all_ok, run_on_ranks, use_gpus
 from helpers import capture, compile_for_sm90, rel_l2
 from moe_ops.configs import shrink
+from moe_ops.interpreter import BLOCKS
 
 MODELS = ["mixtral-8x7b", "qwen2-57b-a14b", "qwen3-30b-a3b", "deepseek-v3"]
 # Tokens per rank, uneven, a rank with none, both routing paths (<= 16 and > 16 tokens).
@@ -94,14 +95,15 @@ def test_parity_with_single_process_layer(world):
 
 def fp8_parity_scenario(rank, world, device, cases, seed):
     """fp8 experts (bf16 hidden states) against the single-process FusedMoE holding the
-    same fp8 weights: every (scheme, model, max_tokens_per_rank, built) case,
-    built by from_config (this rank's experts only) or from the whole layer (sliced).
-    Each rank keeps its experts' rows of the weights and of both scales."""
+    same fp8 weights: every (scheme, model, max_tokens_per_rank, built, tokens) case,
+    built by from_config (this rank's experts only) or from the whole layer (sliced), on
+    the case's tokens per rank (None: TOKENS'). Each rank keeps its experts' rows of the
+    weights and of both scales."""
     from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
 
     _poison_empty()
     fp8, bf16, errors = torch.float8_e4m3fn, torch.bfloat16, {}
-    for i, (scheme, name, max_tokens, built) in enumerate(cases):
+    for i, (scheme, name, max_tokens, built, tokens) in enumerate(cases):
         config = FP8_CONFIGS[name]
         moe = random_fused_moe(config, seed, dtype=bf16, device=device, weight_dtype=fp8,
                                scheme=scheme)
@@ -119,8 +121,9 @@ def fp8_parity_scenario(rank, world, device, cases, seed):
             assert torch.equal(mine.view(torch.uint8), whole.view(torch.uint8)), weight
             assert torch.equal(getattr(ep, f"{weight}_scale"), getattr(moe, f"{weight}_scale")[shard])
         torch.manual_seed(seed + 7 * rank + i)
-        x = torch.randn(TOKENS[world][i % 2][rank], config.hidden_size, device=device, dtype=bf16)
-        key = f"{scheme}/{name}/max_tokens={max_tokens}/{built}"
+        tokens = tokens or TOKENS[world][i % 2]
+        x = torch.randn(tokens[rank], config.hidden_size, device=device, dtype=bf16)
+        key = f"{scheme}/{name}/max_tokens={max_tokens}/{built}/tokens={tokens}"
         # fp8 GEMMs choose per call, by its row count, between weight-only and fp8
         # activations (moe_ops.tiles.FP8_ACTIVATIONS_MIN_T); a rank's calls (received rows,
         # capacity-padded buffers) need not choose as the single-process layer does, and
@@ -138,12 +141,17 @@ FP8_CONFIGS = {
     "qwen2-57b-a14b": replace(shrink("qwen2-57b-a14b", hidden_size=256, intermediate_size=128),
                               num_experts=8, top_k=2),
 }
-# (scheme, model, max_tokens_per_rank, built): each scheme in both buffer modes, each way
-# of building.
-FP8_CASES = [("block", "mixtral-8x7b", None, "from_config"),
-             ("block", "qwen2-57b-a14b", CAPACITY, "whole"),
-             ("channel", "qwen2-57b-a14b", None, "from_config"),
-             ("channel", "mixtral-8x7b", CAPACITY, "whole")]
+# (scheme, model, max_tokens_per_rank, built, tokens per rank or None for TOKENS'): each
+# scheme in both buffer modes, each way of building; and uneven batches: rank 0 decodes
+# 1 token and receives ~UNEVEN slots (top-2, half of them its experts') from rank 1, twice
+# its switch point (the slots of ``crowded_rows`` tokens): the receive buffer's second
+# tile set computes there, the first on rank 1.
+UNEVEN = 4 * BLOCKS.crowded_rows
+FP8_CASES = [("block", "mixtral-8x7b", None, "from_config", None),
+             ("block", "qwen2-57b-a14b", CAPACITY, "whole", None),
+             ("channel", "qwen2-57b-a14b", None, "from_config", None),
+             ("channel", "mixtral-8x7b", CAPACITY, "whole", None),
+             ("block", "mixtral-8x7b", UNEVEN, "from_config", [1, UNEVEN])]
 
 
 def test_fp8_experts_parity_with_single_process_layer():
