@@ -134,10 +134,10 @@ class ExpertParallelMoE(nn.Module):
     With ``max_tokens_per_rank`` a rank's expert tiles follow its own token count, and
     peers may send it far more (ranks with uneven batches, as under data-parallel
     attention): ``uneven_batches`` (default True) launches a second tile set, taken on
-    the device where the slots routed here run far past its own count's
-    (``moe_ops.pipeline``: two more launches, a few us; without them such a forward's
-    expert compute runs 4-10x slower); set it False where every rank always runs about
-    as many tokens as the others.
+    the device where the slots routed here run far past its own count's, for float and
+    fp8 experts (``moe_ops.pipeline``: two or three more launches, 5-14 us at T=1 on an
+    H200; without them such a forward's expert compute runs 4.5-10x slower); set it
+    False where every rank always runs about as many tokens as the others.
     """
 
     def __init__(self, moe: FusedMoE, group=None, transport: str = "auto",
