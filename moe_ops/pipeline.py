@@ -132,15 +132,16 @@ def quantize_input(a: torch.Tensor, scheme: str, count=None, rows_per_count: int
     spread = expected // BLOCKS.quantize_programs
     block_r = min(BLOCKS.quantize_rows, 1 << max(0, spread.bit_length() - 1))
     block_c = max(128, BLOCKS.quantize_tile // block_r)
-    programs = triton.cdiv(rows, block_r)
+    blocks = programs = triton.cdiv(rows, block_r)
     if expected < rows:  # for the rows expected, at least enough to busy the GPU
-        programs = min(programs, max(triton.cdiv(expected, block_r), busy_programs(a.device)))
+        programs = min(blocks, max(triton.cdiv(expected, block_r), busy_programs(a.device)))
     with stage_range("quantize"):
         quantize_kernel[(programs,)](
             a, a8, scale, rows, k, a.stride(0), count if count is not None else scale,
             gate if gate is not None else scale,  # unread without GATED
             BLOCK_R=block_r, BLOCK_C=block_c, PER_ROW=scheme == "channel",
-            ROWS_PER_COUNT=rows_per_count if count is not None else 0, GATED=gate is not None)
+            ROWS_PER_COUNT=rows_per_count if count is not None else 0, GATED=gate is not None,
+            STRIDE=programs < blocks)
     return a8, scale
 
 
@@ -247,11 +248,12 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
                       stage_tiles.h_block_order, h_scale, dtype if stage_tiles.h_fp8 else None,
                       blocks, landing)
         if stage_tiles.down.A_FP8 and not stage_tiles.h_fp8:  # h's rows in use only
-            if stage_tiles.h_block_order:  # those of the blocks in use
+            if stage_tiles.h_block_order:  # those of the blocks in use, where few may be
                 block_m = stage_tiles.block_m
+                used = stage_alignment.num_blocks if num_rows is not None or crowded else None
                 h, h_scale = quantize_input(
-                    h, scheme, stage_alignment.num_blocks, block_m,
-                    blocks * block_m if expected_rows and blocks else None)
+                    h, scheme, used, block_m,
+                    blocks * block_m if used is not None and expected_rows and blocks else None)
             else:
                 h, h_scale = quantize_input(h, scheme, num_rows, top_k,
                                             x_rows and x_rows * top_k, gate)

@@ -101,17 +101,22 @@ def quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, row_mask, K, stride_src,
 @triton.jit
 def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src, count_ptr, gate_ptr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PER_ROW: tl.constexpr,
-                    ROWS_PER_COUNT: tl.constexpr, GATED: tl.constexpr):
+                    ROWS_PER_COUNT: tl.constexpr, GATED: tl.constexpr, STRIDE: tl.constexpr):
     """With ROWS_PER_COUNT > 0 only the first count_ptr[0] * ROWS_PER_COUNT rows (those in
     use, known on the device) are quantised; with GATED none where gate_ptr[0] is 0 (a
-    tile set the alignment did not choose). The rest are left alone. The grid may cover
-    fewer row blocks than are in use: each program strides over the rest."""
+    tile set the alignment did not choose). The rest are left alone. With STRIDE the
+    grid covers fewer row blocks than there are: each program strides over the rest."""
     limit = num_rows
     if ROWS_PER_COUNT > 0:
         limit = tl.minimum(tl.load(count_ptr) * ROWS_PER_COUNT, limit)
     if GATED:
         limit = tl.where(tl.load(gate_ptr) != 0, limit, 0)
-    for block in range(tl.program_id(0), tl.cdiv(limit, BLOCK_R), tl.num_programs(0)):
-        rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    if STRIDE:
+        for block in range(tl.program_id(0), tl.cdiv(limit, BLOCK_R), tl.num_programs(0)):
+            rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+            quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, rows < limit, K, stride_src,
+                          BLOCK_C, PER_ROW)
+    elif tl.program_id(0) * BLOCK_R < limit:
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, rows < limit, K, stride_src,
                       BLOCK_C, PER_ROW)
