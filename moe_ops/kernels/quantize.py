@@ -14,9 +14,8 @@ writes h in e4m3 itself (block scales). Grid: up to cdiv(rows, BLOCK_R) programs
 BLOCK_R rows; each walks K in BLOCK_C-column steps (a multiple of 128; twice per row with
 PER_ROW: the amax, then the values). The launcher trades rows for columns, so that a few
 wide rows (h of a large-I model, or the few filled rows of a receive buffer) still
-spread over many programs. Layouts: src [rows, K]
-with row stride ``stride_src``, dst [rows, K] contiguous, scale [rows] or
-[rows, cdiv(K, 128)].
+spread over many programs. Layouts: src [rows, K] with row stride ``stride_src``, dst
+[rows, K] contiguous, scale [rows] or [rows, cdiv(K, 128)].
 """
 import triton
 import triton.language as tl
