@@ -27,10 +27,12 @@ What the dispatch overlaps: the shared expert (main stream) always; over ``nvlin
 gate+up. The receiver waits only until every rank's ids and weights are in (they move
 first), aligns its rows while the rows still land, and each gate_up tile waits for the
 flags of the sources of its own rows (``moe_ops.kernels.landing``): tiles whose rows
-are in compute while the others' travel, the weights read once. The layer starts early
-whenever it can: float experts (``_gate_up_on_landing``); fp8 experts quantise the
-received rows in one launch before gate_up, which needs them all. What the early start
-costs is a flag check per gate_up tile and source (``benchmarks.ep_receiver``, "landing").
+are in compute while the others' travel, the weights read once. fp8 experts whose tiles
+read e4m3 activations quantise the received rows in one launch before gate_up: its
+programs wait for their rows' flags instead, and gate_up follows once all are done
+(weight-only fp8 tiles, those of decode, read the rows in place and start as float
+ones do). What the early start costs is a flag check per gate_up tile (or quantisation
+program) and source (``benchmarks.ep_receiver``, "landing").
 (An earlier ``overlap=True`` computed the own tokens apart, reading the local experts'
 weights twice; measured slower in 22 of 24 cells on 2 x H200, it is gone.)
 
@@ -185,7 +187,7 @@ class ExpertParallelMoE(nn.Module):
         for name, tensor in zip(EXPERT_TENSORS, experts):
             self.register_parameter(name, keep(None if tensor is None else tensor.contiguous()))
 
-        self.early_gate_up = True  # see _gate_up_on_landing (benchmarks turn it off)
+        self.early_gate_up = True  # gate+up as rows land (module docstring; benchmarks turn it off)
         self.uneven_batches = True  # see the class docstring
         self.timeout = timeout
         # Call count and failure record (protocol.STATE_WORDS int64): an op argument that
@@ -371,12 +373,6 @@ class ExpertParallelMoE(nn.Module):
                 self._raise_failure(values)
         return out
 
-    def _gate_up_on_landing(self) -> bool:
-        """Whether the received rows' gate_up starts as they land (the module docstring):
-        float experts, unless ``early_gate_up`` is off. fp8 experts quantise the received
-        rows in one launch before gate_up, which needs them all."""
-        return self.early_gate_up and self.w_gate_up_scale is None
-
     def _exchange_and_compute(self, x: torch.Tensor, call: P.Call) -> torch.Tensor:
         transport, c = self.transport, self.config
         W, C = self.world_size, self.max_tokens_per_rank
@@ -398,7 +394,7 @@ class ExpertParallelMoE(nn.Module):
         scales = dict(w_gate_up_scale=self.w_gate_up_scale, w_down_scale=self.w_down_scale)
         shared = shared_expert_output(x, self.shared_gate_up, self.shared_down, self.shared_gate)
 
-        received = transport.receive(pending, call=call, early=self._gate_up_on_landing())
+        received = transport.receive(pending, call=call, early=self.early_gate_up)
         # Rows without a token are unrouted: tiles for the tokens this rank expects (about
         # its own T; with counts exchanged, the rows received), those rows' partials never
         # written, the rows past ``received.rows`` (where the transport knows them) not

@@ -118,13 +118,15 @@ def _weight_descriptor(gate_up: bool, w, tile: TileConfig):
 
 
 def quantize_input(a: torch.Tensor, scheme: str, count=None, rows_per_count: int = 0,
-                   grid_rows: int | None = None, gate=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   grid_rows: int | None = None, gate=None, landing: Landing | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(a8 e4m3 [R, K], scale): one scale per row for "channel" weights, one per row per
     128 columns for "block" ones (``kernels.quantize``, one launch). With ``count`` (int32
     [1] on the device) only the first count * rows_per_count rows are quantised, by
     programs sized for ``grid_rows`` of them (default all; at least ``busy_programs``)
     that stride over the rest; with ``gate`` (int32 [1] on the device) none where it
-    holds 0."""
+    holds 0; with ``landing`` a's rows are still landing (``Landing``): each block of
+    rows is quantised once its sources' flags are up."""
     rows, k = a.shape
     a8, scale = empty_activations(rows, k, scheme, a.device)
     expected = rows if grid_rows is None else max(1, min(grid_rows, rows))
@@ -139,9 +141,13 @@ def quantize_input(a: torch.Tensor, scheme: str, count=None, rows_per_count: int
         quantize_kernel[(programs,)](
             a, a8, scale, rows, k, a.stride(0), count if count is not None else scale,
             gate if gate is not None else scale,  # unread without GATED
+            *(landing[:5] if landing else (scale,) * 5),  # unread without WAIT_ROWS
+            landing.timeout_ticks if landing else 0,
             BLOCK_R=block_r, BLOCK_C=block_c, PER_ROW=scheme == "channel",
             ROWS_PER_COUNT=rows_per_count if count is not None else 0, GATED=gate is not None,
-            STRIDE=programs < blocks)
+            STRIDE=programs < blocks, WAIT_ROWS=landing is not None,
+            NUM_SOURCES=triton.next_power_of_2(landing.flags.numel()) if landing else 1,
+            HIP=bool(landing and landing.hip))
     return a8, scale
 
 
@@ -212,8 +218,8 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     the device, with ``skip_unrouted``): rows at or past it hold no routed id, and the
     combine does not read them, its programs sized for ``grid_rows`` rows (default all;
     at least ``busy_programs``) and striding over the rest; ``landing``: the rows of
-    hidden_states are still landing (``Landing``; gate_up must read them in place, not
-    quantised); ``crowded``: a second tile set and alignment, of which the alignment
+    hidden_states are still landing (``Landing``: gate_up's tiles wait for them where they
+    read x in place, its quantisation's programs where x is quantised); ``crowded``: a second tile set and alignment, of which the alignment
     lets one compute: each set has its own chain of launches (x's quantisation where its
     gate_up tile reads e4m3, gate_up, h's quantisation where its down tile does, down),
     and the chain of the set not chosen finds no block and no row to quantise."""
@@ -227,9 +233,6 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     sets = [(tiles, alignment, grid_blocks, grid_rows)]
     if crowded:
         sets.append((crowded.tiles, crowded.alignment, crowded.grid_blocks, None))
-    if landing is not None and any(t.gate_up.A_FP8 for t, *_ in sets):
-        raise ValueError("landing rows need a gate_up that reads x in place: this fp8 "
-                         "tile quantises x first")
     y = torch.empty(num_slots, hidden, dtype=dtype, device=device)
 
     def chain(stage_tiles: ExpertTiles, stage_alignment: Alignment, blocks, expected_rows,
@@ -239,14 +242,15 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
         # Quantisation grids sized for the rows expected where the rows in use are known
         # on the device (else all may be).
         x_rows = expected_rows if num_rows is not None else None
-        x, x_scale = hidden_states, None
-        if stage_tiles.gate_up.A_FP8:
+        x, x_scale, gate_up_landing = hidden_states, None, landing
+        if stage_tiles.gate_up.A_FP8:  # quantised once landed: gate_up then waits for none
             x, x_scale = x_quantized or quantize_input(hidden_states, scheme, num_rows, 1,
-                                                       x_rows, gate)
+                                                       x_rows, gate, landing)
+            gate_up_landing = None
         _grouped_gemm(True, x, x_scale, w_gate_up, w_gate_up_scale, h, topk_weights,
                       stage_alignment, num_slots, top_k, inter, hidden, stage_tiles.gate_up,
                       stage_tiles.h_block_order, h_scale, dtype if stage_tiles.h_fp8 else None,
-                      blocks, landing)
+                      blocks, gate_up_landing)
         if stage_tiles.down.A_FP8 and not stage_tiles.h_fp8:  # h's rows in use only
             if stage_tiles.h_block_order:  # those of the blocks in use, where few may be
                 block_m = stage_tiles.block_m

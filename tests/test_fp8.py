@@ -224,6 +224,64 @@ def test_receive_buffer_crowded_past_its_expected_tokens(scheme, crowded, device
     assert bool(out[filled:].isnan().all())
 
 
+def _landing_fp8_case(scheme, device):
+    """``test_pipeline``'s landing case (rows from three sources) with fp8 experts whose
+    tiles read e4m3 activations (x and h quantised by launches), bf16 rows."""
+    from test_pipeline import _landing_case
+
+    x, weights, ids, w_gate_up, w_down, landing, _ = _landing_case(device, 3)
+    fp8_weights = quantize_weight(w_gate_up, scheme) + quantize_weight(w_down, scheme)
+    fp8_weights = (fp8_weights[0], fp8_weights[2], fp8_weights[1], fp8_weights[3])
+    tile = TileConfig(16, 64, 128, 1, 4, 3, A_FP8=True)
+    return x.bfloat16(), weights, ids, fp8_weights, landing, tile
+
+
+def _landed_call(x, weights, ids, fp8_weights, landing, tile):
+    gate_up8, down8, gate_up_scale, down_scale = fp8_weights
+    return fused_experts_impl(x, weights, ids, gate_up8, down8, tile, tile,
+                              w_gate_up_scale=gate_up_scale, w_down_scale=down_scale,
+                              landing=landing)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("flag", ["landed", "failed"])
+def test_quantisation_of_landing_rows(scheme, flag, device):
+    """fp8 experts whose gate_up reads x in e4m3, over rows landing from three sources
+    (``Landing``): the quantisation launch waits for its rows' flags. Once every flag
+    holds the epoch the result is the references' and nothing gives up (``late``
+    untouched); a failed flag makes the programs that need it give up at once, which
+    ``late`` records, never a hang."""
+    x, weights, ids, fp8_weights, landing, tile = _landing_fp8_case(scheme, device)
+    landing.flags.fill_(5)
+    if flag == "failed":
+        landing.flags[1] = -1
+    out = _landed_call(x, weights, ids, fp8_weights, landing, tile)
+    if flag == "landed":
+        check_against_references(out, x, weights, ids, fp8_weights, (True, True))
+        assert int(landing.late) == 4
+    else:
+        assert int(landing.late) == 5
+
+
+@pytest.mark.skipif(not ON_GPU, reason="a kernel on another stream lands the rows later")
+def test_quantisation_waits_for_rows_landing_later(device):
+    """The rows and their flags arrive from another stream ~20 ms after the quantisation
+    launch started (the buffer NaN until then): it waits, and the result is the
+    references'."""
+    x, weights, ids, fp8_weights, landing, tile = _landing_fp8_case("block", device)
+    buffer = torch.full_like(x, float("nan"))
+    other = torch.cuda.Stream(priority=-1)
+    other.wait_stream(torch.cuda.current_stream())  # the buffers above exist before it writes
+    with torch.cuda.stream(other):
+        torch.cuda._sleep(40_000_000)
+        buffer.copy_(x)
+        landing.flags.fill_(5)
+    out = _landed_call(buffer, weights, ids, fp8_weights, landing, tile)
+    torch.cuda.synchronize()
+    check_against_references(out, x, weights, ids, fp8_weights, (True, True))
+    assert int(landing.late) == 4
+
+
 @pytest.mark.parametrize("scheme,block_k,a_fp8", [("block", 64, False), ("channel", 64, False),
                                                    ("channel", 256, False), ("channel", 256, True)])
 def test_other_k_steps(scheme, block_k, a_fp8, device):

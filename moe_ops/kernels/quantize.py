@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import fp8
+from .landing import wait_landed
 
 FP8_MAX = tl.constexpr(fp8.FP8_MAX)
 AMAX_FLOOR = tl.constexpr(fp8.AMAX_FLOOR)
@@ -99,12 +100,18 @@ def quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, row_mask, K, stride_src,
 
 @triton.jit
 def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src, count_ptr, gate_ptr,
+                    row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr, stop_ptr,
+                    timeout_ticks,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PER_ROW: tl.constexpr,
-                    ROWS_PER_COUNT: tl.constexpr, GATED: tl.constexpr, STRIDE: tl.constexpr):
+                    ROWS_PER_COUNT: tl.constexpr, GATED: tl.constexpr, STRIDE: tl.constexpr,
+                    WAIT_ROWS: tl.constexpr, NUM_SOURCES: tl.constexpr, HIP: tl.constexpr):
     """With ROWS_PER_COUNT > 0 only the first count_ptr[0] * ROWS_PER_COUNT rows (those in
     use, known on the device) are quantised; with GATED none where gate_ptr[0] is 0 (a
     tile set the alignment did not choose). The rest are left alone. With STRIDE the
-    grid covers fewer row blocks than there are: each program strides over the rest."""
+    grid covers fewer row blocks than there are: each program strides over the rest.
+    WAIT_ROWS: src's rows are still landing from other GPUs; each block of rows first
+    waits for the flags of its rows' sources (``landing.wait_landed``, whose arguments
+    follow count_ptr and gate_ptr)."""
     limit = num_rows
     if ROWS_PER_COUNT > 0:
         limit = tl.minimum(tl.load(count_ptr) * ROWS_PER_COUNT, limit)
@@ -112,10 +119,25 @@ def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src, count_
         limit = tl.where(tl.load(gate_ptr) != 0, limit, 0)
     if STRIDE:
         for block in range(tl.program_id(0), tl.cdiv(limit, BLOCK_R), tl.num_programs(0)):
-            rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
-            quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, rows < limit, K, stride_src,
-                          BLOCK_C, PER_ROW)
+            _quantize_block(src_ptr, dst_ptr, scale_ptr, block, limit, K, stride_src,
+                            row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr, stop_ptr,
+                            timeout_ticks, BLOCK_R, BLOCK_C, PER_ROW, WAIT_ROWS, NUM_SOURCES, HIP)
     elif tl.program_id(0) * BLOCK_R < limit:
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, rows < limit, K, stride_src,
-                      BLOCK_C, PER_ROW)
+        _quantize_block(src_ptr, dst_ptr, scale_ptr, tl.program_id(0), limit, K, stride_src,
+                        row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr, stop_ptr,
+                        timeout_ticks, BLOCK_R, BLOCK_C, PER_ROW, WAIT_ROWS, NUM_SOURCES, HIP)
+
+
+@triton.jit
+def _quantize_block(src_ptr, dst_ptr, scale_ptr, block, limit, K, stride_src,
+                    row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr, stop_ptr,
+                    timeout_ticks, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    PER_ROW: tl.constexpr, WAIT_ROWS: tl.constexpr, NUM_SOURCES: tl.constexpr,
+                    HIP: tl.constexpr):
+    """Rows block*BLOCK_R ... below limit, once landed where WAIT_ROWS."""
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    if WAIT_ROWS:
+        wait_landed(rows.to(tl.int64), rows < limit, row_source_ptr, source_flags_ptr,
+                    epoch_ptr, late_ptr, stop_ptr, timeout_ticks, NUM_SOURCES, HIP)
+    quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, rows < limit, K, stride_src, BLOCK_C,
+                  PER_ROW)
