@@ -17,7 +17,8 @@ rows agree:
              buffer filled far past T (``second_tiles``, launched, idle here)
     one_set  the layer's call without that second tile set
     landing  the layer's call when gate_up starts on rows still landing (``Landing``):
-             each gate_up tile first checks the flags of its rows' sources (all raised
+             each gate_up tile (or, where fp8 tiles read e4m3 x, each program of x's
+             quantisation) first checks the flags of its rows' sources (all raised
              here: what the check costs, not what the overlap hides)
     tight    the W*T real rows alone: what the capacity should cost at most
 
@@ -33,8 +34,7 @@ other's, so that clock and thermal drift cancel): the costs of the early start a
 the idle second tile set, the numbers the layer's defaults rest on.
 
 With ``--fp8 block`` (or ``channel``) the experts are fp8, quantised from the same bf16
-weights (no ``landing`` variant: the layer quantises fp8 experts' rows after all have
-landed), and variants compared within 5e-2 (tiles of other sizes may quantise the
+weights, and variants compared within 5e-2 (tiles of other sizes may quantise the
 activations differently).
 
 One GPU is enough; run from the checkout root::
@@ -157,8 +157,6 @@ def main(argv=None) -> None:
                         ("one_set", (x, w, ids), dict(layer, second_tiles=False)),
                         ("landing", (x, w, ids), dict(layer, landing=landed)),
                         ("tight", tight, {}))
-            if args.fp8:  # the layer quantises fp8 experts' rows once all have landed
-                variants = tuple(v for v in variants if v[0] != "landing")
             labels = [v[0] for v in variants if v[0] != "tight"]
             forwards = {}
             for label, (xs, ws, ids_), how in variants:
@@ -179,8 +177,6 @@ def main(argv=None) -> None:
                 f"{label} / tight = {times[label] / times['tight']:.2f}x"
                 for label in labels))
             for a, b in (("landing", "layer"), ("layer", "one_set")):
-                if a not in forwards:
-                    continue
                 pairs = sorted(timer.replayed(forwards[a]) / timer.replayed(forwards[b])
                                for _ in range(args.ab))
                 print(f"[{name} T={t}] {a} / {b}, median of {args.ab} alternating pairs: "
