@@ -93,12 +93,12 @@ def test_parity_with_single_process_layer(world):
     assert all(len(e) == len(CASES[world]) for e in errors)
 
 
-def fp8_parity_scenario(rank, world, device, cases, seed):
-    """fp8 experts (bf16 hidden states) against the single-process FusedMoE holding the
-    same fp8 weights: every (scheme, model, max_tokens_per_rank, built, tokens) case,
-    built by from_config (this rank's experts only) or from the whole layer (sliced), on
-    the case's tokens per rank (None: TOKENS'). Each rank keeps its experts' rows of the
-    weights and of both scales."""
+def fp8_parity_scenario(rank, world, device, cases, seed, transport="all_to_all"):
+    """fp8 experts (bf16 hidden states) over ``transport`` against the single-process
+    FusedMoE holding the same fp8 weights: every (scheme, model, max_tokens_per_rank,
+    built, tokens) case, built by from_config (this rank's experts only) or from the
+    whole layer (sliced), on the case's tokens per rank (None: TOKENS'). Each rank keeps
+    its experts' rows of the weights and of both scales."""
     from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
 
     _poison_empty()
@@ -110,10 +110,10 @@ def fp8_parity_scenario(rank, world, device, cases, seed):
         assert moe.fp8_scheme == scheme
         if built == "from_config":
             ep = ExpertParallelMoE.from_config(
-                config, dtype=bf16, device=device, transport="all_to_all",
+                config, dtype=bf16, device=device, transport=transport,
                 max_tokens_per_rank=max_tokens, seed=seed, weight_dtype=fp8, scheme=scheme)
         else:
-            ep = ExpertParallelMoE(moe, transport="all_to_all", max_tokens_per_rank=max_tokens)
+            ep = ExpertParallelMoE(moe, transport=transport, max_tokens_per_rank=max_tokens)
         shard = slice(ep.expert_range.start, ep.expert_range.stop)
         assert ep.fp8_scheme == scheme and ep.w_gate_up.dtype == ep.w_down.dtype == fp8
         for weight in ("w_gate_up", "w_down"):
@@ -653,6 +653,16 @@ def test_gpu_parity_both_transports(dtype):
     assert_all_ok(run_on_ranks(parity_scenario, 2, fixed, seed, dtype, ["nvlink", "all_to_all"]))
     assert_all_ok(run_on_ranks(parity_scenario, 2, [(m, None) for m in MODELS], seed,
                                dtype, ["all_to_all"]))
+
+
+@needs_two_gpus
+def test_gpu_nvlink_fp8_experts_parity():
+    """fp8 experts over nvlink, their received rows quantised (or, with weight-only fp8
+    tiles, read) as they land: the fixed-capacity cases of FP8_CASES, uneven batches
+    among them, against the single-process layer."""
+    cases = [case for case in FP8_CASES if case[2] is not None]
+    errors = assert_all_ok(run_on_ranks(fp8_parity_scenario, 2, cases, _seed(), "nvlink"))
+    assert all(len(e) == len(cases) for e in errors)
 
 
 def graph_scenario(rank, world, device, seed, transport):
