@@ -34,6 +34,10 @@
 #                                 on it (TRITONMOE_TEST_SHARED_GPU=1: correctness, not
 #                                 speed), launches per forward (benchmarks.ep_launches,
 #                                 two ranks on the GPU), then benchmarks.ep_receiver (~5 min)
+#   tools/gpu_session.sh ep1_fp8  (one GPU) fp8 experts as an expert-parallel receiver: the
+#                                 fp8 receive-buffer tests (crowded, landing rows), fp8 over
+#                                 nvlink with both ranks time-sliced on the GPU, then
+#                                 benchmarks.ep_receiver --fp8 block (~5 min)
 #   tools/gpu_session.sh pack     tar everything under $OUT into $OUT/session.tar.gz
 #                                 (for a runner that returns only a few files)
 #
@@ -124,6 +128,17 @@ for step in "$@"; do
       timeout "${EP_BENCH_TIMEOUT_S:-420}" torchrun --nproc_per_node=2 -m benchmarks.ep_launches \
         --out "$OUT" 2>&1 | grep -v "^W1\|OMP_NUM\|\*\*\*\*" | tee "$OUT/ep_launches.log" | tail -12
       python -m benchmarks.ep_receiver 2>&1 | tee "$OUT/ep_receiver.log" | grep "^\[" ;;
+    ep1_fp8)
+      export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
+      python -m pytest -q -p no:cacheprovider tests/test_fp8.py -k \
+        "landing or crowded or receive_buffer or rows_in_use" > "$OUT/test_ep1_fp8.log" 2>&1 \
+        || echo "FP8 RECEIVER TESTS FAILED (see test_ep1_fp8.log)"
+      TRITONMOE_TEST_SHARED_GPU=1 timeout "${EP_TEST_TIMEOUT_S:-300}" python -m pytest -q \
+        -p no:cacheprovider tests/test_distributed.py -k "gpu and nvlink and fp8" \
+        >> "$OUT/test_ep1_fp8.log" 2>&1 || echo "FP8 NVLINK TEST FAILED (see test_ep1_fp8.log)"
+      tail -5 "$OUT/test_ep1_fp8.log"
+      python -m benchmarks.ep_receiver --fp8 block --tokens 1 --peer-tokens 2048 --ab 5 2>&1 \
+        | tee "$OUT/ep_receiver_fp8.log" | grep "^\[.*\] \|receiving [0-9]* rows\]" ;;
     pack)
       [ "$out_given" = yes ] || { echo "pack empties \$OUT: set OUT to a scratch folder" >&2; exit 2; }
       tar czf /tmp/session.tar.gz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/session.tar.gz "$OUT/" ;;
