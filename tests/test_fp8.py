@@ -268,15 +268,10 @@ def test_quantisation_waits_for_rows_landing_later(device):
     """The rows and their flags arrive from another stream ~20 ms after the quantisation
     launch started (the buffer NaN until then): it waits, and the result is the
     references'."""
+    from test_pipeline import land_later
+
     x, weights, ids, fp8_weights, landing, tile = _landing_fp8_case("block", device)
-    buffer = torch.full_like(x, float("nan"))
-    other = torch.cuda.Stream(priority=-1)
-    other.wait_stream(torch.cuda.current_stream())  # the buffers above exist before it writes
-    with torch.cuda.stream(other):
-        torch.cuda._sleep(40_000_000)
-        buffer.copy_(x)
-        landing.flags.fill_(5)
-    out = _landed_call(buffer, weights, ids, fp8_weights, landing, tile)
+    out = _landed_call(land_later(x, landing), weights, ids, fp8_weights, landing, tile)
     torch.cuda.synchronize()
     check_against_references(out, x, weights, ids, fp8_weights, (True, True))
     assert int(landing.late) == 4

@@ -244,6 +244,19 @@ def test_gate_up_on_landed_rows(flag, device):
         assert int(landing.late) == 5
 
 
+def land_later(x, landing):
+    """A NaN buffer into which another stream copies x, and raises the landing flags to
+    the epoch (5), ~20 ms after the kernels queued next on this stream have started."""
+    buffer = torch.full_like(x, float("nan"))
+    other = torch.cuda.Stream(priority=-1)
+    other.wait_stream(torch.cuda.current_stream())  # the buffers above exist before it writes
+    with torch.cuda.stream(other):
+        torch.cuda._sleep(40_000_000)
+        buffer.copy_(x)
+        landing.flags.fill_(5)
+    return buffer
+
+
 @pytest.mark.skipif(not ON_GPU, reason="a kernel on another stream lands the rows later")
 def test_gate_up_waits_for_rows_landing_later(device):
     """The rows and their flags arrive from another stream ~20 ms after gate_up started
@@ -252,13 +265,7 @@ def test_gate_up_waits_for_rows_landing_later(device):
     from moe_ops.pipeline import fused_experts_impl
 
     x, weights, ids, w_gate_up, w_down, landing, expected = _landing_case(device, 2)
-    buffer = torch.full_like(x, float("nan"))
-    other = torch.cuda.Stream(priority=-1)
-    other.wait_stream(torch.cuda.current_stream())  # the buffers above exist before it writes
-    with torch.cuda.stream(other):
-        torch.cuda._sleep(40_000_000)
-        buffer.copy_(x)
-        landing.flags.fill_(5)
+    buffer = land_later(x, landing)
     out = fused_experts_impl(buffer, weights, ids, w_gate_up, w_down, landing=landing)
     torch.cuda.synchronize()
     assert_close_l2(out, expected, 1e-2)
