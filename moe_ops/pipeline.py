@@ -118,15 +118,18 @@ def _weight_descriptor(gate_up: bool, w, tile: TileConfig):
 
 
 def quantize_input(a: torch.Tensor, scheme: str, count=None, rows_per_count: int = 0,
-                   grid_rows: int | None = None, gate=None, landing: Landing | None = None
+                   grid_rows: int | None = None, gate=None, landing: Landing | None = None,
+                   routed: tuple[torch.Tensor, int, int] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(a8 e4m3 [R, K], scale): one scale per row for "channel" weights, one per row per
     128 columns for "block" ones (``kernels.quantize``, one launch). With ``count`` (int32
     [1] on the device) only the first count * rows_per_count rows are quantised, by
     programs sized for ``grid_rows`` of them (default all; at least ``busy_programs``)
     that stride over the rest; with ``gate`` (int32 [1] on the device) none where it
-    holds 0; with ``landing`` a's rows are still landing (``Landing``): each block of
-    rows is quantised once its sources' flags are up."""
+    holds 0; with ``routed`` (ids, ids per row, E) only the rows with an id in [0, E)
+    (row r's ids: the int32 ids' r * ids_per_row ...); with ``landing`` a's rows are
+    still landing (``Landing``): each block of rows is quantised once its sources' flags
+    are up."""
     rows, k = a.shape
     a8, scale = empty_activations(rows, k, scheme, a.device)
     expected = rows if grid_rows is None else max(1, min(grid_rows, rows))
@@ -141,11 +144,14 @@ def quantize_input(a: torch.Tensor, scheme: str, count=None, rows_per_count: int
         quantize_kernel[(programs,)](
             a, a8, scale, rows, k, a.stride(0), count if count is not None else scale,
             gate if gate is not None else scale,  # unread without GATED
+            routed[0] if routed else scale,  # unread without IDS_PER_ROW
             *(landing[:5] if landing else (scale,) * 5),  # unread without WAIT_ROWS
             landing.timeout_ticks if landing else 0,
             BLOCK_R=block_r, BLOCK_C=block_c, PER_ROW=scheme == "channel",
             ROWS_PER_COUNT=rows_per_count if count is not None else 0, GATED=gate is not None,
-            STRIDE=programs < blocks, WAIT_ROWS=landing is not None,
+            STRIDE=programs < blocks, IDS_PER_ROW=routed[1] if routed else 0,
+            IDS_PAD=triton.next_power_of_2(routed[1]) if routed else 1,
+            NUM_EXPERTS=routed[2] if routed else 0, WAIT_ROWS=landing is not None,
             NUM_SOURCES=triton.next_power_of_2(landing.flags.numel()) if landing else 1,
             HIP=bool(landing and landing.hip))
     return a8, scale
@@ -217,9 +223,11 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
     [T, H] output buffer (contiguous) instead of a fresh one; ``num_rows`` (int32 [1] on
     the device, with ``skip_unrouted``): rows at or past it hold no routed id, and the
     combine does not read them, its programs sized for ``grid_rows`` rows (default all;
-    at least ``busy_programs``) and striding over the rest; ``landing``: the rows of
-    hidden_states are still landing (``Landing``: gate_up's tiles wait for them where they
-    read x in place, its quantisation's programs where x is quantised); ``crowded``: a second tile set and alignment, of which the alignment
+    at least ``busy_programs``) and striding over the rest (without ``num_rows``, the
+    quantisations of a ``skip_unrouted`` call skip the rows without a routed id);
+    ``landing``: the rows of hidden_states are still landing (``Landing``: gate_up's
+    tiles wait for them where they read x in place, its quantisation's programs where x
+    is quantised); ``crowded``: a second tile set and alignment, of which the alignment
     lets one compute: each set has its own chain of launches (x's quantisation where its
     gate_up tile reads e4m3, gate_up, h's quantisation where its down tile does, down),
     and the chain of the set not chosen finds no block and no row to quantise."""
@@ -240,12 +248,14 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
         # A set the alignment did not choose finds no block, and its quantisations no row.
         gate = stage_alignment.num_blocks if crowded else None
         # Quantisation grids sized for the rows expected where the rows in use are known
-        # on the device (else all may be).
+        # on the device; else all may be, and a sparse buffer's unrouted ones are skipped.
         x_rows = expected_rows if num_rows is not None else None
+        sparse = skip_unrouted and num_rows is None
         x, x_scale, gate_up_landing = hidden_states, None, landing
         if stage_tiles.gate_up.A_FP8:  # quantised once landed: gate_up then waits for none
-            x, x_scale = x_quantized or quantize_input(hidden_states, scheme, num_rows, 1,
-                                                       x_rows, gate, landing)
+            x, x_scale = x_quantized or quantize_input(
+                hidden_states, scheme, num_rows, 1, x_rows, gate, landing,
+                (topk_ids, top_k, num_experts) if sparse else None)
             gate_up_landing = None
         _grouped_gemm(True, x, x_scale, w_gate_up, w_gate_up_scale, h, topk_weights,
                       stage_alignment, num_slots, top_k, inter, hidden, stage_tiles.gate_up,
@@ -260,7 +270,8 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
                     blocks * block_m if used is not None and expected_rows and blocks else None)
             else:
                 h, h_scale = quantize_input(h, scheme, num_rows, top_k,
-                                            x_rows and x_rows * top_k, gate)
+                                            x_rows and x_rows * top_k, gate,
+                                            routed=(topk_ids, 1, num_experts) if sparse else None)
         _grouped_gemm(False, h, h_scale, w_down, w_down_scale, y, topk_weights, stage_alignment,
                       num_slots, 1, hidden, inter, stage_tiles.down, stage_tiles.h_block_order,
                       grid_blocks=blocks)

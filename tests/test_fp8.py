@@ -43,7 +43,8 @@ def quantise_launches(monkeypatch) -> list:
     inputs = []
     quantize = pipeline.quantize_input
     monkeypatch.setattr(pipeline, "quantize_input",
-                        lambda a, scheme, *rows: inputs.append(a) or quantize(a, scheme, *rows))
+                        lambda a, scheme, *args, **kwargs: inputs.append(a)
+                        or quantize(a, scheme, *args, **kwargs))
     return inputs
 
 
@@ -103,6 +104,54 @@ def test_activation_quantisation_of_the_rows_in_use(scheme, gate, device):
     assert torch.equal(a8[:used].view(torch.uint8), full8[:used].view(torch.uint8))
     assert torch.equal(scale[:used], full_scale[:used])
     assert bool(a8[used:].float().isnan().all()) and bool(scale[used:].isnan().all())
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("ids_per_row", [1, 3])
+def test_activation_quantisation_of_routed_rows(scheme, ids_per_row, device):
+    """``quantize_input`` with ``routed``: only rows with an id in [0, E) are quantised
+    (as the full quantisation does), the others (ids -1 or past E) stay unwritten."""
+    rows, num_experts = (3000 if ON_GPU else 40), 8
+    a = torch.randn(rows, 300, device=device).bfloat16()
+    ids = torch.randint(0, num_experts, (rows, ids_per_row), device=device, dtype=torch.int32)
+    ids[torch.rand(rows, ids_per_row, device=device) < 0.5] = -1
+    ids[::7, 0] = num_experts  # out of range: not routed here
+    routed = ((ids >= 0) & (ids < num_experts)).any(dim=1)
+    assert 0 < int(routed.sum()) < rows
+    a8, scale = quantize_input(a, scheme, routed=(ids, ids_per_row, num_experts))
+    full8, full_scale = quantize_input(a, scheme)
+    assert torch.equal(a8[routed].view(torch.uint8), full8[routed].view(torch.uint8))
+    assert torch.equal(scale[routed], full_scale[routed])
+    assert bool(a8[~routed].float().isnan().all()) and bool(scale[~routed].isnan().all())
+
+
+@pytest.mark.usefixtures("poison_allocations")
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_sparse_receive_buffer_quantises_its_routed_rows(scheme, device, monkeypatch):
+    """A receive buffer whose filled rows are not known on the device (``all_to_all``'s),
+    mostly unrouted, fp8 activations for both GEMMs (x and h in slot order quantised by
+    their own launches): the launches quantise the routed rows only (the others' e4m3
+    rows stay unwritten), and the routed rows equal the references."""
+    x, topk_weights, topk_ids, fp8_weights = fp8_inputs(scheme, device, **SHAPES)
+    rows = x.shape[0]
+    unrouted = torch.rand(rows, device=device) < 2 / 3
+    topk_ids[unrouted] = -1
+    quantised = []
+    quantize = pipeline.quantize_input
+    monkeypatch.setattr(pipeline, "quantize_input", lambda *args, **kwargs: quantised.append(
+        quantize(*args, **kwargs)) or quantised[-1])
+    tile = TileConfig(16, 64, 128, 1, 4, 3, A_FP8=True)
+    out = fused_experts_impl(x, topk_weights, topk_ids, fp8_weights[0], fp8_weights[1], tile,
+                             tile, w_gate_up_scale=fp8_weights[2], w_down_scale=fp8_weights[3],
+                             tile_tokens=rows // 3, skip_unrouted=True)
+    check_against_references(out[~unrouted], x[~unrouted], topk_weights[~unrouted],
+                             topk_ids[~unrouted], fp8_weights, (True, True))
+    assert bool(out[unrouted].isnan().all())
+    (x8, _), (h8, _) = quantised
+    assert bool(x8[unrouted].float().isnan().all()) and not x8[~unrouted].float().isnan().any()
+    slot_unrouted = unrouted.repeat_interleave(SHAPES["top_k"])
+    assert bool(h8[slot_unrouted].float().isnan().all())
 
 
 @pytest.mark.usefixtures("poison_allocations")

@@ -57,17 +57,20 @@ gemm("*fp8e4nv", "*fp8e4nv", "*bf16", GATE_UP=False, W_SCALE=1, A_FP8=True, BLOC
      BLOCK_N=64, FAST_ACC=True)
 
 # Plain; counted; a receive buffer's few counted rows, strided and gated (a second tile
-# set's); and over rows still landing from two ranks.
-for block_r, block_c, per_row, counted, strided, waits in (
-        (1, 2048, True, 0, False, False), (16, 128, False, 8, False, False),
-        (2, 1024, False, 1, True, False), (1, 2048, True, 1, True, True)):
+# set's); over rows still landing from two ranks; its routed rows only (top-8 ids).
+for block_r, block_c, per_row, counted, strided, waits, ids_per_row in (
+        (1, 2048, True, 0, False, False, 0), (16, 128, False, 8, False, False, 0),
+        (2, 1024, False, 1, True, False, 0), (1, 2048, True, 1, True, True, 0),
+        (16, 128, False, 0, False, False, 8)):
     build(quantize_kernel, dict(src_ptr="*bf16", dst_ptr="*fp8e4nv", scale_ptr="*fp32",
                                 num_rows="i32", K="i32", stride_src="i32", count_ptr="*i32",
-                                gate_ptr="*i32", row_source_ptr="*i32",
+                                gate_ptr="*i32", ids_ptr="*i32", row_source_ptr="*i32",
                                 source_flags_ptr="*i64", epoch_ptr="*i64", late_ptr="*i64",
                                 stop_ptr="*i64", timeout_ticks="i64"),
           dict(BLOCK_R=block_r, BLOCK_C=block_c, PER_ROW=per_row, ROWS_PER_COUNT=counted,
-               GATED=strided, STRIDE=strided, WAIT_ROWS=waits, NUM_SOURCES=2, HIP=False),
+               GATED=strided, STRIDE=strided, IDS_PER_ROW=ids_per_row,
+               IDS_PAD=max(1, ids_per_row), NUM_EXPERTS=128, WAIT_ROWS=waits, NUM_SOURCES=2,
+               HIP=False),
           ["src_ptr", "dst_ptr", "scale_ptr", "K", "stride_src"])
 
 # An expert-parallel receive buffer read up to its filled rows (HAS_ROWS).

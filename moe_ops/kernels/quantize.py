@@ -100,18 +100,22 @@ def quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, row_mask, K, stride_src,
 
 @triton.jit
 def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src, count_ptr, gate_ptr,
-                    row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr, stop_ptr,
+                    ids_ptr, row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr, stop_ptr,
                     timeout_ticks,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PER_ROW: tl.constexpr,
                     ROWS_PER_COUNT: tl.constexpr, GATED: tl.constexpr, STRIDE: tl.constexpr,
-                    WAIT_ROWS: tl.constexpr, NUM_SOURCES: tl.constexpr, HIP: tl.constexpr):
+                    IDS_PER_ROW: tl.constexpr, IDS_PAD: tl.constexpr,
+                    NUM_EXPERTS: tl.constexpr, WAIT_ROWS: tl.constexpr,
+                    NUM_SOURCES: tl.constexpr, HIP: tl.constexpr):
     """With ROWS_PER_COUNT > 0 only the first count_ptr[0] * ROWS_PER_COUNT rows (those in
     use, known on the device) are quantised; with GATED none where gate_ptr[0] is 0 (a
-    tile set the alignment did not choose). The rest are left alone. With STRIDE the
-    grid covers fewer row blocks than there are: each program strides over the rest.
-    WAIT_ROWS: src's rows are still landing from other GPUs; each block of rows first
-    waits for the flags of its rows' sources (``landing.wait_landed``, whose arguments
-    follow count_ptr and gate_ptr)."""
+    tile set the alignment did not choose); with IDS_PER_ROW > 0 only the rows routed to
+    an expert here (row r's ids: ids_ptr[r * IDS_PER_ROW ...], IDS_PAD a power of two at
+    least IDS_PER_ROW; one in [0, NUM_EXPERTS)).
+    The rest are left alone. With STRIDE the grid covers fewer row blocks than there
+    are: each program strides over the rest. WAIT_ROWS: src's rows are still landing
+    from other GPUs; each block of rows first waits for the flags of its rows' sources
+    (``landing.wait_landed``, whose arguments follow ids_ptr)."""
     limit = num_rows
     if ROWS_PER_COUNT > 0:
         limit = tl.minimum(tl.load(count_ptr) * ROWS_PER_COUNT, limit)
@@ -119,25 +123,39 @@ def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src, count_
         limit = tl.where(tl.load(gate_ptr) != 0, limit, 0)
     if STRIDE:
         for block in range(tl.program_id(0), tl.cdiv(limit, BLOCK_R), tl.num_programs(0)):
-            _quantize_block(src_ptr, dst_ptr, scale_ptr, block, limit, K, stride_src,
+            _quantize_block(src_ptr, dst_ptr, scale_ptr, block, limit, K, stride_src, ids_ptr,
                             row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr, stop_ptr,
-                            timeout_ticks, BLOCK_R, BLOCK_C, PER_ROW, WAIT_ROWS, NUM_SOURCES, HIP)
+                            timeout_ticks, BLOCK_R, BLOCK_C, PER_ROW, IDS_PER_ROW, IDS_PAD,
+                            NUM_EXPERTS, WAIT_ROWS, NUM_SOURCES, HIP)
     elif tl.program_id(0) * BLOCK_R < limit:
         _quantize_block(src_ptr, dst_ptr, scale_ptr, tl.program_id(0), limit, K, stride_src,
-                        row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr, stop_ptr,
-                        timeout_ticks, BLOCK_R, BLOCK_C, PER_ROW, WAIT_ROWS, NUM_SOURCES, HIP)
+                        ids_ptr, row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr, stop_ptr,
+                        timeout_ticks, BLOCK_R, BLOCK_C, PER_ROW, IDS_PER_ROW, IDS_PAD,
+                        NUM_EXPERTS, WAIT_ROWS, NUM_SOURCES, HIP)
 
 
 @triton.jit
-def _quantize_block(src_ptr, dst_ptr, scale_ptr, block, limit, K, stride_src,
+def _quantize_block(src_ptr, dst_ptr, scale_ptr, block, limit, K, stride_src, ids_ptr,
                     row_source_ptr, source_flags_ptr, epoch_ptr, late_ptr, stop_ptr,
                     timeout_ticks, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                    PER_ROW: tl.constexpr, WAIT_ROWS: tl.constexpr, NUM_SOURCES: tl.constexpr,
-                    HIP: tl.constexpr):
-    """Rows block*BLOCK_R ... below limit, once landed where WAIT_ROWS."""
+                    PER_ROW: tl.constexpr, IDS_PER_ROW: tl.constexpr, IDS_PAD: tl.constexpr,
+                    NUM_EXPERTS: tl.constexpr, WAIT_ROWS: tl.constexpr,
+                    NUM_SOURCES: tl.constexpr, HIP: tl.constexpr):
+    """Rows block*BLOCK_R ... below limit (routed ones only where IDS_PER_ROW), once
+    landed where WAIT_ROWS."""
     rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
-    if WAIT_ROWS:
-        wait_landed(rows.to(tl.int64), rows < limit, row_source_ptr, source_flags_ptr,
-                    epoch_ptr, late_ptr, stop_ptr, timeout_ticks, NUM_SOURCES, HIP)
-    quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, rows < limit, K, stride_src, BLOCK_C,
-                  PER_ROW)
+    row_mask = rows < limit
+    any_row = True
+    if IDS_PER_ROW > 0:
+        offs = tl.arange(0, IDS_PAD)
+        ids = tl.load(ids_ptr + rows.to(tl.int64)[:, None] * IDS_PER_ROW + offs[None, :],
+                      mask=row_mask[:, None] & (offs < IDS_PER_ROW)[None, :], other=-1)
+        routed = (ids >= 0) & (ids < NUM_EXPERTS)
+        row_mask = row_mask & (tl.max(routed.to(tl.int32), axis=1) > 0)
+        any_row = tl.max(row_mask.to(tl.int32), axis=0) > 0  # else the block is done
+    if any_row:
+        if WAIT_ROWS:
+            wait_landed(rows.to(tl.int64), row_mask, row_source_ptr, source_flags_ptr,
+                        epoch_ptr, late_ptr, stop_ptr, timeout_ticks, NUM_SOURCES, HIP)
+        quantize_rows(src_ptr, dst_ptr, scale_ptr, rows, row_mask, K, stride_src, BLOCK_C,
+                      PER_ROW)
