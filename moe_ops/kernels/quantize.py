@@ -110,10 +110,9 @@ def quantize_kernel(src_ptr, dst_ptr, scale_ptr, num_rows, K, stride_src, count_
     """With ROWS_PER_COUNT > 0 only the first count_ptr[0] * ROWS_PER_COUNT rows (those in
     use, known on the device) are quantised; with GATED none where gate_ptr[0] is 0 (a
     tile set the alignment did not choose); with IDS_PER_ROW > 0 only the rows routed to
-    an expert here (row r's ids: ids_ptr[r * IDS_PER_ROW ...], IDS_PAD a power of two at
-    least IDS_PER_ROW; one in [0, NUM_EXPERTS)).
-    The rest are left alone. With STRIDE the grid covers fewer row blocks than there
-    are: each program strides over the rest. WAIT_ROWS: src's rows are still landing
+    an expert here (one of row r's ids ids_ptr[r * IDS_PER_ROW ...] in [0, NUM_EXPERTS);
+    IDS_PAD a power of two at least IDS_PER_ROW). The rest are left alone. With STRIDE
+    the grid covers fewer row blocks than there are: each program strides over the rest. WAIT_ROWS: src's rows are still landing
     from other GPUs; each block of rows first waits for the flags of its rows' sources
     (``landing.wait_landed``, whose arguments follow ids_ptr)."""
     limit = num_rows
