@@ -264,7 +264,7 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
         if stage_tiles.down.A_FP8 and not stage_tiles.h_fp8:  # h's rows in use only
             if stage_tiles.h_block_order:  # those of the blocks in use, where few may be
                 block_m = stage_tiles.block_m
-                used = stage_alignment.num_blocks if num_rows is not None or crowded else None
+                used = stage_alignment.num_blocks if skip_unrouted or crowded else None
                 h, h_scale = quantize_input(
                     h, scheme, used, block_m,
                     blocks * block_m if used is not None and expected_rows and blocks else None)

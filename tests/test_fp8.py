@@ -128,30 +128,44 @@ def test_activation_quantisation_of_routed_rows(scheme, ids_per_row, device):
 
 @pytest.mark.usefixtures("poison_allocations")
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_sparse_receive_buffer_quantises_its_routed_rows(scheme, device, monkeypatch):
+@pytest.mark.parametrize("a_desc", [False, True])
+def test_sparse_receive_buffer_quantises_its_routed_rows(scheme, a_desc, device, monkeypatch):
     """A receive buffer whose filled rows are not known on the device (``all_to_all``'s),
-    mostly unrouted, fp8 activations for both GEMMs (x and h in slot order quantised by
-    their own launches): the launches quantise the routed rows only (the others' e4m3
-    rows stay unwritten), and the routed rows equal the references."""
+    mostly unrouted, fp8 activations for both GEMMs (x and h quantised by their own
+    launches, h in slot order and in block order): x's launch quantises the routed rows
+    only (the others' e4m3 rows stay unwritten), h's is restricted to the routed slots or
+    to the blocks in use (what each restriction quantises: the tests above), and the
+    routed rows equal the references."""
+    import inspect
+
     x, topk_weights, topk_ids, fp8_weights = fp8_inputs(scheme, device, **SHAPES)
     rows = x.shape[0]
     unrouted = torch.rand(rows, device=device) < 2 / 3
     topk_ids[unrouted] = -1
-    quantised = []
+    launches = []
     quantize = pipeline.quantize_input
-    monkeypatch.setattr(pipeline, "quantize_input", lambda *args, **kwargs: quantised.append(
-        quantize(*args, **kwargs)) or quantised[-1])
+
+    def recording(*args, **kwargs):
+        launches.append((inspect.signature(quantize).bind(*args, **kwargs).arguments,
+                         quantize(*args, **kwargs)))
+        return launches[-1][1]
+
+    monkeypatch.setattr(pipeline, "quantize_input", recording)
     tile = TileConfig(16, 64, 128, 1, 4, 3, A_FP8=True)
+    down = replace(tile, A_DESC=a_desc)
     out = fused_experts_impl(x, topk_weights, topk_ids, fp8_weights[0], fp8_weights[1], tile,
-                             tile, w_gate_up_scale=fp8_weights[2], w_down_scale=fp8_weights[3],
+                             down, w_gate_up_scale=fp8_weights[2], w_down_scale=fp8_weights[3],
                              tile_tokens=rows // 3, skip_unrouted=True)
     check_against_references(out[~unrouted], x[~unrouted], topk_weights[~unrouted],
                              topk_ids[~unrouted], fp8_weights, (True, True))
     assert bool(out[unrouted].isnan().all())
-    (x8, _), (h8, _) = quantised
+    (x_args, (x8, _)), (h_args, _) = launches
     assert bool(x8[unrouted].float().isnan().all()) and not x8[~unrouted].float().isnan().any()
-    slot_unrouted = unrouted.repeat_interleave(SHAPES["top_k"])
-    assert bool(h8[slot_unrouted].float().isnan().all())
+    assert x_args["routed"][1] == SHAPES["top_k"]
+    if a_desc:  # h in block order: the blocks in use, counted on the device
+        assert h_args.get("count") is not None and h_args["rows_per_count"] == 16
+    else:  # h in slot order: each slot by its id
+        assert h_args["routed"][1] == 1
 
 
 @pytest.mark.usefixtures("poison_allocations")
