@@ -254,8 +254,8 @@ def experts(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, tiles: Exp
         x, x_scale, gate_up_landing = hidden_states, None, landing
         if stage_tiles.gate_up.A_FP8:  # quantised once landed: gate_up then waits for none
             x, x_scale = x_quantized or quantize_input(
-                hidden_states, scheme, num_rows, 1, x_rows, gate, landing,
-                (topk_ids, top_k, num_experts) if sparse else None)
+                hidden_states, scheme, num_rows, 1, x_rows, gate, landing=landing,
+                routed=(topk_ids, top_k, num_experts) if sparse else None)
             gate_up_landing = None
         _grouped_gemm(True, x, x_scale, w_gate_up, w_gate_up_scale, h, topk_weights,
                       stage_alignment, num_slots, top_k, inter, hidden, stage_tiles.gate_up,

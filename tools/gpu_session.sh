@@ -131,7 +131,7 @@ for step in "$@"; do
     ep1_fp8)
       export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
       python -m pytest -q -p no:cacheprovider tests/test_fp8.py -k \
-        "landing or crowded or receive_buffer or rows_in_use" > "$OUT/test_ep1_fp8.log" 2>&1 \
+        "landing or crowded or receive_buffer or rows_in_use or routed" > "$OUT/test_ep1_fp8.log" 2>&1 \
         || echo "FP8 RECEIVER TESTS FAILED (see test_ep1_fp8.log)"
       TRITONMOE_TEST_SHARED_GPU=1 timeout "${EP_TEST_TIMEOUT_S:-300}" python -m pytest -q \
         -p no:cacheprovider tests/test_distributed.py -k "gpu and nvlink and fp8" \
@@ -143,6 +143,6 @@ for step in "$@"; do
       [ "$out_given" = yes ] || { echo "pack empties \$OUT: set OUT to a scratch folder" >&2; exit 2; }
       tar czf /tmp/session.tar.gz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/session.tar.gz "$OUT/" ;;
     *)
-      echo "unknown step '$step' (test, probe, tune, heuristic, bench, fp8, eager, ep, ep_uneven, ep_ce, ep1, pack)" >&2; exit 2 ;;
+      echo "unknown step '$step' (test, probe, tune, heuristic, bench, fp8, eager, ep, ep_uneven, ep_ce, ep1, ep1_fp8, pack)" >&2; exit 2 ;;
   esac
 done
