@@ -64,7 +64,7 @@ from moe_ops.module import shared_expert_output  # noqa: E402
 from moe_ops.pipeline import fused_experts_impl  # noqa: E402
 from moe_ops.reference import rel_l2  # noqa: E402
 from tools.ceilings import measure_ceilings  # noqa: E402
-from tools.cli import on_gpu, slug  # noqa: E402
+from tools.cli import leave_process_group, on_gpu, slug  # noqa: E402
 from tools.profiler import count_launches  # noqa: E402
 from tools.timing import capture_graph, median_event_ms, median_wall_ms  # noqa: E402
 from tools.workloads import bias_column, layer_config, log_popularity, tokens_with_bias_input  # noqa: E402
@@ -327,7 +327,7 @@ def main(argv=None) -> None:
         if gpu:
             torch.cuda.empty_cache()
     log(f"wrote {out_dir / stem}.{{json,md,png}}")
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from benchmarks.bench_ep import NO_MULTICAST, log, rows_to_ranks, wire_bytes
 from benchmarks.run_info import command_line, default_out_dir, device_label, utc_now
 from moe_ops.distributed import ExpertParallelMoE
 from moe_ops.reference import rel_l2
-from tools.cli import slug
+from tools.cli import leave_process_group, slug
 from tools.profiler import count_launches
 from tools.workloads import layer_config, tokens_with_bias_input
 
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
         (out_dir / f"{stem}.json").write_text(json.dumps(dict(stamp=stamp, rows=rows), indent=1))
         (out_dir / f"{stem}.md").write_text(markdown(rows, stamp))
         log(f"wrote {out_dir / stem}.{{json,md}}")
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -45,3 +45,18 @@ def slug(text: str) -> str:
 def log(msg: str) -> None:
     """Print at once (the runs are long and their output is often piped to a log)."""
     print(msg, flush=True)
+
+
+def leave_process_group() -> None:
+    """End a torchrun script's default process group, every rank together: free what still
+    holds the group or its finished works (layers in reference cycles), wait for the peers
+    (one still writing its results), then destroy the group. A rank that tore gloo down
+    while its peer was still busy aborted once in CI ("terminate called without an active
+    exception") after all its work had succeeded."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from moe_ops.configs import get_config, shrink
     from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
     from moe_ops.reference import rel_l2
-    from tools.cli import on_gpu
+    from tools.cli import leave_process_group, on_gpu
 
     args = parse_args(argv)
     gpu = on_gpu()
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         failed |= not ok
         print(f"rank {rank}/{world} {'ok' if ok else 'MISMATCH'}: {name} "
               f"({layer.transport.name}, {x.shape[0]} tokens) rel L2 {err:.2e}", flush=True)
-    dist.destroy_process_group()
+    leave_process_group()
     return int(failed)
 
 
