@@ -34,7 +34,8 @@ from .validation import (check_experts_args, check_moe_args, check_route_args,
 
 @functools.lru_cache(maxsize=256)
 def _routing(top_k, scoring, renormalize, n_group, topk_group, routed_scaling_factor) -> Routing:
-    return Routing(top_k, scoring, bool(renormalize), n_group, topk_group,
+    # Plain Python numbers for the kernels (a config may hold numpy ones).
+    return Routing(int(top_k), scoring, bool(renormalize), int(n_group), int(topk_group),
                    float(routed_scaling_factor))
 
 
@@ -46,7 +47,8 @@ def _contiguous_bias(score_bias):
 
 def _route_real(hidden_states, router_weight, top_k, scoring, renormalize, n_group, topk_group,
                 score_bias, routed_scaling_factor):
-    check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk_group, score_bias)
+    check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk_group, score_bias,
+                     routed_scaling_factor)
     routing = _routing(top_k, scoring, renormalize, n_group, topk_group, routed_scaling_factor)
     weights, ids, _ = route_tokens(hidden_states.contiguous(), router_weight, routing,
                                    _contiguous_bias(score_bias))
@@ -66,7 +68,8 @@ def _route_op(
 @_route_op.register_fake
 def _route_fake(hidden_states, router_weight, top_k, scoring="softmax", renormalize=True,
                 n_group=1, topk_group=1, score_bias=None, routed_scaling_factor=1.0):
-    check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk_group, score_bias)
+    check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk_group, score_bias,
+                     routed_scaling_factor)
     num_tokens = hidden_states.shape[0]
     return (hidden_states.new_empty(num_tokens, top_k, dtype=torch.float32),
             hidden_states.new_empty(num_tokens, top_k, dtype=torch.int32))
@@ -78,7 +81,11 @@ def _fused_experts_real(hidden_states, topk_weights, topk_ids, w_gate_up, w_down
                         w_gate_up_scale=None, w_down_scale=None):
     check_experts_args(hidden_states, topk_weights, topk_ids, w_gate_up, w_down, w_gate_up_scale,
                        w_down_scale)
-    check_topk_ids_in_range(topk_ids, w_gate_up.shape[0])
+    num_experts = w_gate_up.shape[0]
+    check_topk_ids_in_range(topk_ids, num_experts)
+    if topk_ids.dtype == torch.int64:
+        # Out-of-range ids are dropped (the check off); int32 must not wrap one into range.
+        topk_ids = topk_ids.clamp(-1, num_experts)
     # Activations are small: copying a strided view costs little, unlike weights.
     return fused_experts_impl(hidden_states.contiguous(), topk_weights.contiguous(),
                               topk_ids.to(torch.int32).contiguous(), w_gate_up, w_down,
@@ -109,7 +116,7 @@ def _fused_moe_real(hidden_states, router_weight, w_gate_up, w_down, top_k, scor
                     n_group, topk_group, score_bias, routed_scaling_factor, w_gate_up_scale=None,
                     w_down_scale=None):
     check_moe_args(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring, n_group,
-                   topk_group, score_bias, w_gate_up_scale, w_down_scale)
+                   topk_group, score_bias, w_gate_up_scale, w_down_scale, routed_scaling_factor)
     routing = _routing(top_k, scoring, renormalize, n_group, topk_group, routed_scaling_factor)
     # Our router's ids are in range by construction: no data check.
     return fused_moe_impl(hidden_states.contiguous(), router_weight, w_gate_up, w_down, routing,
@@ -134,7 +141,7 @@ def _fused_moe_fake(hidden_states, router_weight, w_gate_up, w_down, top_k, scor
                     renormalize=True, n_group=1, topk_group=1, score_bias=None,
                     routed_scaling_factor=1.0, w_gate_up_scale=None, w_down_scale=None):
     check_moe_args(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring, n_group,
-                   topk_group, score_bias, w_gate_up_scale, w_down_scale)
+                   topk_group, score_bias, w_gate_up_scale, w_down_scale, routed_scaling_factor)
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
@@ -146,13 +153,15 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 def plain_eager(*tensors) -> bool:
     """Whether the real implementation may run without the dispatcher: plain eager mode
     (not tracing, no dispatch mode such as FakeTensorMode or make_fx active), plain
-    tensors or parameters (no other subclass), and no autograd graph to record (so that
-    the op's forward-only error still fires where a backward would be wanted)."""
+    tensors or parameters (no other subclass) holding data (meta tensors go to the fake
+    implementation), and no autograd graph to record (so that the op's forward-only error
+    still fires where a backward would be wanted)."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     grad = torch.is_grad_enabled()
     for tensor in tensors:
-        if tensor is not None and (type(tensor) not in _PLAIN_TYPES or (grad and tensor.requires_grad)):
+        if tensor is not None and (type(tensor) not in _PLAIN_TYPES or tensor.is_meta
+                                   or (grad and tensor.requires_grad)):
             return False
     return True
 

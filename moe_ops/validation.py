@@ -8,6 +8,8 @@ eager mode only, outside CUDA-graph capture, and can be switched off with
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .dtypes import FLOAT_DTYPES
@@ -89,12 +91,21 @@ def _expect_hidden_size(hidden_states: torch.Tensor, weight_name: str, hidden: i
             f"{tuple(hidden_states.shape)}), expected {hidden}, the hidden size of {weight_name}")
 
 
+def _expect_int(name: str, value, what: str) -> None:
+    # A SymInt where torch.compile(dynamic=True) traces an int from a closure.
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{name} must be an int ({what}), got {value!r}")
+
+
 def check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk_group,
-                     score_bias) -> None:
+                     score_bias, routed_scaling_factor=1.0) -> None:
     """Checks of ``tritonmoe::route``'s arguments."""
     _expect_rank("hidden_states", hidden_states, 2, "[num_tokens, hidden]")
     _expect_rank("router_weight", router_weight, 2, "[num_experts, hidden]")
     _expect_weight_dtypes(hidden_states, "router_weight", router_weight)
+    if router_weight.shape[1] == 0:
+        raise ValueError(f"router_weight has hidden size 0 (shape {tuple(router_weight.shape)}): "
+                         "routing needs a hidden size >= 1")
     _expect_same_device(hidden_states, router_weight=router_weight, score_bias=score_bias)
     _expect_kernel_device("hidden_states", hidden_states)
     _expect_hidden_size(hidden_states, "router_weight", router_weight.shape[1])
@@ -102,9 +113,15 @@ def check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk
     num_experts = router_weight.shape[0]
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    # A SymInt where torch.compile(dynamic=True) traces an int from a closure.
-    if not isinstance(top_k, (int, torch.SymInt)) or not 1 <= top_k <= num_experts:
+    if (isinstance(top_k, bool) or not isinstance(top_k, (numbers.Integral, torch.SymInt))
+            or not 1 <= top_k <= num_experts):
         raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+    _expect_int("n_group", n_group, "expert groups, dividing num_experts")
+    _expect_int("topk_group", topk_group, "groups kept per token")
+    if isinstance(routed_scaling_factor, bool) or not isinstance(
+            routed_scaling_factor, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"routed_scaling_factor must be a float (the routing weights' "
+                        f"multiplier), got {routed_scaling_factor!r}")
     if n_group < 1 or num_experts % n_group != 0:
         raise ValueError(f"n_group must be >= 1 and divide num_experts={num_experts}, got {n_group}")
     if n_group > 1 and scoring != "sigmoid":
@@ -227,7 +244,8 @@ def check_topk_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
 
 
 def check_moe_args(hidden_states, router_weight, w_gate_up, w_down, top_k, scoring, n_group,
-                   topk_group, score_bias, w_gate_up_scale=None, w_down_scale=None) -> None:
+                   topk_group, score_bias, w_gate_up_scale=None, w_down_scale=None,
+                   routed_scaling_factor=1.0) -> None:
     """Checks of ``tritonmoe::fused_moe``: the experts' weights and the input, the router
     against the experts, then the routing options. With fp8 experts the router has the
     hidden states' dtype."""
@@ -236,8 +254,13 @@ def check_moe_args(hidden_states, router_weight, w_gate_up, w_down, top_k, scori
     if w_gate_up.dtype != FP8_DTYPE:
         # Against the experts first, so that a router of another dtype is named, not the input.
         _expect_weight_dtypes(hidden_states, "w_gate_up", w_gate_up, router_weight=router_weight)
+    elif router_weight.dtype != hidden_states.dtype:
+        raise TypeError(f"router_weight has dtype {router_weight.dtype}, expected hidden_states' "
+                        f"dtype {hidden_states.dtype} (with float8_e4m3fn experts the router "
+                        "has the hidden states' dtype)")
     _expect_dim("router_weight", router_weight, 1, w_gate_up.shape[2], "hidden size of w_gate_up")
     if router_weight.shape[0] != w_gate_up.shape[0]:
         raise ValueError(f"router_weight has {router_weight.shape[0]} experts, w_gate_up has "
                          f"{w_gate_up.shape[0]}; expected the same num_experts")
-    check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk_group, score_bias)
+    check_route_args(hidden_states, router_weight, top_k, scoring, n_group, topk_group, score_bias,
+                     routed_scaling_factor)

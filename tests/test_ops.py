@@ -152,12 +152,14 @@ def test_route_then_fused_experts_equals_fused_moe_bitwise(num_tokens, device):
     assert torch.equal(split, run_fused_moe(x, router, w_gate_up, w_down, bias, config))
 
 
-@pytest.mark.parametrize("num_tokens", [6, 40])  # the decode alignment and the rank kernel
-def test_out_of_range_ids_are_dropped_when_unchecked(num_tokens, device):
+@pytest.mark.parametrize("num_tokens, id_dtype", [(6, torch.int32), (40, torch.int32),
+                                                  (6, torch.int64)])
+def test_out_of_range_ids_are_dropped_when_unchecked(num_tokens, id_dtype, device):
+    """The decode alignment and the rank kernel; int64 ids that int32 would wrap into range."""
     x, weights, w_gate_up, w_down = expert_inputs(num_tokens, 8, 2, 64, 48, torch.float32, device)
-    ids = torch.randint(0, 8, (num_tokens, 2), device=device, dtype=torch.int32)
+    ids = torch.randint(0, 8, (num_tokens, 2), device=device, dtype=id_dtype)
     bad = ids.clone()
-    bad[1, 0], bad[4, 1] = 8, -3
+    bad[1, 0], bad[4, 1] = (8, -3) if id_dtype == torch.int32 else (2**32 + 1, -2**32 + 2)
     moe_ops.set_topk_ids_check(False)
     try:
         out = torch.ops.tritonmoe.fused_experts(x, weights, bad, w_gate_up, w_down)

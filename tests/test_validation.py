@@ -172,6 +172,67 @@ def test_topk_ids_out_of_range(args, bad_id):
         fused_experts(args, topk_ids=ids)
 
 
+@pytest.mark.parametrize("name, value", [("n_group", 2.0), ("topk_group", 2.0), ("n_group", None),
+                                         ("routed_scaling_factor", None), ("top_k", True)])
+@pytest.mark.parametrize("entry", ["fused_moe", "route"])
+def test_routing_options_of_another_type_are_named(args, name, value, entry):
+    """Through the Python functions too (they skip the op's schema in eager mode)."""
+    options = dict(top_k=K, scoring="sigmoid", n_group=4, topk_group=2)
+    options[name] = value
+    with pytest.raises((TypeError, ValueError), match=rf"{name} must be"):
+        if entry == "route":
+            moe_ops.route(args["hidden_states"], args["router_weight"], **options)
+        else:
+            moe_ops.fused_moe(args["hidden_states"], args["router_weight"], args["w_gate_up"],
+                              args["w_down"], **options)
+
+
+def test_numpy_routing_options_route_as_python_numbers(args):
+    """Options read from a config may be numpy numbers: accepted, and the same routing."""
+    import numpy as np
+    options = dict(top_k=K, scoring="sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    as_numpy = dict(options, top_k=np.int64(K), n_group=np.int64(4), topk_group=np.int32(2),
+                    routed_scaling_factor=np.float32(2.5))
+    x, router = args["hidden_states"], args["router_weight"]
+    for got, want in zip(moe_ops.route(x, router, **as_numpy), moe_ops.route(x, router, **options)):
+        assert torch.equal(got, want)
+
+
+def test_router_of_hidden_size_zero(args):
+    args["hidden_states"] = args["hidden_states"][:, :0].contiguous()
+    args["router_weight"] = args["router_weight"][:, :0].contiguous()
+    args["w_gate_up"] = args["w_gate_up"][:, :, :0].contiguous()
+    args["w_down"] = args["w_down"][:, :0].contiguous()
+    with pytest.raises(ValueError, match=r"router_weight has hidden size 0"):
+        fused_moe(**args)
+
+
+def test_fp8_experts_name_a_router_of_another_dtype(device):
+    from moe_ops.fp8 import quantize_weight
+    x = torch.randn(T, H, device=device).half()
+    w_gate_up, gate_up_scale = quantize_weight(torch.randn(E, 2 * I, H, device=device), "channel")
+    w_down, down_scale = quantize_weight(torch.randn(E, H, I, device=device), "channel")
+    with pytest.raises(TypeError, match=r"router_weight has dtype torch.float32, expected "
+                                        r"hidden_states' dtype torch.float16"):
+        moe_ops.fused_moe(x, torch.randn(E, H, device=device), w_gate_up, w_down, K,
+                          w_gate_up_scale=gate_up_scale, w_down_scale=down_scale)
+
+
+def test_meta_tensors_get_meta_outputs():
+    """The Python functions and FusedMoE describe meta inputs (the fake), as the ops do."""
+    x, router = torch.randn(T, H, device="meta"), torch.randn(E, H, device="meta")
+    w_gate_up, w_down = torch.randn(E, 2 * I, H, device="meta"), torch.randn(E, H, I, device="meta")
+    weights, ids = moe_ops.route(x, router, K)
+    assert ids.is_meta and ids.shape == (T, K) and ids.dtype == torch.int32
+    experts = moe_ops.fused_experts(x, weights, ids, w_gate_up, w_down)
+    out = moe_ops.fused_moe(x, router, w_gate_up, w_down, K)
+    assert experts.is_meta and out.is_meta and out.shape == experts.shape == (T, H)
+    layer = moe_ops.FusedMoE.from_config("mixtral-8x7b", device="meta")
+    hidden = layer.config.hidden_size
+    out = layer(torch.randn(2, 3, hidden, device="meta"))
+    assert out.is_meta and out.shape == (2, 3, hidden)
+
+
 def test_topk_shape_mismatch(args):
     ids = torch.randint(0, E, (T + 1, K), device=args["hidden_states"].device, dtype=torch.int32)
     with pytest.raises(ValueError, match=r"topk_ids .* expected 5 \(num_tokens\)"):
