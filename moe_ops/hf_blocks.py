@@ -31,8 +31,10 @@ DeepSeek router is cast to the hidden dtype (exact for checkpoints, which store 
 from __future__ import annotations
 
 import re
+import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .configs import MoEConfig
@@ -166,11 +168,12 @@ def check_fp8_experts(name: str, experts: nn.Module) -> None:
             raise ValueError(f"{name}: experts.{attr}_scale_inv has shape {tuple(scale.shape)}, "
                              f"expected {expected} for a weight {tuple(weight.shape)} in "
                              f"{BLOCK}x{BLOCK} blocks")
-    for attr in ("swiglu_alpha", "swiglu_limit", "gate_softcap"):
+    for attr in ("swiglu_alpha", "swiglu_limit", "limit", "gate_softcap"):
         if getattr(experts, attr, None) is not None:
             raise ValueError(f"{name}: experts.{attr}={getattr(experts, attr)} is not supported "
                              "(the fused op computes a plain SwiGLU)")
-    _check_experts(name, experts)
+    # FP8Experts' own _apply_gate is the plain SwiGLU once those four are None.
+    _check_swiglu_experts(name, experts)
 
 
 def _hidden_dtype(name: str, kind: str, experts: nn.Module, router: nn.Module, fp8: bool,
@@ -238,8 +241,19 @@ def _deepseek_routing(name: str, block: nn.Module, num_experts: int) -> dict:
 
 
 def _check_experts(name: str, experts: nn.Module) -> None:
-    """The experts must be SwiGLU with concatenated [gate; up] rows, no bias, all local."""
+    """Float experts must be SwiGLU, gated by transformers' default, with concatenated
+    [gate; up] rows, no bias, all local."""
+    _check_gate(name, experts)
+    _check_swiglu_experts(name, experts)
+
+
+def _check_swiglu_experts(name: str, experts: nn.Module) -> None:
+    """SiLU experts with concatenated [gate; up] rows [E, 2I, H] and [E, H, I], no bias,
+    all local (their gating checked by the caller)."""
     _check_expert_flags(name, experts)
+    if getattr(experts, "act_fn", None) is None:
+        raise ValueError(f"{name}: the experts have no act_fn; the fused op computes "
+                         "SiLU(gate) * up")
     _check_silu(name, "experts", experts.act_fn)
     gate_up, down = experts.gate_up_proj, experts.down_proj
     num_experts, two_inter, hidden = gate_up.shape
@@ -258,6 +272,17 @@ def _check_expert_flags(name: str, experts: nn.Module) -> None:
             raise ValueError(f"{name}: experts.{attr}={value} is not supported (need {expected})")
 
 
+def _check_gate(name: str, experts: nn.Module) -> None:
+    # transformers >= 5.2x computes act_fn(gate) * up in the class's _apply_gate: its own
+    # default, or the model's (clamped SwiGLU of DeepSeek-V4, gpt-oss's alpha form, ...).
+    apply_gate = getattr(type(experts), "_apply_gate", None)
+    default = getattr(sys.modules.get("transformers.integrations.moe"), "_default_apply_gate", None)
+    if apply_gate is not None and apply_gate is not default:
+        raise ValueError(f"{name}: {type(experts).__name__}._apply_gate (the model's own gating, "
+                         "e.g. a clamped SwiGLU) is not supported: the fused op computes "
+                         "SiLU(gate) * up, transformers' default")
+
+
 def _check_mlp(name: str, mlp: nn.Module, dtype: torch.dtype) -> None:
     """A shared expert must be a bias-free SwiGLU MLP in the hidden dtype (or fp8, whose
     weights ``_linear_weight`` checks as it reads them)."""
@@ -270,11 +295,14 @@ def _check_mlp(name: str, mlp: nn.Module, dtype: torch.dtype) -> None:
                              f"experts' {dtype}")
 
 
-def _check_silu(name: str, where: str, act_fn: nn.Module) -> None:
-    # ACT2FN maps "silu" to SiLUActivation and "swish" to nn.SiLU: the same function.
-    if not (isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"):
-        raise ValueError(f"{name}: {where} activation {type(act_fn).__name__} is not supported "
-                         "(the fused op computes SiLU; hidden_act must be 'silu')")
+def _check_silu(name: str, where: str, act_fn) -> None:
+    # ACT2FN maps "silu" to SiLUActivation and "swish" to nn.SiLU: the same function; some
+    # models hold torch's function itself.
+    if not (isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
+            or act_fn is F.silu):
+        what = getattr(act_fn, "__name__", None) if callable(act_fn) else None
+        raise ValueError(f"{name}: {where} activation {what or type(act_fn).__name__} is not "
+                         "supported (the fused op computes SiLU; hidden_act must be 'silu')")
 
 
 def kind_of(module: nn.Module) -> str | None:

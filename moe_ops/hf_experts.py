@@ -21,7 +21,7 @@ soon as transformers imports them (a ``sys.meta_path`` finder that removes itsel
 done). ``moe_ops.register_hf_experts()`` imports and registers explicitly.
 
 What converts is what ``moe_ops.hf_blocks`` accepts: SwiGLU experts with [gate; up] rows,
-no bias, all local; fp8 ones with float32 scales per 128x128 block and dynamic
+no bias, all local, gated by transformers' default ``_apply_gate``; fp8 ones with float32 scales per 128x128 block and dynamic
 activations. Anything else raises ``ValueError`` naming the experts module and option at
 its first call (the check runs once per module).
 """

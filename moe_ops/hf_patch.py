@@ -90,8 +90,8 @@ def _find_blocks(module: nn.Module, prefix: str):
             continue
         if kind_of(child) is not None:
             yield module, attr, path, child
-        elif MOE_NAME.search(type(child).__name__) or (
-                hasattr(child, "experts") and hasattr(child, "gate")):
+        elif MOE_NAME.search(type(child).__name__) or isinstance(
+                getattr(child, "experts", None), nn.Module):
             raise TypeError(
                 f"{path} ({type(child).__module__}.{type(child).__name__}): unsupported MoE "
                 f"block type; supported: {sorted(SUPPORTED)}")

@@ -259,3 +259,65 @@ def test_ue8m0_scales_are_refused(device):
     with pytest.raises(ValueError, match="down_proj_scale_inv is torch.float8_e8m0fnu.*ue8m0"):
         FusedMoE.from_hf(model.model.layers[0].mlp)
     assert math.isfinite(experts.gate_up_proj_scale_inv.float().sum().item())
+
+
+def mixtral_experts(device, **attrs):
+    """transformers' MixtralExperts (the plain SwiGLU every float experts path converts),
+    random, with ``attrs`` set on it."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    experts = MixtralExperts(MixtralConfig(hidden_size=64, intermediate_size=32,
+                                           num_local_experts=4)).to(device)
+    with torch.no_grad():
+        for weight in experts.parameters():
+            weight.normal_(0.0, 1.0 / math.sqrt(weight.shape[-1]))
+    for name, value in attrs.items():
+        experts._modules.pop(name, None)  # a function in place of a submodule
+        setattr(experts, name, value)
+    return experts
+
+
+def test_experts_that_gate_their_own_way_are_refused(device):
+    """A class with its own ``_apply_gate`` (DeepSeek-V4's, gpt-oss's and others' clamped
+    SwiGLU) or no ``act_fn`` is refused by name, never computed as a plain SwiGLU."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    class ClampedExperts(MixtralExperts):
+        def _apply_gate(self, gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.act_fn(gate.clamp(max=1.0)) * up.clamp(-1.0, 1.0)
+
+    experts = mixtral_experts(device)
+    experts.__class__ = ClampedExperts
+    x, ids = torch.randn(3, 64, device=device), torch.zeros(3, 2, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match=r"ClampedExperts\._apply_gate .* is not supported"):
+        hf_experts.tritonmoe_experts_forward(experts, x, ids, torch.rand(3, 2, device=device))
+    no_act = mixtral_experts(device)
+    del no_act.act_fn
+    with pytest.raises(ValueError, match=r"the experts have no act_fn"):
+        hf_experts.tritonmoe_experts_forward(no_act, x, ids, torch.rand(3, 2, device=device))
+
+
+def test_torch_silu_as_the_experts_activation(device):
+    """Some models hold ``torch.nn.functional.silu`` itself (LFM2-MoE): the same SwiGLU."""
+    experts = mixtral_experts(device, act_fn=nn.functional.silu)
+    x = torch.randn(5, 64, device=device)
+    weights, ids = torch.rand(5, 2, device=device), torch.randperm(4, device=device)[:2].repeat(5, 1)
+    with torch.no_grad():
+        out = hf_experts.tritonmoe_experts_forward(experts, x, ids, weights)
+    expected = fused_experts_reference(x, weights, ids.int(), experts.gate_up_proj, experts.down_proj)
+    assert_close_l2(out, expected, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("attr", ["limit", "swiglu_limit", "gate_softcap"])
+def test_fp8_experts_with_a_clamped_or_capped_gate_are_refused(attr, device):
+    """FP8Experts' own gate clamps (DeepSeek-V4's ``limit``) or soft-caps when these are set."""
+    model, _ = fp8_pair("qwen3_moe", device)
+    experts = model.model.layers[0].mlp.experts
+    setattr(experts, attr, 10.0)
+    model.set_experts_implementation("tritonmoe")
+    x = torch.randn(3, HIDDEN, device=device, dtype=DTYPE)
+    ids = torch.zeros(3, 2, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match=rf"experts\.{attr}=10\.0 is not supported"):
+        experts(x, ids, torch.rand(3, 2, device=device))

@@ -170,16 +170,19 @@ def test_patched_blocks_compile_fullgraph(device):
     assert torch.equal(greedy(model, ids), expected_tokens)  # prefill and decode shapes
 
 
-def test_refusal_leaves_model_unchanged():
-    class ToySparseMoeBlock(nn.Module):  # an MoE block this package does not know
-        def __init__(self):
-            super().__init__()
-            self.gate = nn.Linear(HIDDEN, 4, bias=False)
-            self.experts = nn.Linear(HIDDEN, HIDDEN)
+@pytest.mark.parametrize("class_name, router", [("ToySparseMoeBlock", "gate"), ("ToyMLP", "router")])
+def test_refusal_leaves_model_unchanged(class_name, router):
+    """An MoE block this package does not know: by its name, or (gpt-oss's ``GptOssMLP``,
+    Aria's, Gemma 4's decoder layer) by the experts it holds."""
+    def __init__(self):
+        nn.Module.__init__(self)
+        setattr(self, router, nn.Linear(HIDDEN, 4, bias=False))
+        self.experts = nn.Linear(HIDDEN, HIDDEN)
 
+    block = type(class_name, (nn.Module,), {"__init__": __init__})()
     first = mixtral_block()
-    model = nn.ModuleDict({"a": first, "b": nn.ModuleDict({"mlp": ToySparseMoeBlock()})})
-    with pytest.raises(TypeError, match=r"b\.mlp .*ToySparseMoeBlock\): unsupported MoE block"):
+    model = nn.ModuleDict({"a": first, "b": nn.ModuleDict({"mlp": block})})
+    with pytest.raises(TypeError, match=rf"b\.mlp .*{class_name}\): unsupported MoE block"):
         patch_hf_model(model)
     assert model["a"] is first
 
