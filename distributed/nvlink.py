@@ -74,6 +74,8 @@ NVLink multicast is never used: no multimem ops, no multicast objects.
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.distributed as dist
 import triton
@@ -433,8 +435,8 @@ def nvlink_available(group, device: torch.device) -> bool:
     dist.all_gather_object(gathered, local, group=group)
     ok = peer_access_ok(gathered, local, torch.cuda.can_device_access_peer)
     if ok:
-        try:
-            import torch.distributed._symmetric_memory  # noqa: F401
+        try:  # (an import statement here would make ``torch`` a local name)
+            importlib.import_module("torch.distributed._symmetric_memory")
         except ImportError:
             ok = False
     votes = [None] * len(gathered)
