@@ -254,6 +254,8 @@ class ExpertParallelMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [..., H]: routed experts (over all ranks) plus the shared expert."""
+        if not isinstance(hidden_states, torch.Tensor):
+            return self.forward_impl(hidden_states)  # takes part, then raises naming it
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1]) if hidden_states.dim() >= 1 else hidden_states
         if not torch.compiler.is_compiling():
@@ -313,8 +315,8 @@ class ExpertParallelMoE(nn.Module):
     # -- the op body -------------------------------------------------------------------
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Metadata checks of one forward's hidden states [T, H]; ``torch._check`` for the
-        token count, so that an unbacked count traces."""
+        """Metadata checks of one forward's hidden states [T, H] (run by the op's real
+        implementation, which takes part in the exchange with a rejected input)."""
         H = self.config.hidden_size
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != H:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -326,9 +328,9 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"hidden_states is on {x.device}, expected the layer's device "
                              f"{self.router_weight.device} (rank {self.rank})")
         C = self.max_tokens_per_rank
-        if C is not None:
-            torch._check_value(x.shape[0] <= C, lambda: (
-                f"hidden_states has {x.shape[0]} tokens, more than max_tokens_per_rank={C}"))
+        if C is not None and x.shape[0] > C:
+            raise ValueError(f"hidden_states has {x.shape[0]} tokens, more than "
+                             f"max_tokens_per_rank={C}")
 
     def forward_impl(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         """The forward of x [T, H] (contiguous); see the module docstring. ``state`` is the

@@ -7,8 +7,10 @@ process group, which a schema cannot carry. It communicates, so it must never be
 when its output is unused, nor reordered against another call: it declares that it
 mutates the layer's protocol state (call count and failure record, which it does), so
 compilers keep every call and order the calls of one layer by that dependency. The fake
-implementation checks the same metadata as the real one (``torch._check`` on the token
-count, so an unbacked count traces) and describes the output. A mutating op cannot take
+implementation only describes the output (static, dynamic or unbacked counts trace): the
+input checks run in the real one, which takes part in the exchange with a rejected input
+so that every rank raises (a check at trace time would end the bad rank's call alone and
+leave its peers one call ahead). A mutating op cannot take
 an autograd formula: a backward through it raises PyTorch's "no autograd formula" error
 (forward-only, like every tritonmoe op).
 """
@@ -29,6 +31,5 @@ def expert_parallel_moe(hidden_states: Tensor, state: Tensor, layer_id: int) -> 
 
 @expert_parallel_moe.register_fake
 def _expert_parallel_moe_fake(hidden_states, state, layer_id):
-    layer_by_id(layer_id).check_input(hidden_states)
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 

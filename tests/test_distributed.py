@@ -266,6 +266,21 @@ def compile_scenario(rank, world, device, seed):
         torch.compile(unused_output, fullgraph=True, backend="aot_eager")(x)
         assert int(ep.protocol_state[0]) == count + 1
         assert rel_l2(block(x), x + ep(x)) <= 1e-6  # still in step with the peer
+
+    # A bad input on one rank, compiled: every rank raises (the real op rejects it while
+    # taking part; a check at trace time would leave the peer a call ahead), then the
+    # ranks are still in step.
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    bad = torch.randn(3, config.hidden_size + 8 * rank, device=device)
+    with torch.no_grad():
+        try:
+            compiled(bad)
+            raised = None
+        except Exception as error:  # noqa: BLE001  (checked below)
+            raised = f"{type(error).__name__}: {error}"
+        expected = "hidden_states must be" if rank == 1 else "rank 1 rejected its input"
+        assert raised is not None and expected in raised, raised
+        assert rel_l2(compiled(x), block(x)) <= 1e-6
     return True
 
 

@@ -153,6 +153,8 @@ def bad_input(rig, kind):
         return torch.randn(3, H, device="meta")
     if kind == "tokens":
         return torch.randn(CAPACITY + 1, H, device=rig.device)
+    if kind == "list":  # not a tensor at all
+        return [[0.5] * H] * 3
     raise ValueError(kind)
 
 
@@ -313,6 +315,7 @@ CASES = {
         (False, "sequence", "other_order"), (True, "sequence", "other_order"),
         (True, "counter_2_31"), (False, "counter_2_63"), (True, "counter_2_63"),
         (False, "bad_input", "hidden"), (False, "bad_input", "device"),
+        (False, "bad_input", "list"),
         (True, "bad_input", "dtype"), (True, "bad_input", "tokens"),
         (True, "bad_input_unread", "tokens"),
         (True, "new_group"),
@@ -406,7 +409,8 @@ def test_counter_stops_at_2_63_without_wrapping(case):
 BAD_INPUT_ERRORS = {"hidden": "ValueError: hidden_states must be",
                     "dtype": "TypeError: hidden_states has dtype",
                     "device": "ValueError: hidden_states is on meta",
-                    "tokens": "ValueError: hidden_states has 5 tokens"}
+                    "tokens": "ValueError: hidden_states has 5 tokens",
+                    "list": "ValueError: hidden_states must be [..., hidden="}
 
 
 @pytest.mark.parametrize("case", _cases(2, "bad_input"))
@@ -414,6 +418,7 @@ def test_bad_input_on_one_rank_raises_everywhere_then_later_forwards_are_right(c
     ranks = _results(2, case)
     bad = ranks[1]["bad"]
     assert bad[0] == "error" and bad[1].startswith(BAD_INPUT_ERRORS[case[2]]), bad
+    assert case[2] != "list" or bad[1].endswith("got list"), bad
     _assert_peer_told_then_all_right(ranks, "bad", "rank 1 rejected its input")
 
 
