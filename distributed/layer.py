@@ -62,8 +62,8 @@ from . import protocol as P
 from .all_to_all import AllToAllTransport
 from .kernels import combine_partials_kernel
 from .nvlink import NVLinkTransport, nvlink_available
-from .sharding import (EXPERT_TENSORS, check_ranks_agree, draw_experts, expert_range,
-                       layer_description, replicated_shell, weight_format)
+from .sharding import (EXPERT_TENSORS, REPLICATED_TENSORS, check_ranks_agree, draw_experts,
+                       expert_range, layer_description, replicated_shell, weight_format)
 
 TRANSPORTS = ("auto", "nvlink", "all_to_all")
 
@@ -94,6 +94,17 @@ def _experts_error(hidden_size, router_weight, w_gate_up, w_down, w_gate_up_scal
         return (type(error).__name__, f"its {weight_format(w_gate_up, w_gate_up_scale)} experts "
                 f"do not fit its {router_weight.dtype} router and hidden states: {error}")
     return None
+
+
+def rank_in(group) -> int:
+    """This process's rank in ``group``; a clear error where it is not a member."""
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"group: this process (global rank {dist.get_rank()}) is not a member "
+                         "of the process group it was given; build the layer only on its "
+                         "members (dist.new_group is called by every process, the layer by "
+                         "the members)")
+    return rank
 
 
 class ExpertParallelMoE(nn.Module):
@@ -150,7 +161,7 @@ class ExpertParallelMoE(nn.Module):
             raise RuntimeError("ExpertParallelMoE needs torch.distributed initialised "
                                "(torchrun, then dist.init_process_group)")
         self.group = group if group is not None else dist.group.WORLD
-        self.rank = dist.get_rank(self.group)
+        self.rank = rank_in(self.group)
         self.world_size = dist.get_world_size(self.group)
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
@@ -159,8 +170,9 @@ class ExpertParallelMoE(nn.Module):
         global _next_id
         experts = (tuple(getattr(moe, name) for name in EXPERT_TENSORS)
                    if _local_experts is None else tuple(_local_experts))
-        description = layer_description(config, moe.router_weight.dtype, moe.router_weight,
-                                        transport, max_tokens_per_rank,
+        replicated = {name: getattr(moe, name) for name in REPLICATED_TENSORS}
+        description = layer_description(config, moe.router_weight.dtype, replicated, transport,
+                                        max_tokens_per_rank,
                                         weight_format(experts[0], experts[2]))
         description["_layer_id"] = _next_id
         description["_error"] = _experts_error(config.hidden_size, moe.router_weight,
@@ -245,8 +257,8 @@ class ExpertParallelMoE(nn.Module):
         weight_dtype, scheme)``."""
         config = get_config(name_or_config)
         group = group if group is not None else dist.group.WORLD
-        experts = expert_range(config.num_experts, dist.get_world_size(group),
-                               dist.get_rank(group))
+        rank = rank_in(group)
+        experts = expert_range(config.num_experts, dist.get_world_size(group), rank)
         return cls(replicated_shell(config, seed, dtype, device), group, transport,
                    max_tokens_per_rank, timeout=timeout,
                    _local_experts=draw_experts(config, seed, experts, dtype, device,

@@ -32,4 +32,3 @@ def expert_parallel_moe(hidden_states: Tensor, state: Tensor, layer_id: int) -> 
 @expert_parallel_moe.register_fake
 def _expert_parallel_moe_fake(hidden_states, state, layer_id):
     return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
-

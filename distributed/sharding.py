@@ -108,18 +108,35 @@ def weight_format(w_gate_up: torch.Tensor, w_gate_up_scale: torch.Tensor | None)
     return str(w_gate_up.dtype) + (f" ({scheme} scales)" if scheme else "")
 
 
-def layer_description(config: MoEConfig, dtype: torch.dtype, router_weight: torch.Tensor,
+REPLICATED_TENSORS = ("router_weight", "score_bias", "shared_gate_up", "shared_down",
+                      "shared_gate")
+
+
+def checksums(tensor: torch.Tensor | None) -> tuple[float, float] | None:
+    """Two float64 sums of |tensor|: plain, and with row i weighted by i+1 (so that rows
+    in another order, such as swapped gate and up halves, differ too)."""
+    if tensor is None:
+        return None
+    rows = tensor.detach().reshape(tensor.shape[0] if tensor.dim() else 1, -1)
+    per_row = rows.abs().sum(dim=1, dtype=torch.float64)
+    weights = torch.arange(1, per_row.numel() + 1, device=per_row.device, dtype=torch.float64)
+    return float(per_row.sum()), float((per_row * weights).sum())
+
+
+def layer_description(config: MoEConfig, dtype: torch.dtype, replicated: dict,
                       transport: str, max_tokens_per_rank: int | None,
                       experts_format: str) -> dict:
     """What must agree between the ranks of one layer: config, hidden dtype, the experts'
     format (``weight_format``: a float rank beside an fp8 one, or block beside channel
-    scales, would compute different layers), transport settings; the router's checksum
-    catches ranks that loaded different weights."""
+    scales, would compute different layers), transport settings, and checksums of every
+    replicated tensor (``replicated``: name -> tensor or None; router, score bias,
+    shared expert), which catch ranks that loaded different replicated weights. Each
+    rank holds other experts, so their weights cannot be compared this way."""
     fields = {k: v for k, v in vars(config).items() if k != "name"}
-    checksum = float(router_weight.detach().double().abs().sum())
     return dict(config=fields, dtype=str(dtype), experts_format=experts_format,
-                router_checksum=checksum, transport=transport,
-                max_tokens_per_rank=max_tokens_per_rank)
+                transport=transport, max_tokens_per_rank=max_tokens_per_rank,
+                **{f"checksum of {name}": checksums(replicated.get(name))
+                   for name in REPLICATED_TENSORS})
 
 
 def check_ranks_agree(group, description: dict) -> list:
@@ -138,8 +155,9 @@ def check_ranks_agree(group, description: dict) -> list:
     for rank, other in enumerate(gathered[1:], start=1):
         for key in (k for k in first if not k.startswith("_")):
             a, b = first[key], other[key]
-            if key == "router_checksum":
-                same = math.isclose(a, b, rel_tol=1e-6)
+            if key.startswith("checksum of "):
+                same = (a is None) == (b is None) and (a is None or all(
+                    math.isclose(u, v, rel_tol=1e-6) for u, v in zip(a, b)))
             elif isinstance(a, dict):
                 same = a == b
                 if not same:

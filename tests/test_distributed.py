@@ -293,11 +293,26 @@ def test_fullgraph_compile():
 def construct_scenario(rank, world, device, cases):
     """Each bad construction in turn on one group: every rank raises the same error, and
     the group stays usable for the next."""
-    from moe_ops.distributed import ExpertParallelMoE
+    from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
 
     errors = {}
     for case in cases:
         config, dtype, experts = shrink("mixtral-8x7b"), torch.float32, {}
+        if case.startswith("replicated"):  # rank 1 loaded one replicated tensor differently
+            try:
+                moe = random_fused_moe(shrink("deepseek-v3"), 3, device=device)
+                if rank == 1 and case == "replicated shared_down":
+                    moe.shared_down.data[0, 0] += 0.5
+                elif rank == 1 and case == "replicated score_bias":
+                    moe.score_bias.mul_(1.01)
+                elif rank == 1:  # gate and up halves swapped: same sum, other order
+                    moe.shared_gate_up.data = moe.shared_gate_up.data.roll(
+                        moe.shared_gate_up.shape[0] // 2, dims=0).contiguous()
+                ExpertParallelMoE(moe, transport="all_to_all")
+                errors[case] = "built"
+            except Exception as error:  # noqa: BLE001  (the parent checks it)
+                errors[case] = f"{type(error).__name__}: {error}"
+            continue
         if case == "indivisible":
             config = replace(config, num_experts=7)
         elif case == "config" and rank == 1:
@@ -329,6 +344,9 @@ CONSTRUCTION_ERRORS = {
                         "'torch.float8_e4m3fn \\(block scales\\)'",
     "fp8 schemes": "ValueError: .*disagree on experts_format: 'torch.float8_e4m3fn \\(block "
                    "scales\\)' vs 'torch.float8_e4m3fn \\(channel scales\\)'",
+    "replicated shared_down": "ValueError: .*disagree on checksum of shared_down",
+    "replicated score_bias": "ValueError: .*disagree on checksum of score_bias",
+    "replicated shared_gate_up order": "ValueError: .*disagree on checksum of shared_gate_up",
     # What only rank 1 can find (its fp8 experts beside float32 hidden states) is raised
     # on every rank too.
     "fp8 with fp32 hidden": ("TypeError: .*rank 1 .*cannot build the layer: its "
@@ -346,6 +364,40 @@ def test_construction_errors_on_every_rank():
         for case, message in CONSTRUCTION_ERRORS.items():
             value = errors[case]
             assert re.match(message, value), (rank, value)
+
+
+def non_member_scenario(rank, world, device, seed):
+    """A layer on a group of rank 0 alone: rank 1, outside it, gets a clear error (not an
+    IndexError) from both constructors; rank 0's layer works."""
+    import torch.distributed as dist
+
+    from moe_ops.distributed import ExpertParallelMoE, random_fused_moe
+
+    config = shrink("qwen3-30b-a3b")
+    group = dist.new_group([0])
+    moe = random_fused_moe(config, seed, device=device)
+    if rank == 0:
+        ep = ExpertParallelMoE(moe, group=group, transport="all_to_all")
+        x = torch.randn(5, config.hidden_size, device=device)
+        with torch.no_grad():
+            return rel_l2(ep(x), moe(x))
+    errors = []
+    for build in (lambda: ExpertParallelMoE(moe, group=group),
+                  lambda: ExpertParallelMoE.from_config(config, group=group, device=device)):
+        try:
+            build()
+            errors.append("built")
+        except ValueError as error:
+            errors.append(str(error))
+    return errors
+
+
+def test_a_rank_outside_the_group_gets_a_clear_error():
+    error_0, errors_1 = assert_all_ok(run_on_ranks(non_member_scenario, 2, _seed(),
+                                                   deadline_s=120))
+    assert error_0 <= 1e-5, error_0
+    assert all(e.startswith("group: this process (global rank 1) is not a member")
+               for e in errors_1), errors_1
 
 
 def dying_rank_scenario(rank, world, device, max_tokens):
