@@ -10,9 +10,9 @@ compilers keep every call and order the calls of one layer by that dependency. T
 implementation only describes the output (static, dynamic or unbacked counts trace): the
 input checks run in the real one, which takes part in the exchange with a rejected input
 so that every rank raises (a check at trace time would end the bad rank's call alone and
-leave its peers one call ahead). A mutating op cannot take
-an autograd formula: a backward through it raises PyTorch's "no autograd formula" error
-(forward-only, like every tritonmoe op).
+leave its peers one call ahead). A mutating op cannot take an autograd formula: a
+backward through it raises PyTorch's "no autograd formula" error (forward-only, like
+every tritonmoe op).
 """
 from __future__ import annotations
 
