@@ -413,6 +413,44 @@ def dying_rank_scenario(rank, world, device, max_tokens):
     return "finished"
 
 
+def skipped_call_reset_scenario(rank, world, device, timeout):
+    """Rank 1 skips a call (an exception of its own between layers) and resets while rank
+    0 waits in that call: what the README says happens (the group's error on every rank
+    at the group's time-out; the layer's own time-out first on rank 0), timed."""
+    import time
+
+    from moe_ops.distributed import ExpertParallelMoE
+
+    config = shrink("qwen3-30b-a3b")
+    ep = ExpertParallelMoE.from_config(config, device=device, transport="all_to_all",
+                                       timeout=timeout)
+    x = torch.randn(3, config.hidden_size, device=device)
+    raised = []
+    with torch.no_grad():
+        ep(x)
+        calls = [ep.reset] if rank == 1 else [lambda: ep(x), ep.reset]
+        start = time.monotonic()
+        for call in calls:
+            try:
+                call()
+                raised.append(None)
+            except Exception as error:  # noqa: BLE001  (the parent checks it)
+                raised.append(type(error).__name__)
+    return raised, time.monotonic() - start
+
+
+@pytest.mark.skipif(use_gpus(2), reason="gloo's behaviour; NCCL's watchdog ends the processes")
+def test_reset_after_a_skipped_call_raises_everywhere_at_the_group_timeout():
+    group_timeout_s = 10
+    reports = run_on_ranks(skipped_call_reset_scenario, 2, 2.0, deadline_s=90,
+                           group_timeout_s=group_timeout_s)
+    (raised_0, elapsed_0), (raised_1, elapsed_1) = assert_all_ok(reports)
+    assert raised_0[0] == "ExpertParallelTimeout", raised_0  # the skipped call, at timeout=
+    assert raised_0[-1] is not None and raised_1[-1] is not None, reports  # both resets
+    for elapsed in (elapsed_0, elapsed_1):  # at the group's time-out, not before, no hang
+        assert 0.5 * group_timeout_s <= elapsed <= 2 * group_timeout_s + 5, reports
+
+
 @pytest.mark.parametrize("max_tokens", [None, 16])
 def test_dying_rank_fails_its_peer_in_bounded_time(max_tokens):
     """A rank that exits: its peer raises (the group reports the closed connection)
