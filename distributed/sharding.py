@@ -120,7 +120,7 @@ def checksums(tensor: torch.Tensor | None) -> tuple[float, float] | None:
     rows = tensor.detach().reshape(tensor.shape[0] if tensor.dim() else 1, -1)
     per_row = rows.abs().sum(dim=1, dtype=torch.float64)
     weights = torch.arange(1, per_row.numel() + 1, device=per_row.device, dtype=torch.float64)
-    return float(per_row.sum()), float((per_row * weights).sum())
+    return tuple(torch.stack((per_row.sum(), (per_row * weights).sum())).tolist())
 
 
 def layer_description(config: MoEConfig, dtype: torch.dtype, replicated: dict,
@@ -135,8 +135,7 @@ def layer_description(config: MoEConfig, dtype: torch.dtype, replicated: dict,
     fields = {k: v for k, v in vars(config).items() if k != "name"}
     return dict(config=fields, dtype=str(dtype), experts_format=experts_format,
                 transport=transport, max_tokens_per_rank=max_tokens_per_rank,
-                **{f"checksum of {name}": checksums(replicated.get(name))
-                   for name in REPLICATED_TENSORS})
+                **{f"checksum of {name}": checksums(tensor) for name, tensor in replicated.items()})
 
 
 def check_ranks_agree(group, description: dict) -> list:

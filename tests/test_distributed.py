@@ -298,21 +298,16 @@ def construct_scenario(rank, world, device, cases):
     errors = {}
     for case in cases:
         config, dtype, experts = shrink("mixtral-8x7b"), torch.float32, {}
+        whole = None  # a whole layer to shard, for the cases of replicated weights
         if case.startswith("replicated"):  # rank 1 loaded one replicated tensor differently
-            try:
-                moe = random_fused_moe(shrink("deepseek-v3"), 3, device=device)
-                if rank == 1 and case == "replicated shared_down":
-                    moe.shared_down.data[0, 0] += 0.5
-                elif rank == 1 and case == "replicated score_bias":
-                    moe.score_bias.mul_(1.01)
-                elif rank == 1:  # gate and up halves swapped: same sum, other order
-                    moe.shared_gate_up.data = moe.shared_gate_up.data.roll(
-                        moe.shared_gate_up.shape[0] // 2, dims=0).contiguous()
-                ExpertParallelMoE(moe, transport="all_to_all")
-                errors[case] = "built"
-            except Exception as error:  # noqa: BLE001  (the parent checks it)
-                errors[case] = f"{type(error).__name__}: {error}"
-            continue
+            whole = random_fused_moe(shrink("deepseek-v3"), 3, device=device)
+            if rank == 1 and case == "replicated shared_down":
+                whole.shared_down.data[0, 0] += 0.5
+            elif rank == 1 and case == "replicated score_bias":
+                whole.score_bias.mul_(1.01)
+            elif rank == 1:  # gate and up halves swapped: same sum, other order
+                whole.shared_gate_up.data = whole.shared_gate_up.data.roll(
+                    whole.shared_gate_up.shape[0] // 2, dims=0).contiguous()
         if case == "indivisible":
             config = replace(config, num_experts=7)
         elif case == "config" and rank == 1:
@@ -328,8 +323,11 @@ def construct_scenario(rank, world, device, cases):
             elif case == "fp8 with fp32 hidden" and rank == 1:
                 dtype, experts = torch.float32, dict(weight_dtype=torch.float8_e4m3fn)
         try:
-            ExpertParallelMoE.from_config(config, dtype=dtype, device=device,
-                                          transport="all_to_all", **experts)
+            if whole is not None:
+                ExpertParallelMoE(whole, transport="all_to_all")
+            else:
+                ExpertParallelMoE.from_config(config, dtype=dtype, device=device,
+                                              transport="all_to_all", **experts)
             errors[case] = "built"
         except Exception as error:  # noqa: BLE001  (the parent checks it)
             errors[case] = f"{type(error).__name__}: {error}"
